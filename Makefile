@@ -1,0 +1,45 @@
+# fmr1: every target sets up .venv itself when it is missing.
+#   make reproduce            run every notebook of the tiny profile headless (papermill)
+#   make reproduce PROFILE=qwen2_5_vl_3b
+#   make test                 unit tests + notebooks under nbval
+#   make lint | figures | bench | clean-venv
+# GPU users: make reproduce TORCH_SPEC='torch==2.8.0' (or any CUDA build pip can find).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= tiny
+STAMP := $(VENV)/.fmr1-installed
+
+.PHONY: venv reproduce figures test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch may resolve to a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The notebooks' kernel lives inside the venv, not in the home folder.
+	$(BIN)/python -m ipykernel install --sys-prefix --name fmr1 --display-name "Python (fmr1)" >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+reproduce: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m fmr1lib reproduce --profile $(PROFILE)
+
+figures: reproduce
+
+test: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fmr1lib tests bench scripts
+	$(BIN)/ruff check notebooks
+
+bench: $(STAMP)
+	@echo "benchmarks arrive with the scale-and-speed work (bench/README.md)"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,135 @@
+"""Command line: run any stage or notebook headless.
+
+    python -m fmr1lib data --params params/tiny/01_data_construction.yaml
+    python -m fmr1lib notebook 01_data_construction --profile tiny
+    python -m fmr1lib reproduce --profile tiny
+    python -m fmr1lib check-params
+
+Stages run the same library calls as their notebooks, so ``accelerate launch -m fmr1lib
+<stage> --params FILE`` runs them on GPUs. ``notebook`` and ``reproduce`` validate the
+parameter file (unknown keys, wrong types) *before* starting papermill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fmr1lib import config
+from fmr1lib.repro import project_root
+
+logger = logging.getLogger("fmr1lib")
+
+NOTEBOOK_ORDER = list(config.PARAMS_BY_NOTEBOOK)
+
+
+def params_file(profile: str, notebook: str) -> Path:
+    """``params/<profile>/<notebook>.yaml`` under the project root."""
+    return project_root() / "params" / profile / f"{notebook}.yaml"
+
+
+def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
+                 kernel: str | None = None) -> Path:
+    """Validate the profile's parameter file, then execute the notebook with papermill.
+
+    Returns the path of the executed notebook (``runs/<profile>/notebooks/`` by default).
+    """
+    import papermill
+
+    if notebook not in config.PARAMS_BY_NOTEBOOK:
+        raise SystemExit(f"unknown notebook {notebook!r}; known: {NOTEBOOK_ORDER}")
+    root = project_root()
+    pfile = params_file(profile, notebook)
+    if not pfile.exists():
+        raise SystemExit(f"no parameter file {pfile} for profile {profile!r}")
+    cls = config.PARAMS_BY_NOTEBOOK[notebook]
+    params = config.load_params(cls, pfile)  # fails here, before any work
+    if params.profile != profile:
+        raise config.ParamsError(f"{pfile}: key 'profile' is {params.profile!r}, "
+                                 f"but the file is in the {profile!r} profile folder")
+    out_dir = out_dir or (root / "runs" / profile / "notebooks")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{notebook}.ipynb"
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(root / "notebooks" / f"{notebook}.ipynb"), str(out),
+        parameters=config.params_to_dict(params), cwd=str(root / "notebooks"),
+        kernel_name=kernel, progress_bar=False, log_output=False)
+    logger.info("%s done in %.1f s -> %s", notebook, time.perf_counter() - start, out)
+    return out
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from fmr1lib import data
+
+    p = config.load_params(config.DataParams, args.params)
+    print(config.format_params(p))
+    dsd = data.make_focus_shapes(p)
+    folder = data.save_dataset(dsd, data.data_dir(p), p)
+    print(f"saved {dict(dsd.num_rows)} to {folder}")
+    return 0
+
+
+def _cmd_notebook(args: argparse.Namespace) -> int:
+    run_notebook(args.name, args.profile, kernel=args.kernel)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    names = [n for n in NOTEBOOK_ORDER if params_file(args.profile, n).exists()]
+    if not names:
+        raise SystemExit(f"no parameter files under params/{args.profile}/")
+    # Validate every file first: a typo in the last notebook's params fails in a second.
+    for n in names:
+        config.load_params(config.PARAMS_BY_NOTEBOOK[n], params_file(args.profile, n))
+    total = time.perf_counter()
+    for n in names:
+        start = time.perf_counter()
+        run_notebook(n, args.profile, kernel=args.kernel)
+        print(f"[reproduce] {n}: {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"[reproduce] all notebooks: {time.perf_counter() - total:.1f} s", flush=True)
+    return 0
+
+
+def _cmd_check_params(args: argparse.Namespace) -> int:
+    root = project_root() / "params"
+    n = 0
+    for path in sorted(root.glob("*/*.yaml")):
+        cls = config.PARAMS_BY_NOTEBOOK.get(path.stem)
+        if cls is None:
+            continue
+        config.load_params(cls, path)
+        n += 1
+    print(f"{n} parameter files OK")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m fmr1lib``."""
+    parser = argparse.ArgumentParser(prog="python -m fmr1lib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("data", help="generate FocusShapes (notebook 01's data step)")
+    p.add_argument("--params", required=True, help="YAML parameter file")
+    p.set_defaults(func=_cmd_data)
+    p = sub.add_parser("notebook", help="run one notebook headless on a profile")
+    p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    p.set_defaults(func=_cmd_notebook)
+    p = sub.add_parser("reproduce", help="run every notebook of a profile in order")
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--kernel", default=None)
+    p.set_defaults(func=_cmd_reproduce)
+    p = sub.add_parser("check-params", help="validate every params/*/*.yaml")
+    p.set_defaults(func=_cmd_check_params)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except config.ParamsError as exc:
+        print(f"ParamsError: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,281 @@
+"""Typed parameters for every stage of the pipeline.
+
+One dataclass per notebook / stage; the defaults are the ``tiny`` profile, and
+``params/<profile>/NN_*.yaml`` override them. ``load_params`` is the single way
+parameters enter the code: it accepts a YAML file, a dict, or a notebook's
+namespace (the names papermill injects into the ``parameters`` cell), and it
+rejects unknown keys and values of the wrong type *before any work starts*,
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A parameter file or mapping that does not fit its dataclass."""
+
+
+# --------------------------------------------------------------------------------------
+# Stage parameter dataclasses
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CommonParams:
+    """Fields every stage shares."""
+
+    profile: str = "tiny"
+    """Profile name: artifacts go to ``<run_root>/<profile>/``."""
+    run_root: str = "runs"
+    """Root of all run artifacts, relative to the project root unless absolute."""
+    figures_dir: str = "figures"
+    """Where figures are written, relative to the project root unless absolute."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+
+
+@dataclasses.dataclass
+class DataParams(CommonParams):
+    """FocusShapes generation (notebook 01, DESIGN.md section 6)."""
+
+    image_size: int = 112
+    """Side of the square scene in pixels; a multiple of 28 (one merged image token per 28 px cell)."""
+    n_train: int = 3000
+    """Number of training examples (cue-laden, agreement ``shortcut_p``)."""
+    n_warmup: int = 3000
+    """Number of stage-0 warm-up examples (cue as set by ``warmup_cue``)."""
+    n_test_id: int = 200
+    """Number of in-distribution test examples (same cue statistics as train)."""
+    n_test_ood: int = 200
+    """Number of out-of-distribution test examples (cue at chance or contradicting)."""
+    tasks: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"color": 1.0, "shape": 0.0, "count": 0.0, "relation": 0.0,
+                                 "exists": 0.0}
+    )
+    """Sampling weights of the question families: color, shape, count, relation, exists."""
+    colors: list[str] = dataclasses.field(
+        default_factory=lambda: ["red", "green", "blue", "yellow"]
+    )
+    """Colour vocabulary (names must be known to ``fmr1lib.data.PALETTE``)."""
+    shapes: list[str] = dataclasses.field(
+        default_factory=lambda: ["circle", "square", "triangle", "diamond"]
+    )
+    """Shape vocabulary."""
+    n_distractors: int = 2
+    """Coloured distractor objects per scene, besides the target(s) and the grey blobs."""
+    n_blobs: int = 1
+    """Grey blobs per scene (objects with no colour that matter to no question)."""
+    object_size: list[int] = dataclasses.field(default_factory=lambda: [16, 22])
+    """Min and max object side in pixels."""
+    cue_size: int = 24
+    """Side of the shortcut cue square, placed in the fixed corner cell."""
+    cue_corner: str = "bottom_right"
+    """Corner cell of the cue: top_left, top_right, bottom_left, bottom_right."""
+    shortcut_p: float = 1.0
+    """Probability that the cue agrees with the answer in ``train`` and ``test_id``."""
+    ood_cue: str = "contradict"
+    """Cue in ``test_ood``: ``contradict`` (never the answer) or ``random`` (uniform, chance)."""
+    warmup_cue: str = "none"
+    """Cue in the warm-up split: ``none`` (absent) or ``random`` (uninformative)."""
+    background: list[int] = dataclasses.field(default_factory=lambda: [235, 235, 235])
+    """Background RGB colour of every scene."""
+    intervention: str = "background"
+    """Counterfactual intervention method: mask, background, blur, noise."""
+    intervention_pad: int = 1
+    """Pixels added around each box before intervening."""
+    n_show: int = 12
+    """Examples shown in the sample-grid figure."""
+
+    def validate(self) -> None:
+        """Check value ranges that types alone cannot express."""
+        if self.image_size % 28 or self.image_size < 56:
+            raise ValueError(f"key 'image_size': {self.image_size} must be a multiple of 28 >= 56")
+        families = {"color", "shape", "count", "relation", "exists"}
+        bad = sorted(set(self.tasks) - families)
+        if bad:
+            raise ValueError(f"key 'tasks': unknown families {bad}; known: {sorted(families)}")
+        if any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError("key 'tasks': weights must be >= 0 with a positive sum")
+        if not 0.0 <= self.shortcut_p <= 1.0:
+            raise ValueError(f"key 'shortcut_p': {self.shortcut_p} is not in [0, 1]")
+        choices = {
+            "ood_cue": ("contradict", "random"),
+            "warmup_cue": ("none", "random"),
+            "cue_corner": ("top_left", "top_right", "bottom_left", "bottom_right"),
+            "intervention": ("mask", "background", "blur", "noise"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"key {key!r}: {getattr(self, key)!r} not in {list(allowed)}")
+        if len(self.object_size) != 2 or not 4 <= self.object_size[0] <= self.object_size[1] <= 26:
+            raise ValueError(f"key 'object_size': {self.object_size} must be [min, max], 4 <= min <= max <= 26")
+        if not 4 <= self.cue_size <= 28:
+            raise ValueError(f"key 'cue_size': {self.cue_size} must be in [4, 28]")
+        if len(self.colors) < 3 or len(set(self.colors)) != len(self.colors):
+            raise ValueError(f"key 'colors': need at least 3 distinct colours, got {self.colors}")
+        if len(self.shapes) < 3 or len(set(self.shapes)) != len(self.shapes):
+            raise ValueError(f"key 'shapes': need at least 3 distinct shapes, got {self.shapes}")
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ValueError(f"key 'background': {self.background} must be 3 values in [0, 255]")
+
+
+PARAMS_BY_NOTEBOOK: dict[str, type] = {
+    "01_data_construction": DataParams,
+}
+"""Which dataclass types each notebook's parameters cell."""
+
+
+# --------------------------------------------------------------------------------------
+# Loading and type checking
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (only int -> float), or raise ParamsError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _check(value, arg, where)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"{where}: expected None, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ParamsError(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ParamsError(f"{where}: expected bool, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ParamsError(f"{where}: expected int, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ParamsError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ParamsError(f"{where}: expected str, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_check(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {
+            _check(k, key_tp, f"{where} key"): _check(v, val_tp, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
+    raise ParamsError(f"{where}: unsupported parameter type {_type_name(tp)}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read parameter file ({exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: invalid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameter names to values, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = None, *,
+                namespace: bool = False, **overrides: Any) -> T:
+    """Build ``cls`` from a YAML file, a dict, or a notebook namespace.
+
+    Args:
+        cls: a parameter dataclass, e.g. ``DataParams``.
+        source: path of a YAML file, or a mapping. ``None`` means the defaults.
+        namespace: if True, ``source`` is a namespace such as a notebook's ``globals()``:
+            only the dataclass's field names are taken from it (a notebook namespace
+            also holds imports and other names), and every field must be present.
+        **overrides: values applied last, checked like the rest.
+
+    Returns:
+        An instance of ``cls`` whose every field has the declared type.
+
+    Raises:
+        ParamsError: unknown key, wrong type, unreadable or invalid YAML; the message
+            names the file (or ``<dict>`` / ``<namespace>``) and the key.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    if source is None:
+        origin, values = "<defaults>", {}
+    elif isinstance(source, (str, Path)):
+        origin, values = str(source), _read_yaml(Path(source))
+    elif namespace:
+        origin = "<namespace>"
+        missing = [k for k in fields if k not in source]
+        if missing:
+            raise ParamsError(f"{origin}: missing parameters {missing} for {cls.__name__}")
+        values = {k: source[k] for k in fields}
+    else:
+        origin, values = "<dict>", dict(source)
+    values = {**values, **overrides}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{origin}: unknown key(s) {unknown} for {cls.__name__}; "
+            f"allowed keys: {sorted(fields)}"
+        )
+    checked = {k: _check(v, hints[k], f"{origin}: key {k!r}") for k, v in values.items()}
+    params = cls(**checked)
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise ParamsError(f"{origin}: {exc}") from exc
+    return params
+
+
+def params_to_dict(params: Any) -> dict[str, Any]:
+    """The resolved parameters as a plain dict (for printing and storing with artifacts)."""
+    return dataclasses.asdict(params)
+
+
+def format_params(params: Any) -> str:
+    """A readable YAML dump of the resolved parameters, headed by the class name."""
+    body = yaml.safe_dump(params_to_dict(params), sort_keys=False, default_flow_style=None)
+    return f"# {type(params).__name__}\n{body}"

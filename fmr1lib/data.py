@@ -1,0 +1,470 @@
+"""FocusShapes: procedural, region-annotated reasoning data with a built-in shortcut.
+
+This is the tiny profile's stand-in for the paper's region-annotated perception data
+(DESIGN.md sections 5-6). Every scene is drawn from a per-example seed; every question
+has a verifiable short answer and known evidence boxes; a *shortcut cue* (a saturated
+square in a fixed corner cell that holds no object) agrees with the answer with
+probability ``shortcut_p`` in ``train`` / ``test_id`` and contradicts it (or is at
+chance) in ``test_ood``. A model that answers from the cue scores well on ``test_id``
+and badly on ``test_ood``; a faithful one does well on both.
+
+Splits: ``train`` (cue-laden), ``warmup`` (for the stage-0 backbone: cue absent or
+uninformative), ``test_id`` and ``test_ood``. The test splits also carry their
+counterfactual views: the evidence intervened (answer no longer supported) and a
+control region of the same size intervened (answer unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from fmr1lib import counterfactual, records
+from fmr1lib.config import DataParams
+from fmr1lib.repro import atomic_write_json, run_dir
+
+logger = logging.getLogger(__name__)
+
+CELL = 28
+"""Pixels per merged image token of Qwen2.5-VL (patch 14 x spatial merge 2)."""
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (30, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+    "cyan": (20, 190, 200),
+    "pink": (240, 110, 180),
+}
+BLOB_COLOR = (128, 128, 128)
+SHAPE_CUE_COLOR = (20, 20, 20)
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SPLITS = ("train", "warmup", "test_id", "test_ood")
+_SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
+# Families whose answer set has a natural visual cue (a colour patch, a shape glyph).
+CUED_FAMILIES = {"color": "color_patch", "shape": "shape_glyph"}
+
+
+# --------------------------------------------------------------------------------------
+# Geometry and drawing
+# --------------------------------------------------------------------------------------
+
+
+def cell_box(row: int, col: int) -> list[float]:
+    """Pixel box of grid cell (row, col).
+
+    >>> cell_box(1, 2)
+    [56.0, 28.0, 84.0, 56.0]
+    """
+    return [float(col * CELL), float(row * CELL), float((col + 1) * CELL), float((row + 1) * CELL)]
+
+
+def cue_cell(image_size: int, corner: str) -> tuple[int, int]:
+    """Grid cell (row, col) of the shortcut cue.
+
+    >>> cue_cell(112, "bottom_right")
+    (3, 3)
+    """
+    last = image_size // CELL - 1
+    return {"top_left": (0, 0), "top_right": (0, last), "bottom_left": (last, 0),
+            "bottom_right": (last, last)}[corner]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[float],
+                color: tuple[int, int, int]) -> None:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    # PIL boxes are inclusive of their last pixel; ours are half-open.
+    xe, ye = x1 - 1, y1 - 1
+    xm, ym = (x0 + xe) / 2, (y0 + ye) / 2
+    if shape == "circle" or shape == "blob":
+        draw.ellipse([x0, y0, xe, ye], fill=color)
+    elif shape == "square":
+        draw.rectangle([x0, y0, xe, ye], fill=color)
+    elif shape == "triangle":
+        draw.polygon([(xm, y0), (x0, ye), (xe, ye)], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(xm, y0), (xe, ym), (xm, ye), (x0, ym)], fill=color)
+    elif shape == "cross":
+        t = max(2, (x1 - x0) // 3)
+        draw.rectangle([x0, ym - t / 2, xe, ym + t / 2], fill=color)
+        draw.rectangle([xm - t / 2, y0, xm + t / 2, ye], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def render_scene(meta: dict[str, Any], image_size: int) -> Image.Image:
+    """Draw a scene from its description (``meta['objects']``, ``meta['cue']``, background).
+
+    The generator draws every image through this function, so a scene can be re-rendered
+    (and its answer recomputed) from the record alone.
+    """
+    image = Image.new("RGB", (image_size, image_size), tuple(meta["background"]))
+    draw = ImageDraw.Draw(image)
+    for obj in meta["objects"]:
+        color = BLOB_COLOR if obj["color"] is None else PALETTE[obj["color"]]
+        _draw_shape(draw, obj["shape"], obj["box"], color)
+    cue = meta.get("cue")
+    if cue is not None:
+        if cue["kind"] == "color_patch":
+            draw.rectangle([int(v) for v in cue["box"][:2]] + [int(v) - 1 for v in cue["box"][2:]],
+                           fill=PALETTE[cue["value"]])
+        else:
+            _draw_shape(draw, cue["value"], cue["box"], SHAPE_CUE_COLOR)
+    return image
+
+
+# --------------------------------------------------------------------------------------
+# Question families
+# --------------------------------------------------------------------------------------
+
+
+def _choice(rng: np.random.Generator, items: list[Any]) -> Any:
+    return items[int(rng.integers(len(items)))]
+
+
+def _sample_without(rng: np.random.Generator, items: list[Any], exclude: set, k: int) -> list[Any]:
+    pool = [x for x in items if x not in exclude]
+    if k > len(pool):
+        raise ValueError(f"need {k} items from {pool}")
+    idx = rng.permutation(len(pool))[:k]
+    return [pool[i] for i in idx]
+
+
+def _family_objects(family: str, rng: np.random.Generator, p: DataParams) -> tuple[
+        list[dict], str, str, dict]:
+    """Objects (without positions), the question, the answer, and family facts.
+
+    Each object dict has ``shape``, ``color`` (None for grey blobs) and ``evidence``.
+    """
+    colors, shapes = list(p.colors), list(p.shapes)
+    objs: list[dict] = []
+    facts: dict[str, Any] = {}
+    if family == "color":
+        shape = _choice(rng, shapes)
+        color = _choice(rng, colors)
+        objs.append({"shape": shape, "color": color, "evidence": True})
+        d_shapes = [_choice(rng, [s for s in shapes if s != shape]) for _ in range(p.n_distractors)]
+        d_colors = _sample_without(rng, colors, {color}, min(p.n_distractors, len(colors) - 1))
+        for i, s in enumerate(d_shapes):
+            objs.append({"shape": s, "color": d_colors[i % len(d_colors)], "evidence": False})
+        question, answer = f"What color is the {shape}?", color
+    elif family == "shape":
+        shape = _choice(rng, shapes)
+        color = _choice(rng, colors)
+        objs.append({"shape": shape, "color": color, "evidence": True})
+        d_colors = _sample_without(rng, colors, {color}, min(p.n_distractors, len(colors) - 1))
+        for i in range(p.n_distractors):
+            objs.append({"shape": _choice(rng, [s for s in shapes if s != shape]),
+                         "color": d_colors[i % len(d_colors)], "evidence": False})
+        question, answer = f"What shape is the {color} object?", shape
+    elif family == "count":
+        color = _choice(rng, colors)
+        k = int(rng.integers(1, 4))
+        for _ in range(k):
+            objs.append({"shape": _choice(rng, shapes), "color": color, "evidence": True})
+        for _ in range(p.n_distractors):
+            objs.append({"shape": _choice(rng, shapes),
+                         "color": _choice(rng, [c for c in colors if c != color]),
+                         "evidence": False})
+        question, answer = f"How many {color} shapes are there?", str(k)
+    elif family == "relation":
+        s1, s2 = _sample_without(rng, shapes, set(), 2)
+        objs.append({"shape": s1, "color": _choice(rng, colors), "evidence": True, "role": "a"})
+        objs.append({"shape": s2, "color": _choice(rng, colors), "evidence": True, "role": "b"})
+        for _ in range(p.n_distractors):
+            objs.append({"shape": _choice(rng, [s for s in shapes if s not in (s1, s2)]),
+                         "color": _choice(rng, colors), "evidence": False})
+        question, answer = f"Is the {s1} left of the {s2}?", ""  # answer set after placement
+    elif family == "exists":
+        color, shape = _choice(rng, colors), _choice(rng, shapes)
+        present = bool(rng.random() < 0.5)
+        if present:
+            objs.append({"shape": shape, "color": color, "evidence": True})
+        for _ in range(p.n_distractors):
+            # Distractors share the colour or the shape, never both: only binding answers.
+            if rng.random() < 0.5:
+                objs.append({"shape": _choice(rng, [s for s in shapes if s != shape]),
+                             "color": color, "evidence": False})
+            else:
+                objs.append({"shape": shape, "color": _choice(rng, [c for c in colors if c != color]),
+                             "evidence": False})
+        question, answer = f"Is there a {color} {shape}?", "yes" if present else "no"
+        facts["evidence_absent"] = not present
+    else:
+        raise ValueError(f"unknown task family {family!r}")
+    for _ in range(p.n_blobs):
+        objs.append({"shape": "blob", "color": None, "evidence": False})
+    return objs, question, answer, facts
+
+
+def answer_from_scene(family: str, question: str, objects: list[dict]) -> str:
+    """Recompute the answer of a FocusShapes question from the scene's objects.
+
+    >>> objs = [{"shape": "circle", "color": "red", "box": [0, 0, 10, 10]},
+    ...         {"shape": "square", "color": "blue", "box": [30, 0, 40, 10]}]
+    >>> answer_from_scene("color", "What color is the circle?", objs)
+    'red'
+    >>> answer_from_scene("relation", "Is the square left of the circle?", objs)
+    'no'
+    """
+    words = question.rstrip("?").split()
+    if family == "color":
+        shape = words[-1]
+        (obj,) = [o for o in objects if o["shape"] == shape]
+        return obj["color"]
+    if family == "shape":
+        color = words[4]
+        (obj,) = [o for o in objects if o["color"] == color]
+        return obj["shape"]
+    if family == "count":
+        color = words[2]
+        return str(sum(o["color"] == color for o in objects))
+    if family == "relation":
+        s1, s2 = words[2], words[-1]
+        (a,) = [o for o in objects if o["shape"] == s1]
+        (b,) = [o for o in objects if o["shape"] == s2]
+        return "yes" if (a["box"][0] + a["box"][2]) < (b["box"][0] + b["box"][2]) else "no"
+    if family == "exists":
+        color, shape = words[3], words[4]
+        return "yes" if any(o["color"] == color and o["shape"] == shape for o in objects) else "no"
+    raise ValueError(f"unknown task family {family!r}")
+
+
+# --------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------
+
+
+def example_seed(seed: int, split: str, index: int) -> int:
+    """The seed of one example, derived from the run seed, the split and the index."""
+    ss = np.random.SeedSequence([seed, _SPLIT_CODE[split], index])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def _cue_value(split: str, answer: str, vocab: list[str], rng: np.random.Generator,
+               p: DataParams) -> str | None:
+    if split in ("train", "test_id"):
+        if rng.random() < p.shortcut_p:
+            return answer
+        return _choice(rng, [v for v in vocab if v != answer])
+    if split == "test_ood":
+        if p.ood_cue == "contradict":
+            return _choice(rng, [v for v in vocab if v != answer])
+        return _choice(rng, vocab)
+    if split == "warmup":
+        return None if p.warmup_cue == "none" else _choice(rng, vocab)
+    raise ValueError(f"unknown split {split!r}")
+
+
+def make_example(p: DataParams, split: str, index: int) -> dict[str, Any]:
+    """One FocusShapes record (schema of DESIGN.md section 5), fully determined by its seed."""
+    ex_seed = example_seed(p.seed, split, index)
+    rng = np.random.default_rng(ex_seed)
+    names = list(p.tasks)
+    weights = np.array([p.tasks[n] for n in names], dtype=float)
+    family = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    objs, question, answer, facts = _family_objects(family, rng, p)
+
+    grid = p.image_size // CELL
+    cue_rc = cue_cell(p.image_size, p.cue_corner)
+    free = [(r, c) for r in range(grid) for c in range(grid) if (r, c) != cue_rc]
+    if len(objs) > len(free):
+        raise ValueError(f"{len(objs)} objects do not fit in {len(free)} free cells; "
+                         f"lower n_distractors / n_blobs or raise image_size")
+    order = rng.permutation(len(free))[: len(objs)]
+    lo, hi = p.object_size
+    for obj, k in zip(objs, order, strict=True):
+        r, c = free[int(k)]
+        size = int(rng.integers(lo, hi + 1))
+        slack = CELL - size
+        x0 = c * CELL + int(rng.integers(0, slack + 1))
+        y0 = r * CELL + int(rng.integers(0, slack + 1))
+        obj["box"] = [float(x0), float(y0), float(x0 + size), float(y0 + size)]
+        obj["cell"] = [r, c]
+    if family == "relation":
+        a = next(o for o in objs if o.get("role") == "a")
+        b = next(o for o in objs if o.get("role") == "b")
+        if a["cell"][1] == b["cell"][1]:  # same column: move b to a free cell in another column
+            used = {tuple(o["cell"]) for o in objs}
+            options = [rc for rc in free if rc[1] != a["cell"][1] and rc not in used]
+            r, c = options[int(rng.integers(len(options)))]
+            size = int(b["box"][2] - b["box"][0])
+            x0, y0 = c * CELL + (CELL - size) // 2, r * CELL + (CELL - size) // 2
+            b["box"], b["cell"] = [float(x0), float(y0), float(x0 + size), float(y0 + size)], [r, c]
+        answer = "yes" if a["cell"][1] < b["cell"][1] else "no"
+
+    cue = None
+    cue_kind = CUED_FAMILIES.get(family)
+    agrees: bool | None = None
+    cue_box_full = cell_box(*cue_rc)
+    if cue_kind is not None:
+        vocab = list(p.colors) if family == "color" else list(p.shapes)
+        value = _cue_value(split, answer, vocab, rng, p)
+        if value is not None:
+            off = (CELL - p.cue_size) // 2
+            cx0, cy0 = cue_box_full[0] + off, cue_box_full[1] + off
+            cue = {"kind": cue_kind, "value": value,
+                   "box": [cx0, cy0, cx0 + p.cue_size, cy0 + p.cue_size]}
+            agrees = value == answer
+
+    objects = [{k: v for k, v in o.items() if k != "evidence"} for o in objs]
+    evidence_boxes = [o["box"] for o in objs if o["evidence"]]
+    meta = {
+        "task": family,
+        "split": split,
+        "seed": ex_seed,
+        "index": index,
+        "objects": objects,
+        "evidence_objects": [i for i, o in enumerate(objs) if o["evidence"]],
+        "cue": cue,
+        "cue_kind": cue_kind or "none",
+        "cue_cell": list(cue_rc),
+        "shortcut_color": cue["value"] if cue and cue_kind == "color_patch" else None,
+        "shortcut_value": cue["value"] if cue else None,
+        "shortcut_agrees": agrees,
+        "background": list(p.background),
+        "evidence_absent": facts.get("evidence_absent", False),
+    }
+    answer_type = {"color": "word", "shape": "word", "count": "number"}.get(family, "yesno")
+    return {
+        "id": f"fs-{split}-{index:05d}",
+        "image": render_scene(meta, p.image_size),
+        "question": question,
+        "answer": answer,
+        "answer_type": answer_type,
+        "choices": None,
+        "evidence_boxes": evidence_boxes,
+        "meta": meta,
+    }
+
+
+def make_split(p: DataParams, split: str, n: int) -> datasets.Dataset:
+    """``n`` validated records of one split as a ``datasets.Dataset``."""
+    rows = []
+    for i in tqdm(range(n), desc=f"FocusShapes {split}", leave=False):
+        rec = make_example(p, split, i)
+        records.validate_record(rec, image_size=rec["image"].size)
+        rows.append(rec)
+    return records.records_to_dataset(rows)
+
+
+def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Dataset:
+    """Add ``image_cf_evidence``, ``image_cf_control`` and ``control_boxes`` columns.
+
+    The evidence view intervenes on the evidence boxes (the answer is no longer
+    supported); the control view intervenes on regions of the same sizes that overlap
+    neither the evidence nor the cue cell (the answer and the shortcut are unchanged).
+    The intervention seed is the example's seed, stored in ``meta``.
+    """
+    ev_imgs, ctl_imgs, ctl_boxes = [], [], []
+    for row in tqdm(ds, desc="counterfactual views", leave=False):
+        meta = records.decode_meta(row["meta"])
+        image = row["image"].convert("RGB")
+        boxes = [list(b) for b in row["evidence_boxes"]]
+        rng = np.random.default_rng(meta["seed"])
+        cue_box = cell_box(*meta["cue_cell"])
+        # Controls avoid the other objects too, so that a control never erases an
+        # object some question could depend on.
+        # Both boxes get padded by ``pad`` when intervened, hence the 2 * pad margin.
+        m = 2 * p.intervention_pad
+        others = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m]
+                  for b in [cue_box, *(o["box"] for o in meta["objects"])]]
+        ctrl = counterfactual.control_boxes(image.size, boxes, rng, avoid=others)
+        kw = {"seed": meta["seed"], "pad": p.intervention_pad, "fill": tuple(p.background)}
+        ev_imgs.append(counterfactual.intervene(image, boxes, p.intervention, **kw))
+        ctl_imgs.append(counterfactual.intervene(image, ctrl, p.intervention, **kw))
+        ctl_boxes.append([[float(v) for v in b] for b in ctrl])
+    enc = datasets.Image().encode_example
+    ds = ds.add_column("image_cf_evidence", [enc(im) for im in ev_imgs], feature=datasets.Image())
+    ds = ds.add_column("image_cf_control", [enc(im) for im in ctl_imgs], feature=datasets.Image())
+    ds = ds.add_column("control_boxes", ctl_boxes,
+                       feature=datasets.List(datasets.List(datasets.Value("float32"))))
+    return ds
+
+
+def make_focus_shapes(p: DataParams) -> datasets.DatasetDict:
+    """Generate all FocusShapes splits; test splits carry their counterfactual views."""
+    sizes = {"train": p.n_train, "warmup": p.n_warmup, "test_id": p.n_test_id,
+             "test_ood": p.n_test_ood}
+    out = {}
+    for split in tqdm(SPLITS, desc="FocusShapes splits"):
+        ds = make_split(p, split, sizes[split])
+        if split.startswith("test"):
+            ds = add_counterfactual_views(ds, p)
+        out[split] = ds
+    return datasets.DatasetDict(out)
+
+
+def data_dir(p: Any) -> Path:
+    """``runs/<profile>/data``: where notebook 01 saves the dataset."""
+    return run_dir(p, "data", create=False)
+
+
+def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams) -> Path:
+    """``save_to_disk`` plus the resolved params that made the data."""
+    folder = Path(folder)
+    dsd.save_to_disk(str(folder))
+    atomic_write_json(folder / "params.json", {"class": "DataParams",
+                                               "params": json.loads(json.dumps(p.__dict__))})
+    return folder
+
+
+def load_dataset_dir(folder: str | Path) -> datasets.DatasetDict:
+    """Read a dataset saved by ``save_dataset`` (clear error if it is not there)."""
+    folder = Path(folder)
+    if not (folder / "dataset_dict.json").exists():
+        raise FileNotFoundError(
+            f"no dataset at {folder}: run notebooks/01_data_construction.ipynb "
+            f"(or `python -m fmr1lib data --params params/<profile>/01_data_construction.yaml`)")
+    return datasets.load_from_disk(str(folder))
+
+
+def load_or_make(p: DataParams) -> datasets.DatasetDict:
+    """The saved dataset of ``p``'s profile if present with the same params, else build it."""
+    folder = data_dir(p)
+    stored = folder / "params.json"
+    if stored.exists():
+        saved = json.loads(stored.read_text())["params"]
+        if saved == json.loads(json.dumps(p.__dict__)):
+            return load_dataset_dir(folder)
+        logger.info("dataset at %s was made with other params; rebuilding", folder)
+    dsd = make_focus_shapes(p)
+    save_dataset(dsd, folder, p)
+    return load_dataset_dir(folder)
+
+
+# --------------------------------------------------------------------------------------
+# Summaries (for notebook 01 and the tests)
+# --------------------------------------------------------------------------------------
+
+
+def shortcut_agreement(ds: datasets.Dataset) -> float:
+    """Share of cued examples whose cue equals the answer (NaN if none is cued)."""
+    flags = [m["shortcut_agrees"] for m in map(records.decode_meta, ds["meta"])]
+    cued = [f for f in flags if f is not None]
+    return float(np.mean(cued)) if cued else float("nan")
+
+
+def task_counts(ds: datasets.Dataset) -> dict[str, int]:
+    """Number of examples per question family."""
+    out: dict[str, int] = {}
+    for m in map(records.decode_meta, ds["meta"]):
+        out[m["task"]] = out.get(m["task"], 0) + 1
+    return out
+
+
+def answer_counts(ds: datasets.Dataset) -> dict[str, int]:
+    """Number of examples per answer string."""
+    out: dict[str, int] = {}
+    for a in ds["answer"]:
+        out[a] = out.get(a, 0) + 1
+    return dict(sorted(out.items()))

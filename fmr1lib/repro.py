@@ -1,0 +1,188 @@
+"""Reproducibility plumbing: seeding, run directories, atomic writes, recorded results.
+
+Every artifact the pipeline writes goes through ``atomic_write_*`` (temp file in the
+same folder, then ``os.replace``), so a run killed mid-write never leaves a torn file.
+Notebooks record their results with ``Recorder.record(name, value)``; tests and later
+notebooks read them back as data with ``read_records``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:  # torch is a dependency, but data generation does not need it
+        return
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: cwd) holding ``pyproject.toml``.
+
+    Notebooks run with their own folder as cwd (under nbval and papermill), so paths in
+    parameters are resolved against the project root rather than the cwd.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "fmr1lib").is_dir():
+            return folder
+    return here
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` if absolute, else relative to the project root."""
+    path = Path(path)
+    return path if path.is_absolute() else project_root() / path
+
+
+def run_dir(params: Any, *parts: str, create: bool = True) -> Path:
+    """``<run_root>/<profile>/<parts...>`` for a params object with those two fields."""
+    path = resolve_path(params.run_root) / params.profile
+    for part in parts:
+        path = path / part
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir(params: Any) -> Path:
+    """The figures folder named by ``params.figures_dir`` (created if missing)."""
+    path = resolve_path(params.figures_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically write a text file (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "tolist") and hasattr(value, "dim"):  # torch tensors
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (numpy / torch values converted)."""
+    return atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def save_params(params: Any, folder: str | Path, name: str = "params.json") -> Path:
+    """Store the resolved parameters next to the artifacts they made."""
+    import dataclasses
+
+    return atomic_write_json(Path(folder) / name, {
+        "class": type(params).__name__, "params": dataclasses.asdict(params)})
+
+
+class Recorder:
+    """Results of one notebook run, kept as a JSON dict on disk.
+
+    >>> import tempfile, pathlib
+    >>> rec = Recorder(pathlib.Path(tempfile.mkdtemp()) / "results.json")
+    >>> rec.record("accuracy", 0.5)
+    0.5
+    >>> read_records(rec.path)
+    {'accuracy': 0.5}
+    """
+
+    def __init__(self, path: str | Path, reset: bool = True):
+        self.path = Path(path)
+        self.values: dict[str, Any] = {}
+        if not reset and self.path.exists():
+            self.values = read_records(self.path)
+        atomic_write_json(self.path, self.values)
+
+    def record(self, name: str, value: Any) -> Any:
+        """Store ``value`` under ``name`` (rewriting the file atomically) and return it."""
+        self.values[name] = _to_jsonable(value)
+        atomic_write_json(self.path, self.values)
+        logger.info("recorded %s = %r", name, self.values[name])
+        return value
+
+
+def read_records(path: str | Path) -> dict[str, Any]:
+    """Read a ``Recorder`` file back as a dict."""
+    return json.loads(Path(path).read_text())
+
+
+class MetricsLog:
+    """Append-only JSONL log of training metrics, one object per logged step."""
+
+    def __init__(self, path: str | Path, reset: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if reset and self.path.exists():
+            self.path.unlink()
+
+    def log(self, step: int, **metrics: Any) -> None:
+        """Append ``{"step": step, **metrics}`` as one line."""
+        line = json.dumps(_to_jsonable({"step": step, **metrics}))
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """All logged rows, in order."""
+        return read_jsonl(self.path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped); empty list when the file is missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Atomically write rows as JSONL."""
+    text = "".join(json.dumps(_to_jsonable(r)) + "\n" for r in rows)
+    return atomic_write_text(path, text)
