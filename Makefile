@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# The notebooks' kernel lives inside the venv, not in the home folder.
 	$(BIN)/python -m ipykernel install --sys-prefix --name fmr1 --display-name "Python (fmr1)" >/dev/null
+	# Strip notebook outputs on commit (git filter from .gitattributes); harmless outside git.
+	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
 	touch $(STAMP)
 
 venv: $(STAMP)

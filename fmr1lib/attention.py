@@ -149,7 +149,8 @@ class AttentionCapture:
 
     Inside the ``with`` block the language model runs :data:`CAPTURE_IMPLEMENTATION` (SDPA output
     plus row capture); on exit the previous implementation is restored and the flags removed, also
-    when the block raises. The vision tower is left on its own implementation.
+    when the block raises. The vision tower is left on its own implementation. The decoder layers'
+    output inside the block is SDPA's, even if the model was set to eager or flash attention.
 
     Each forward inside the block overwrites the captured rows, so read :attr:`attentions` after
     the forward you want. With gradient checkpointing, call ``backward`` inside the block: the
@@ -198,7 +199,9 @@ class AttentionCapture:
 
         positions = torch.as_tensor(query_positions, dtype=torch.long)
         if positions.ndim != 2:
-            raise ValueError(f"query_positions must be [B, n_queries], got shape {tuple(positions.shape)}")
+            raise ValueError(
+                f"query_positions must be [B, n_queries], got shape {tuple(positions.shape)}"
+            )
         self.query_positions: torch.Tensor = positions
 
         n_heads = self._base.config.get_text_config().num_attention_heads
@@ -215,7 +218,6 @@ class AttentionCapture:
 
         self._rows: list[torch.Tensor | None] = [None] * len(self.layers)
         self._previous: str | None = None
-        self._active = False
 
     # -- context management ------------------------------------------------------------------
 
@@ -242,11 +244,22 @@ class AttentionCapture:
             self._restore()
             raise
         self._rows = [None] * len(self.layers)
-        self._active = True
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         self._restore()
+        if (
+            exc_type is None
+            and self._base.training
+            and any(rows is not None and rows.requires_grad for rows in self._rows)
+        ):
+            # A checkpointed layer recomputes its forward during backward; outside the block that
+            # recomputation skips the capture and torch raises a cryptic CheckpointError.
+            if any(getattr(m, "gradient_checkpointing", False) for m in self._base.modules()):
+                logger.warning(
+                    "gradient checkpointing is on: call backward on the captured attention "
+                    "inside the AttentionCapture block"
+                )
 
     def _restore(self) -> None:
         for module in self._modules:
@@ -257,7 +270,6 @@ class AttentionCapture:
                 self._previous if key is None else {key: self._previous}
             )
             self._previous = None
-        self._active = False
 
     # -- capture -------------------------------------------------------------------------------
 
@@ -346,7 +358,9 @@ class AttentionCapture:
             allowed = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
             return torch.where(allowed, 0.0, lowest)[:, None]
         mask = attention_mask.expand(batch, -1, -1, -1)
-        index = rows.to(mask.device)[:, None, :, None].expand(batch, mask.shape[1], rows.shape[1], kv_len)
+        index = rows.to(mask.device)[:, None, :, None].expand(
+            batch, mask.shape[1], rows.shape[1], kv_len
+        )
         mask = mask.gather(2, index).to(device)
         if mask.dtype == torch.bool:
             return torch.where(mask, 0.0, lowest)
@@ -361,7 +375,9 @@ class AttentionCapture:
             ``[B, n_layers, n_heads, n_queries, seq]`` for ``heads="all"``; ``seq`` is the key
             length (the padded sequence length, cache included). Each row sums to 1.
         """
-        missing = [layer for layer, rows in zip(self.layers, self._rows, strict=True) if rows is None]
+        missing = [
+            layer for layer, rows in zip(self.layers, self._rows, strict=True) if rows is None
+        ]
         if missing:
             raise RuntimeError(
                 f"no attention captured for layers {missing}: run the forward inside the `with` block"

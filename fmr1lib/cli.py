@@ -1,6 +1,7 @@
 """Command line: run any stage or notebook headless.
 
     python -m fmr1lib data --params params/tiny/01_data_construction.yaml
+    python -m fmr1lib backbone --params params/tiny/02_backbone.yaml
     python -m fmr1lib notebook 01_data_construction --profile tiny
     python -m fmr1lib reproduce --profile tiny
     python -m fmr1lib check-params
@@ -73,6 +74,16 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backbone(args: argparse.Namespace) -> int:
+    from fmr1lib import anchoring
+
+    p = config.load_params(config.BackboneParams, args.params)
+    print(config.format_params(p))
+    _, _, info = anchoring.backbone_stage(p)
+    print(info)
+    return 0
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
     run_notebook(args.name, args.profile, kernel=args.kernel)
     return 0
@@ -115,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("data", help="generate FocusShapes (notebook 01's data step)")
     p.add_argument("--params", required=True, help="YAML parameter file")
     p.set_defaults(func=_cmd_data)
+    p = sub.add_parser("backbone", help="build/load the backbone and warm it up (notebook 02)")
+    p.add_argument("--params", required=True, help="YAML parameter file")
+    p.set_defaults(func=_cmd_backbone)
     p = sub.add_parser("notebook", help="run one notebook headless on a profile")
     p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
     p.add_argument("--profile", default="tiny")

@@ -130,8 +130,134 @@ class DataParams(CommonParams):
             raise ValueError(f"key 'background': {self.background} must be 3 values in [0, 255]")
 
 
+@dataclasses.dataclass
+class ModelParams:
+    """Which backbone, and how to build or load it."""
+
+    model_name: str = "tiny"
+    """``tiny`` builds the stand-in locally; otherwise a hub id or a local checkpoint folder."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the model (capture works on top of sdpa; never switch to eager)."""
+    trust_remote_code: bool = False
+    """Allow code from the checkpoint folder (off unless you trust it)."""
+    image_min_pixels: int = 3136
+    """Smallest image area (pixels) after the processor's resize."""
+    image_max_pixels: int = 12544
+    """Largest image area (pixels) after the processor's resize; bounds the image-token count."""
+    hidden_size: int = 128
+    """Tiny only: text hidden size."""
+    num_layers: int = 2
+    """Tiny only: decoder layers."""
+    num_heads: int = 4
+    """Tiny only: attention heads."""
+    num_kv_heads: int = 2
+    """Tiny only: key/value heads (GQA)."""
+    intermediate_size: int = 256
+    """Tiny only: MLP width."""
+    vision_depth: int = 2
+    """Tiny only: vision transformer blocks."""
+    vision_hidden: int = 64
+    """Tiny only: vision hidden size."""
+    vision_heads: int = 2
+    """Tiny only: vision attention heads."""
+    vocab_size: int = 1024
+    """Tiny only: requested BPE vocabulary size (BPE may stop below it on a small corpus)."""
+    lora: bool = False
+    """Wrap the language model in LoRA adapters instead of full fine-tuning."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (of the language model only) that get adapters."""
+    freeze_vision: bool = False
+    """Freeze the vision tower (and its merger) during training."""
+
+    def validate_model(self) -> None:
+        """Value checks shared by every stage that builds a model."""
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"key 'dtype': {self.dtype!r} not in ['float32', 'bfloat16', 'float16']")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("keys 'hidden_size'/'num_heads'/'num_kv_heads': hidden_size must divide "
+                             "by num_heads, and num_heads by num_kv_heads")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("key 'hidden_size': head_dim (hidden_size / num_heads) must be a "
+                             "multiple of 4 for the multimodal rope sections")
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError("keys 'image_min_pixels'/'image_max_pixels': min exceeds max")
+
+
+@dataclasses.dataclass
+class TrainParams:
+    """Optimisation settings shared by the supervised stages."""
+
+    steps: int = 300
+    """Optimiser steps."""
+    batch_size: int = 16
+    """Examples per optimiser step (per process, before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    lr: float = 0.002
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: str = "cosine"
+    """constant, linear or cosine decay after the warm-up."""
+    lr_warmup_steps: int = 20
+    """Linear learning-rate warm-up steps."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16, fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    log_every: int = 25
+    """Log metrics every this many steps."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the latest checkpoint of the run folder if there is one."""
+    eval_n: int = 200
+    """Examples per test split in the quick evaluations (0: all)."""
+    eval_batch_size: int = 50
+    """Batch size of greedy-decoding evaluation."""
+    max_new_tokens: int = 24
+    """Longest response generated in evaluation."""
+
+    def validate_train(self) -> None:
+        """Value checks for the optimisation settings."""
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"key 'lr_schedule': {self.lr_schedule!r} not in constant/linear/cosine")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"key 'mixed_precision': {self.mixed_precision!r} not in no/bf16/fp16")
+        for key in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"key {key!r}: must be >= 1")
+
+
+@dataclasses.dataclass
+class BackboneParams(CommonParams, ModelParams, TrainParams):
+    """The backbone (notebook 02): build or load it, add ``<Focus>``, warm up (tiny only)."""
+
+    data_params_file: str = "params/tiny/01_data_construction.yaml"
+    """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
+    warmup: bool = True
+    """Stage 0: SFT of the freshly built tiny backbone on the cue-free ``warmup`` split."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        self.validate_model()
+        self.validate_train()
+
+
 PARAMS_BY_NOTEBOOK: dict[str, type] = {
     "01_data_construction": DataParams,
+    "02_backbone": BackboneParams,
 }
 """Which dataclass types each notebook's parameters cell."""
 

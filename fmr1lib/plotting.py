@@ -129,3 +129,135 @@ def fig_interventions(rows: Sequence[Mapping[str, Any]], path: str | Path | None
                 ax.set_title(title if c else f"{row['question']} → {row['answer']}", fontsize=7)
         fig.tight_layout()
     return _save(fig, path)
+
+
+def fig_token_grid(image: Any, grid_thw: Sequence[int], boxes: Sequence[Sequence[float]] = (),
+                   target: Any = None, path: str | Path | None = None) -> plt.Figure:
+    """The merged image-token grid over an image, token index per cell, and the target q."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    rows, cols = gh // 2, gw // 2
+    w, h = image.size
+    with plt.rc_context(STYLE):
+        n = 2 if target is not None else 1
+        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+        ax = axes[0, 0]
+        ax.imshow(image)
+        for r in range(rows + 1):
+            ax.axhline(r * h / rows - 0.5, color="white", lw=0.8)
+        for c in range(cols + 1):
+            ax.axvline(c * w / cols - 0.5, color="white", lw=0.8)
+        for r in range(rows):
+            for c in range(cols):
+                ax.text((c + 0.5) * w / cols, (r + 0.5) * h / rows, str(r * cols + c),
+                        color="black", ha="center", va="center", fontsize=7, alpha=0.6)
+        _draw_boxes(ax, boxes, EVIDENCE_COLOR)
+        ax.set_title(f"{rows}x{cols} image tokens (k -> cell (k // {cols}, k % {cols}))")
+        ax.axis("off")
+        if target is not None:
+            im = axes[0, 1].imshow(np.asarray(target), cmap="viridis", vmin=0)
+            axes[0, 1].set_title("anchoring target q (box overlap)")
+            axes[0, 1].axis("off")
+            fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_attention_maps(rows: Sequence[Mapping[str, Any]], maps: Mapping[str, Sequence[Any]],
+                       path: str | Path | None = None, title: str = "") -> plt.Figure:
+    """Focus attention heatmaps (one column per model/variant) over the same test images.
+
+    Args:
+        rows: records with ``image``, ``question``, ``answer``, ``evidence_boxes``.
+        maps: variant name -> one ``[rows, cols]`` attention grid per record.
+    """
+    names = list(maps)
+    n = len(rows)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.2 * (len(names) + 1), 2.3 * n),
+                                 squeeze=False)
+        for i, row in enumerate(rows):
+            ax = axes[i, 0]
+            ax.imshow(row["image"])
+            _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
+            ax.set_title(f"{row['question']}\n→ {row['answer']}", fontsize=7)
+            ax.axis("off")
+            w, h = row["image"].size
+            for j, name in enumerate(names):
+                grid = np.asarray(maps[name][i])
+                ax = axes[i, j + 1]
+                ax.imshow(row["image"], alpha=0.45)
+                ax.imshow(grid, cmap="magma", alpha=0.65, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                          vmin=0, vmax=max(float(grid.max()), 1e-6), interpolation="nearest")
+                _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR, lw=1.0)
+                mass = float(grid[_cells_inside(row["evidence_boxes"], grid.shape, (w, h))].sum())
+                ax.set_title(f"{name}\nmass in evidence {mass:.2f}", fontsize=7)
+                ax.axis("off")
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def _cells_inside(boxes: Sequence[Sequence[float]], shape: tuple[int, int],
+                  size: tuple[int, int]) -> np.ndarray:
+    rows, cols = shape
+    w, h = size
+    mask = np.zeros(shape, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        for r in range(rows):
+            for c in range(cols):
+                cx0, cx1 = c * w / cols, (c + 1) * w / cols
+                cy0, cy1 = r * h / rows, (r + 1) * h / rows
+                if min(cx1, x1) > max(cx0, x0) and min(cy1, y1) > max(cy0, y0):
+                    mask[r, c] = True
+    return mask
+
+
+def fig_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str],
+                        path: str | Path | None = None, title: str = "") -> plt.Figure:
+    """One panel per metric key, one line per run (rows of a ``metrics.jsonl``)."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            for name, rows in logs.items():
+                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(xs, ys, label=name, lw=1.4)
+            ax.set_xlabel("step")
+            ax.set_title(key)
+        axes[0, 0].legend(fontsize=7)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_metric_bars(values: Mapping[str, Mapping[str, float]], path: str | Path | None = None,
+                    title: str = "", ylim: tuple[float, float] | None = (0, 1.05),
+                    chance: Mapping[str, float] | None = None) -> plt.Figure:
+    """Grouped bars: ``values[group][series]`` (e.g. split -> metric), chance lines optional."""
+    groups = list(values)
+    series = list(dict.fromkeys(s for g in groups for s in values[g]))
+    width = 0.8 / max(1, len(series))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * max(1, len(series)) / 2, 3))
+        for i, s in enumerate(series):
+            ys = [values[g].get(s, np.nan) for g in groups]
+            xs = np.arange(len(groups)) + i * width
+            ax.bar(xs, ys, width, label=s)
+            for x, y in zip(xs, ys, strict=True):
+                if not np.isnan(y):
+                    ax.text(x, y + 0.01, f"{y:.2f}", ha="center", fontsize=6)
+        if chance:
+            for j, g in enumerate(groups):
+                if g in chance:
+                    ax.hlines(chance[g], j - width / 2, j + 0.8 - width / 2, colors="grey",
+                              linestyles=":", label="chance" if j == 0 else None)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.legend(fontsize=7)
+        ax.set_title(title)
+        fig.tight_layout()
+    return _save(fig, path)

@@ -41,7 +41,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -57,6 +57,9 @@ REQUIRED_FIELDS = ("id", "image", "question", "answer", "answer_type", "evidence
 ON_BAD_RECORD = ("error", "skip")
 BOX_TOLERANCE = 0.5
 """Pixels a box may stick out of the image: float rounding in converted annotations."""
+
+_Fail = Callable[[str, str], "DataError"]
+"""``fail(field, reason)`` builds a DataError already located by file, line and record id."""
 
 _IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)
 
@@ -284,7 +287,7 @@ def _validate_box(
     box: Any,
     field: str,
     image_size: tuple[int, int] | None,
-    fail: Any,
+    fail: _Fail,
 ) -> list[float]:
     shown = list(box) if isinstance(box, (list, tuple)) else box
     prefix = f"{field} = {shown!r}"
@@ -304,7 +307,7 @@ def _validate_box(
         if x1 > width + tol or y1 > height + tol:
             raise fail(
                 field,
-                f"{prefix}: outside the {width}x{height} image (x1 <= {width}, y1 <= {height})",
+                f"{prefix}: outside the {width}x{height} image (need x1 <= {width} and y1 <= {height})",
             )
         x1, y1 = min(x1, float(width)), min(y1, float(height))
     if x1 <= x0 or y1 <= y0:  # a sliver that was entirely within the tolerance band
@@ -313,7 +316,7 @@ def _validate_box(
 
 
 def _read_image(
-    image_path: Path, load: bool, fail: Any
+    image_path: Path, load: bool, fail: _Fail
 ) -> tuple[Image.Image | None, tuple[int, int]]:
     """Open ``image_path``; return the RGB image (when ``load``) and its size."""
     if not image_path.is_file():
@@ -675,8 +678,9 @@ def convert_visual_cot(
 ) -> dict[str, int]:
     """Convert a Visual CoT JSONL file (``bboxs`` format) to our record JSONL.
 
-    Each converted record is validated. When its image exists under ``image_root`` the file is
-    read (unreadable -> bad record) and the boxes are checked against its real size, which must
+    Each converted record is validated. When its image exists under ``image_root`` its header is
+    read (unreadable -> bad record; pixels are not decoded, ``check`` does that) and the boxes
+    are checked against its real size, which must
     match the declared ``width``/``height`` if given; otherwise boxes are checked against the
     declared size, or only for being non-empty and non-negative when none is declared. Image
     paths stay relative, so load the output with ``load_jsonl(out_path, image_root=...)`` when
@@ -719,12 +723,13 @@ def convert_visual_cot(
                     ) from None
 
                 def fail(
-                    field: str, reason: str, _rid: str = rec["id"], _line: int = line_no
+                    field: str, reason: str, _rid: str | None = rec["id"], _line: int = line_no
                 ) -> DataError:
                     return DataError(reason, path=src_path, line=_line, record_id=_rid, field=field)
 
                 size = _declared_size(src)
                 ref = rec["image"]
+                has_image = False
                 if isinstance(ref, str) and ref.strip() and (root / ref).is_file():
                     _, real = _read_image(root / ref, False, fail)
                     if size is not None and real != size:
@@ -734,8 +739,7 @@ def convert_visual_cot(
                             f"width x height = {size[0]}x{size[1]}",
                         )
                     size = real
-                else:
-                    no_image += 1
+                    has_image = True
                 valid = validate_record(rec, image_size=size, path=src_path, line=line_no)
                 if valid["id"] in first_line:
                     raise fail("id", f"duplicate id, first seen on line {first_line[valid['id']]}")
@@ -746,12 +750,13 @@ def convert_visual_cot(
                 logger.warning("skipping bad record: %s", exc)
                 continue
             first_line[valid["id"]] = line_no
+            no_image += not has_image
             out_fh.write(json.dumps(valid, ensure_ascii=False, default=_json_default) + "\n")
             written += 1
     if no_image:
         logger.info(
-            "%d record(s) have no image file under %s; their boxes were checked against the "
-            "declared width/height only",
+            "%d written record(s) have no image file under %s; their boxes were checked "
+            "against the declared width/height only (or only for being non-negative)",
             no_image,
             root,
         )

@@ -186,3 +186,147 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Atomically write rows as JSONL."""
     text = "".join(json.dumps(_to_jsonable(r)) + "\n" for r in rows)
     return atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints: safetensors for every tensor, JSON for the rest; no pickle anywhere
+# --------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    tensors: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            key = f"{pid}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, json) holding the python, numpy and torch RNG states."""
+    import torch
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    import torch
+
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = None,
+                    scheduler: Any = None, extra: dict[str, Any] | None = None,
+                    keep: int = 2) -> Path:
+    """Write ``<folder>/step_<step>/`` atomically: trainable weights, optimizer, scheduler, RNG.
+
+    Only parameters with ``requires_grad`` are saved (all of them for full fine-tuning,
+    the adapters for LoRA): the frozen rest is rebuilt from the starting checkpoint.
+    Older checkpoints beyond the last ``keep`` are deleted.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}."))
+    try:
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        meta: dict[str, Any] = {"step": step, "extra": extra or {}}
+        if optimizer is not None:
+            opt_t, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(opt_t or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+            meta["optimizer"] = opt_meta
+        if scheduler is not None:
+            meta["scheduler"] = scheduler.state_dict()
+        rng_t, rng_meta = rng_state()
+        save_file(rng_t, str(tmp / "rng.safetensors"))
+        meta["rng"] = rng_meta
+        atomic_write_json(tmp / "state.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    atomic_write_text(folder / "latest", final.name + "\n")
+    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``folder`` (or None)."""
+    folder = Path(folder)
+    pointer = folder / "latest"
+    if pointer.exists():
+        path = folder / pointer.read_text().strip()
+        if (path / "state.json").exists():
+            return path
+    done = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, model: Any, optimizer: Any = None, scheduler: Any = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; returns its ``state.json`` dict."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise KeyError(f"{path}: checkpoint holds parameters the model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    if optimizer is not None and "optimizer" in meta:
+        opt_t = load_file(str(path / "optimizer.safetensors"))
+        opt_t.pop("_empty", None)
+        optimizer.load_state_dict(_unflatten_optimizer(opt_t, meta["optimizer"]))
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    if restore_rng:
+        set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    return meta

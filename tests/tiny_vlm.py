@@ -59,7 +59,11 @@ def tiny_config(
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "max_position_embeddings": 1024,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": section,
+        },
         "bos_token_id": EOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
@@ -86,7 +90,9 @@ def tiny_config(
     )
 
 
-def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs: int) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_model(
+    seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs: int
+) -> Qwen2_5_VLForConditionalGeneration:
     """Randomly initialised tiny Qwen2.5-VL on CPU in fp32, in eval mode.
 
     Args:
@@ -142,13 +148,23 @@ def make_batch(
             raise ValueError(f"image size {(height, width)} is not a multiple of {PATCH * MERGE}")
         h, w = height // PATCH, width // PATCH
         grids.append([1, h, w])
-        pixel_rows.append(torch.randn(h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=generator))
+        pixel_rows.append(
+            torch.randn(h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=generator)
+        )
         low, high = TEXT_ID_RANGE
         prefix = torch.randint(low, high, (n_pre,), generator=generator)
         suffix = torch.randint(low, high, (n_suf,), generator=generator)
         image = torch.full((image_token_count((height, width)),), IMAGE_TOKEN_ID)
         sequences.append(
-            torch.cat([prefix, torch.tensor([VISION_START_ID]), image, torch.tensor([VISION_END_ID]), suffix])
+            torch.cat(
+                [
+                    prefix,
+                    torch.tensor([VISION_START_ID]),
+                    image,
+                    torch.tensor([VISION_END_ID]),
+                    suffix,
+                ]
+            )
         )
     length = max(len(s) for s in sequences)
     input_ids = torch.full((n, length), PAD_ID, dtype=torch.long)

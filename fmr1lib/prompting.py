@@ -1,0 +1,150 @@
+"""Chat formatting, response templates and answer parsing (DESIGN.md section 7, Prompt).
+
+The assistant turn always *starts* with ``<Focus>``, forced as part of the prompt, so the
+Focus query sees the image and the question but no reasoning yet: perception before
+reasoning. The model then writes ``<think>...</think><answer>...</answer>``.
+
+Parsing never raises: a malformed response parses to ``None`` and scores 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+FOCUS = "<Focus>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAG_TOKENS = (FOCUS, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+SYSTEM_PROMPT = (
+    "You are a careful visual assistant. First focus on the image region that decides the "
+    "answer, then think briefly inside think tags, then give a short answer inside answer tags."
+)
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_FORMAT_RE = re.compile(
+    r"^\s*(?:<Focus>)?[^<]*<think>[^<]*</think>\s*<answer>[^<]+</answer>\s*$", re.DOTALL)
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+_SUBJECT_PATTERNS = [
+    (re.compile(r"^what color is the (\w+)\??$", re.I), "the {0}"),
+    (re.compile(r"^what shape is the (\w+) object\??$", re.I), "the {0} object"),
+    (re.compile(r"^how many (\w+) shapes are there\??$", re.I), "the {0} shapes"),
+    (re.compile(r"^is the (\w+) left of the (\w+)\??$", re.I), "the {0} and the {1}"),
+    (re.compile(r"^is there a (\w+) (\w+)\??$", re.I), "a {0} {1}"),
+]
+
+
+def messages(question: str, system: str | None = SYSTEM_PROMPT) -> list[dict[str, Any]]:
+    """Chat messages for one image question (the image placeholder comes first)."""
+    msgs: list[dict[str, Any]] = []
+    if system:
+        msgs.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return msgs
+
+
+def prompt_text(processor: Any, question: str, system: str | None = SYSTEM_PROMPT) -> str:
+    """The chat-formatted prompt, ending with the forced ``<Focus>`` of the assistant turn."""
+    text = processor.apply_chat_template(messages(question, system), tokenize=False,
+                                         add_generation_prompt=True)
+    return text + FOCUS
+
+
+def think_text(question: str) -> str:
+    """What the model should look at, phrased from the question alone (never the answer).
+
+    >>> think_text("What color is the circle?")
+    'look at the circle'
+    >>> think_text("Is the square left of the triangle?")
+    'look at the square and the triangle'
+    """
+    q = question.strip()
+    for pattern, template in _SUBJECT_PATTERNS:
+        m = pattern.match(q)
+        if m:
+            return "look at " + template.format(*m.groups())
+    return "look at the image"
+
+
+def response_text(answer: str, think: str | None = None, perception: str | None = None) -> str:
+    """The target response that follows the forced ``<Focus>``.
+
+    Args:
+        answer: the normalised answer.
+        think: the reasoning text (default: none beyond the tags).
+        perception: a text description of the evidence placed right after ``<Focus>``
+            (the ``text_perception`` baseline supervises perception this way).
+
+    >>> response_text("red", "look at the circle")
+    '<think>look at the circle</think><answer>red</answer>'
+    """
+    head = f" {perception}" if perception else ""
+    return f"{head}{THINK_OPEN}{think or ''}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+def _strip_end(text: str) -> str:
+    for tok in _END_TOKENS:
+        text = text.replace(tok, "")
+    return text.strip()
+
+
+def parse_answer(text: Any) -> str | None:
+    """The normalised content of the first ``<answer>`` tag, or ``None`` if absent/empty.
+
+    >>> parse_answer("<think>x</think><answer> Red </answer>")
+    'red'
+    >>> parse_answer("<think>no answer</think>") is None
+    True
+    >>> parse_answer(None) is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    m = _ANSWER_RE.search(text)
+    if not m:
+        return None
+    ans = normalise(m.group(1))
+    return ans or None
+
+
+def normalise(text: str) -> str:
+    """Lower-case, collapse whitespace, drop a trailing period.
+
+    >>> normalise("  Light  Blue. ")
+    'light blue'
+    """
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def is_well_formed(text: Any) -> bool:
+    """Whether a response follows ``[<Focus>] ... <think>...</think><answer>...</answer>``.
+
+    >>> is_well_formed("<think>a</think><answer>b</answer><|im_end|>")
+    True
+    >>> is_well_formed("<answer>b</answer>")
+    False
+    """
+    if not isinstance(text, str):
+        return False
+    return bool(_FORMAT_RE.match(_strip_end(text)))
+
+
+def answers_match(pred: str | None, gold: str, answer_type: str = "word") -> bool:
+    """Exact match after normalisation; numbers compare by value.
+
+    >>> answers_match("3.0", "3", "number")
+    True
+    >>> answers_match(None, "red")
+    False
+    """
+    if pred is None:
+        return False
+    p, g = normalise(pred), normalise(gold)
+    if answer_type == "number":
+        try:
+            return float(p) == float(g)
+        except ValueError:
+            return False
+    return p == g
