@@ -457,3 +457,75 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
 def load_stage_backbone(p: Any) -> tuple[Any, Any]:
     """The backbone saved by ``backbone_stage`` for ``p``'s profile (clear error if missing)."""
     return modeling.load_saved_backbone(repro.run_dir(p, "backbone", create=False) / "model", p)
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1 runs (notebook 03, ``python -m fmr1lib anchor``)
+# --------------------------------------------------------------------------------------
+
+
+def ensure_backbone(p: Any) -> tuple[Any, Any]:
+    """Load the profile's saved backbone, building it (notebook 02's step) if it is missing."""
+    from fmr1lib import config
+
+    bp = config.load_params(config.BackboneParams, repro.resolve_path(p.backbone_params_file),
+                            run_root=p.run_root, profile=p.profile)
+    folder = repro.run_dir(bp, "backbone", create=False) / "model"
+    if not (folder / "config.json").exists():
+        logger.info("no backbone at %s: building it (notebook 02)", folder)
+        backbone_stage(bp)
+    return modeling.load_saved_backbone(folder, p)
+
+
+def anchor_dir(p: Any, variant: str) -> Path:
+    """``runs/<profile>/anchor/<variant>[_seed<k>]``; seed 0 keeps the plain name."""
+    name = variant if p.seed == 0 else f"{variant}_seed{p.seed}"
+    return repro.run_dir(p, "anchor", name)
+
+
+def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, TrainResult]:
+    """Train one stage-1 variant from the saved backbone and save the result.
+
+    Args:
+        p: ``AnchorParams``.
+        variant: ``plain``, ``text_perception`` or ``focus_anchor``.
+        dsd: the FocusShapes ``DatasetDict`` (loaded from the profile when None).
+
+    Returns:
+        ``(model, processor, result)``; the model is saved under ``anchor_dir(p, variant)/model``
+        (merged weights when LoRA was used, so later stages load one folder).
+    """
+    from fmr1lib import config, data
+
+    if dsd is None:
+        dsd = data.load_or_make(config.load_params(config.DataParams,
+                                                   repro.resolve_path(p.data_params_file),
+                                                   run_root=p.run_root, profile=p.profile))
+    out = anchor_dir(p, variant)
+    repro.save_params(p, out)
+    repro.seed_everything(p.seed)
+    model, processor = ensure_backbone(p)
+    if p.lora:
+        model = modeling.wrap_lora(model, p)
+    elif p.freeze_vision:
+        modeling.freeze_vision(model)
+    result = train_supervised(model, processor, dsd[p.train_split], p, out, variant=variant,
+                              lambda_attn=p.lambda_attn, attn_loss=p.attn_loss,
+                              anchor_layers=p.anchor_layers, head_select=p.head_select,
+                              smooth_sigma=p.smooth_sigma)
+    if p.lora:
+        model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
+        model = model.merge_and_unload()
+    model.eval()
+    modeling.save_backbone(model, processor, out / "model")
+    repro.atomic_write_json(out / "info.json", {"variant": variant, "wall_time_s": result.wall_time_s,
+                                                "steps": result.steps})
+    return model, processor, result
+
+
+def load_anchor_model(p: Any, variant: str) -> tuple[Any, Any]:
+    """A stage-1 model saved by ``anchor_stage`` (clear error naming notebook 03 if missing)."""
+    folder = anchor_dir(p, variant) / "model"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no stage-1 model at {folder}: run notebooks/03_anchoring.ipynb")
+    return modeling.load_saved_backbone(folder, p)

@@ -255,9 +255,133 @@ class BackboneParams(CommonParams, ModelParams, TrainParams):
         self.validate_train()
 
 
+@dataclasses.dataclass
+class AnchorParams(CommonParams, ModelParams, TrainParams):
+    """Stage 1, Anchoring (notebook 03): supervise the ``<Focus>`` attention with evidence boxes."""
+
+    data_params_file: str = "params/tiny/01_data_construction.yaml"
+    """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
+    backbone_params_file: str = "params/tiny/02_backbone.yaml"
+    """Parameters of the backbone (built if ``runs/<profile>/backbone`` is missing)."""
+    train_split: str = "train"
+    """Split trained on (the cue-laden ``train`` in the headline)."""
+    variants: list[str] = dataclasses.field(
+        default_factory=lambda: ["plain", "text_perception", "focus_anchor"])
+    """Variants trained from the same backbone with the same data and steps."""
+    lambda_attn: float = 1.0
+    """Weight of the attention loss (``focus_anchor`` only)."""
+    attn_loss: str = "kl"
+    """``kl``: KL(q || p); ``mass``: -log of the Focus mass inside the boxes."""
+    anchor_layers: str | list[int] = "last_half"
+    """Layers whose Focus attention is supervised: ``last_half``, ``all`` or indices."""
+    head_select: str | list[int] = "mean"
+    """Heads averaged for ``p``: ``mean`` (all heads) or a list of head indices."""
+    smooth_sigma: float = 0.0
+    """Gaussian smoothing of the target ``q`` in cells (0: none)."""
+    n_show: int = 4
+    """Test images in the before/after heatmap figure."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        self.validate_model()
+        self.validate_train()
+        bad = sorted(set(self.variants) - {"plain", "text_perception", "focus_anchor"})
+        if bad:
+            raise ValueError(f"key 'variants': unknown {bad}; use plain, text_perception, focus_anchor")
+        if self.attn_loss not in ("kl", "mass"):
+            raise ValueError(f"key 'attn_loss': {self.attn_loss!r} not in ['kl', 'mass']")
+        if isinstance(self.anchor_layers, str) and self.anchor_layers not in ("last_half", "all"):
+            raise ValueError(f"key 'anchor_layers': {self.anchor_layers!r}: use last_half, all or indices")
+        if isinstance(self.head_select, str) and self.head_select != "mean":
+            raise ValueError(f"key 'head_select': {self.head_select!r}: use mean or indices")
+        if self.lambda_attn < 0:
+            raise ValueError("key 'lambda_attn': must be >= 0")
+
+
+@dataclasses.dataclass
+class RLParams(CommonParams, ModelParams, TrainParams):
+    """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward."""
+
+    data_params_file: str = "params/tiny/01_data_construction.yaml"
+    """Parameters of the dataset."""
+    anchor_params_file: str = "params/tiny/03_anchoring.yaml"
+    """Parameters of stage 1 (its ``focus_anchor`` model is the default start point)."""
+    train_split: str = "train"
+    """Split whose prompts RL samples (cue-laden ``train`` in the headline)."""
+    n_prompts: int = 0
+    """Use only the first this many prompts of the split (0: all); for data-efficiency curves."""
+    variants: list[str] = dataclasses.field(
+        default_factory=lambda: ["grpo_backbone", "grpo", "faithful", "faithful_occlusion"])
+    """``grpo_backbone`` (accuracy+format from stage 0), ``grpo`` (from anchoring),
+    ``faithful`` (+ faithful reward, boxes), ``faithful_occlusion`` (+ faithful reward, occlusion)."""
+    prompts_per_step: int = 4
+    """P: prompts per GRPO step."""
+    group_size: int = 8
+    """G: sampled completions per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts."""
+    num_iterations: int = 1
+    """Policy updates per rollout batch (ratios differ from 1 only when > 1)."""
+    clip_low: float = 0.2
+    """Lower clip of the importance ratio (1 - clip_low)."""
+    clip_high: float = 0.28
+    """Upper clip of the importance ratio (1 + clip_high), DAPO clip-higher."""
+    loss_agg: str = "token_mean"
+    """``token_mean`` over all completion tokens of the batch, or ``seq_mean`` per sequence."""
+    std_normalize: bool = True
+    """Divide group-centred rewards by the group std (off: Dr.GRPO)."""
+    beta: float = 0.0
+    """KL penalty to the reference policy (0: no reference pass)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and refill from the data."""
+    max_refill: int = 3
+    """Refill rounds per step when dynamic sampling."""
+    w_acc: float = 1.0
+    """Weight of the accuracy reward."""
+    w_fmt: float = 0.5
+    """Weight of the format reward."""
+    w_faith: float = 1.0
+    """Weight of the faithful reward (faithful variants only)."""
+    faithful_form: str = "group_tanh"
+    """``raw``: concentration c; ``group_tanh``: 0.5 * tanh(z) of c within the group."""
+    kappa: int = 4
+    """Top-kappa response tokens by visual dependency s_t enter the concentration."""
+    occlusion_cells: int = 2
+    """Cells kept as the causal region by the occlusion search."""
+    intervention: str = "background"
+    """How the causal region is removed: mask, background, blur, noise."""
+    reward_layers: str | list[int] = "last_half"
+    """Layers whose attention enters the concentration."""
+    lambda_attn_rl: float = 0.0
+    """Auxiliary anchoring loss during RL (ablation; 0 = off)."""
+    n_show: int = 4
+    """Sample completions logged per logging step."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        self.validate_model()
+        self.validate_train()
+        known = {"grpo_backbone", "grpo", "faithful", "faithful_occlusion"}
+        bad = sorted(set(self.variants) - known)
+        if bad:
+            raise ValueError(f"key 'variants': unknown {bad}; known {sorted(known)}")
+        if self.loss_agg not in ("token_mean", "seq_mean"):
+            raise ValueError(f"key 'loss_agg': {self.loss_agg!r} not in token_mean/seq_mean")
+        if self.faithful_form not in ("raw", "group_tanh"):
+            raise ValueError(f"key 'faithful_form': {self.faithful_form!r} not in raw/group_tanh")
+        if self.group_size < 2:
+            raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
+        if self.intervention not in ("mask", "background", "blur", "noise"):
+            raise ValueError(f"key 'intervention': {self.intervention!r} unknown")
+
+
 PARAMS_BY_NOTEBOOK: dict[str, type] = {
     "01_data_construction": DataParams,
     "02_backbone": BackboneParams,
+    "03_anchoring": AnchorParams,
+    "04_counterfactual_rl": RLParams,
 }
 """Which dataclass types each notebook's parameters cell."""
 

@@ -229,18 +229,25 @@ def add_focus_token(model: Any, processor: Any) -> list[str]:
     tok = processor.tokenizer
     vocab = tok.get_vocab()
     missing = [t for t in prompting.TAG_TOKENS if t not in vocab]
+    n_tok_old = len(tok)
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing},
                                replace_extra_special_tokens=False)
     n_old = model.get_input_embeddings().weight.shape[0]
+    # Real checkpoints pad the embedding beyond the tokenizer (Qwen2.5-VL-3B: 151936 rows for
+    # 151665 tokens), so added ids can land on untrained padding rows without any resize:
+    # initialise the added ids' rows as well as any rows the resize creates.
+    new_rows = sorted(set(tok.convert_tokens_to_ids(missing)) | set(range(n_old, len(tok))))
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if new_rows:
+        n_src = min(n_tok_old, n_old)
         with torch.no_grad():
             emb = model.get_input_embeddings().weight
-            emb[n_old:] = emb[:n_old].mean(0, keepdim=True)
+            emb[new_rows] = emb[:n_src].mean(0, keepdim=True)
             out = model.get_output_embeddings()
             if out is not None and out.weight.data_ptr() != emb.data_ptr():
-                out.weight[n_old:] = out.weight[:n_old].mean(0, keepdim=True)
+                out.weight[new_rows] = out.weight[:n_src].mean(0, keepdim=True)
     if missing:
         logger.info("added tokens %s (embeddings: mean of existing rows)", missing)
     return missing
@@ -333,15 +340,13 @@ def wrap_lora(model: Any, params: ModelParams) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = "|".join(params.lora_targets)
+    # A trained vision tower is saved with the adapter (modules_to_save), so that the
+    # adapter folder alone reproduces the model.
     cfg = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha,
                      lora_dropout=params.lora_dropout,
-                     target_modules=rf".*language_model.*\.({targets})$")
-    peft_model = get_peft_model(model, cfg)
-    if not params.freeze_vision:
-        for name, p in peft_model.named_parameters():
-            if ".visual." in name:
-                p.requires_grad_(True)
-    return peft_model
+                     target_modules=rf".*language_model.*\.({targets})$",
+                     modules_to_save=None if params.freeze_vision else ["visual"])
+    return get_peft_model(model, cfg)
 
 
 def freeze_vision(model: Any, freeze: bool = True) -> None:

@@ -85,9 +85,15 @@ def response_text(answer: str, think: str | None = None, perception: str | None 
 
 
 def _strip_end(text: str) -> str:
-    for tok in _END_TOKENS:
-        text = text.replace(tok, "")
-    return text.strip()
+    """Drop end-of-turn tokens at the end of the text only (one inside the text is malformed)."""
+    text = text.strip()
+    changed = True
+    while changed:
+        changed = False
+        for tok in _END_TOKENS:
+            if text.endswith(tok):
+                text, changed = text[: -len(tok)].rstrip(), True
+    return text
 
 
 def parse_answer(text: Any) -> str | None:
