@@ -149,12 +149,12 @@ def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = 
             if variant == "text_perception":
                 perception = perception_text(records.decode_meta(r["meta"]), image.size)
             responses.append(prompting.response_text(
-                r["answer"], prompting.think_text(r["question"]), perception) + "<|im_end|>")
+                r["answer"], prompting.think_text(r["question"], prompting.think_variant(r["id"])),
+                perception) + "<|im_end|>")
         else:
             responses.append("")
     enc = processor(text=[p + s for p, s in zip(prompts, responses, strict=True)], images=images,
                     return_tensors="pt", padding=True)
-    enc.pop("mm_token_type_ids", None)
     ids = enc["input_ids"]
     seq = ids.shape[1]
     labels = torch.full_like(ids, -100)

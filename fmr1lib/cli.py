@@ -2,6 +2,8 @@
 
     python -m fmr1lib data --params params/tiny/01_data_construction.yaml
     python -m fmr1lib backbone --params params/tiny/02_backbone.yaml
+    python -m fmr1lib anchor --params params/tiny/03_anchoring.yaml
+    python -m fmr1lib rl --params params/tiny/04_counterfactual_rl.yaml
     python -m fmr1lib notebook 01_data_construction --profile tiny
     python -m fmr1lib reproduce --profile tiny
     python -m fmr1lib check-params
@@ -84,6 +86,28 @@ def _cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_anchor(args: argparse.Namespace) -> int:
+    from fmr1lib import anchoring
+
+    p = config.load_params(config.AnchorParams, args.params)
+    print(config.format_params(p))
+    for variant in args.variants or p.variants:
+        _, _, res = anchoring.anchor_stage(p, variant)
+        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
+    return 0
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from fmr1lib import grpo
+
+    p = config.load_params(config.RLParams, args.params)
+    print(config.format_params(p))
+    for variant in args.variants or p.variants:
+        _, _, res = grpo.rl_stage(p, variant)
+        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
+    return 0
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
     run_notebook(args.name, args.profile, kernel=args.kernel)
     return 0
@@ -129,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backbone", help="build/load the backbone and warm it up (notebook 02)")
     p.add_argument("--params", required=True, help="YAML parameter file")
     p.set_defaults(func=_cmd_backbone)
+    p = sub.add_parser("anchor", help="stage 1: train the anchoring variants (notebook 03)")
+    p.add_argument("--params", required=True, help="YAML parameter file")
+    p.add_argument("--variants", nargs="*", help="subset of the file's variants")
+    p.set_defaults(func=_cmd_anchor)
+    p = sub.add_parser("rl", help="stage 2: GRPO variants with the faithful reward (notebook 04)")
+    p.add_argument("--params", required=True, help="YAML parameter file")
+    p.add_argument("--variants", nargs="*", help="subset of the file's variants")
+    p.set_defaults(func=_cmd_rl)
     p = sub.add_parser("notebook", help="run one notebook headless on a profile")
     p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
     p.add_argument("--profile", default="tiny")

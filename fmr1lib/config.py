@@ -72,6 +72,8 @@ class DataParams(CommonParams):
         default_factory=lambda: ["circle", "square", "triangle", "diamond"]
     )
     """Shape vocabulary."""
+    target_shapes: list[str] = dataclasses.field(default_factory=lambda: ["circle"])
+    """Shapes the colour question asks about (empty: any of ``shapes``). Distractors never share the target's shape."""
     n_distractors: int = 2
     """Coloured distractor objects per scene, besides the target(s) and the grey blobs."""
     n_blobs: int = 1
@@ -126,6 +128,8 @@ class DataParams(CommonParams):
             raise ValueError(f"key 'colors': need at least 3 distinct colours, got {self.colors}")
         if len(self.shapes) < 3 or len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"key 'shapes': need at least 3 distinct shapes, got {self.shapes}")
+        if not set(self.target_shapes) <= set(self.shapes):
+            raise ValueError(f"key 'target_shapes': {self.target_shapes} not all in shapes {self.shapes}")
         if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
             raise ValueError(f"key 'background': {self.background} must be 3 values in [0, 255]")
 
@@ -259,6 +263,8 @@ class BackboneParams(CommonParams, ModelParams, TrainParams):
 class AnchorParams(CommonParams, ModelParams, TrainParams):
     """Stage 1, Anchoring (notebook 03): supervise the ``<Focus>`` attention with evidence boxes."""
 
+    steps: int = 800
+    """Optimiser steps per variant (plain SFT builds its cue route around steps 300-800)."""
     data_params_file: str = "params/tiny/01_data_construction.yaml"
     """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
     backbone_params_file: str = "params/tiny/02_backbone.yaml"
@@ -302,6 +308,18 @@ class AnchorParams(CommonParams, ModelParams, TrainParams):
 class RLParams(CommonParams, ModelParams, TrainParams):
     """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward."""
 
+    steps: int = 40
+    """GRPO steps."""
+    lr: float = 0.0005
+    """Learning rate (AdamW); RL takes smaller steps than SFT."""
+    lr_schedule: str = "constant"
+    """constant, linear or cosine decay after the warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    log_every: int = 10
+    """Sample completions are logged every this many steps (metrics: every step)."""
+    checkpoint_every: int = 20
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
     data_params_file: str = "params/tiny/01_data_construction.yaml"
     """Parameters of the dataset."""
     anchor_params_file: str = "params/tiny/03_anchoring.yaml"

@@ -149,7 +149,7 @@ def _family_objects(family: str, rng: np.random.Generator, p: DataParams) -> tup
     objs: list[dict] = []
     facts: dict[str, Any] = {}
     if family == "color":
-        shape = _choice(rng, shapes)
+        shape = _choice(rng, list(p.target_shapes) or shapes)
         color = _choice(rng, colors)
         objs.append({"shape": shape, "color": color, "evidence": True})
         d_shapes = [_choice(rng, [s for s in shapes if s != shape]) for _ in range(p.n_distractors)]

@@ -72,12 +72,13 @@ def tokenizer_corpus(colors: Iterable[str] = (), shapes: Iterable[str] = ()) -> 
     positions = ["top left", "top right", "bottom left", "bottom right", "top", "bottom", "left",
                  "right", "center"]
     lines = [prompting.SYSTEM_PROMPT, "system", "user", "assistant", "object", "objects",
-             "look at the image", "yes", "no", "the", "and", "a"]
+             "look at the image", "find", "check", "locate", "yes", "no", "the", "and", "a"]
     for c in colors:
         for s in shapes:
             lines += [f"What color is the {s}?", f"What shape is the {c} object?",
                       f"How many {c} shapes are there?", f"Is there a {c} {s}?",
                       f"look at the {s}", f"look at the {c} object", f"look at a {c} {s}",
+                      f"find the {s}", f"check the {s}", f"locate the {s}",
                       f"the {c} {s}", f"the {c} shapes"]
             lines += [f"the {c} {s}, {p}" for p in positions]
         lines += [c, f" {c}", f"{c}."]

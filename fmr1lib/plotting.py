@@ -261,3 +261,40 @@ def fig_metric_bars(values: Mapping[str, Mapping[str, float]], path: str | Path 
         ax.set_title(title)
         fig.tight_layout()
     return _save(fig, path)
+
+
+def fig_visual_dependency(row: Mapping[str, Any], cf_image: Any,
+                          explained: Sequence[Mapping[str, Any]], labels: Sequence[str],
+                          path: str | Path | None = None) -> plt.Figure:
+    """The faithful reward's worked example: image, its counterfactual, and per-token ``s_t``
+    (bars) with each token's attention share inside the region (dots), per trajectory."""
+    n = len(explained)
+    with plt.rc_context(STYLE):
+        fig = plt.figure(figsize=(4.4 + 5.2, 2.6 * max(1, n)))
+        gs = fig.add_gridspec(n, 3, width_ratios=[1, 1, 2.6])
+        ax = fig.add_subplot(gs[:, 0])
+        ax.imshow(row["image"])
+        _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
+        ax.set_title(f"I: {row['question']} → {row['answer']}", fontsize=7)
+        ax.axis("off")
+        ax = fig.add_subplot(gs[:, 1])
+        ax.imshow(cf_image)
+        ax.set_title("I': evidence removed", fontsize=7)
+        ax.axis("off")
+        for i, (ex, label) in enumerate(zip(explained, labels, strict=True)):
+            ax = fig.add_subplot(gs[i, 2])
+            xs = np.arange(len(ex["tokens"]))
+            ax.bar(xs, ex["s_t"], color="#ff7043", label="s_t = KL(π(·|I) ‖ π(·|I'))")
+            ax.set_ylabel("s_t")
+            ax2 = ax.twinx()
+            ax2.plot(xs, ex["share"], "o", color="#1e88e5", ms=3, label="attention share in C")
+            ax2.set_ylim(0, 1.05)
+            ax.set_xticks(xs, [t.replace("\n", "\\n") for t in ex["tokens"]], rotation=70, fontsize=6)
+            ax.set_title(f"{label}: c = {ex['concentration']:.2f} "
+                         f"({'correct' if ex['correct'] else 'wrong'})", fontsize=8)
+            if i == 0:
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = ax2.get_legend_handles_labels()
+                ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
+        fig.tight_layout()
+    return _save(fig, path)

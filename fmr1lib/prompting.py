@@ -10,6 +10,7 @@ Parsing never raises: a malformed response parses to ``None`` and scores 0.
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any
 
 FOCUS = "<Focus>"
@@ -52,20 +53,36 @@ def prompt_text(processor: Any, question: str, system: str | None = SYSTEM_PROMP
     return text + FOCUS
 
 
-def think_text(question: str) -> str:
+THINK_VERBS = ("look at", "find", "check", "locate")
+"""Phrasings of the reasoning text. Training responses use one per record (``think_variant``),
+so sampled completions differ between trajectories, which the faithful reward needs: identical
+correct completions would all get the same concentration."""
+
+
+def think_text(question: str, variant: int = 0) -> str:
     """What the model should look at, phrased from the question alone (never the answer).
 
     >>> think_text("What color is the circle?")
     'look at the circle'
-    >>> think_text("Is the square left of the triangle?")
-    'look at the square and the triangle'
+    >>> think_text("Is the square left of the triangle?", variant=1)
+    'find the square and the triangle'
     """
+    verb = THINK_VERBS[variant % len(THINK_VERBS)]
     q = question.strip()
     for pattern, template in _SUBJECT_PATTERNS:
         m = pattern.match(q)
         if m:
-            return "look at " + template.format(*m.groups())
-    return "look at the image"
+            return f"{verb} " + template.format(*m.groups())
+    return f"{verb} the image"
+
+
+def think_variant(record_id: str) -> int:
+    """A stable phrasing index for a record (the same in every epoch and process).
+
+    >>> think_variant("fs-train-00001") == think_variant("fs-train-00001")
+    True
+    """
+    return zlib.crc32(record_id.encode("utf-8")) % len(THINK_VERBS)
 
 
 def response_text(answer: str, think: str | None = None, perception: str | None = None) -> str:

@@ -50,3 +50,22 @@ def test_notebook_defaults_equal_tiny_yaml(nb_path):
     assert from_nb == from_yaml
     # The tiny YAML spells out every field, so a reader sees the whole profile.
     assert set(yaml.safe_load((ROOT / "params" / "tiny" / f"{nb_path.stem}.yaml").read_text())) == names
+
+
+REAL_CHECKPOINTS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+                    "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+
+@pytest.mark.parametrize("profile", sorted(REAL_CHECKPOINTS))
+def test_real_profiles_name_their_checkpoint(profile):
+    files = sorted((ROOT / "params" / profile).glob("*.yaml"))
+    assert {f.stem for f in files} >= {"01_data_construction", "02_backbone"}
+    for f in files:
+        p = config.load_params(config.PARAMS_BY_NOTEBOOK[f.stem], f)
+        if hasattr(p, "model_name"):
+            assert p.model_name == REAL_CHECKPOINTS[profile], f
+            assert p.dtype == "bfloat16" and p.trust_remote_code is False
+        for key in ("data_params_file", "backbone_params_file", "anchor_params_file"):
+            if hasattr(p, key):
+                assert f"params/{profile}/" in getattr(p, key), (f, key)
+                assert (ROOT / getattr(p, key)).exists(), (f, key)

@@ -1,0 +1,125 @@
+"""Reward functions of stage 2 (fmr1lib.rewards): pure, no model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fmr1lib import rewards
+
+GOOD = "<think>look at the circle</think><answer>red</answer>"
+WRONG = "<think>look at the circle</think><answer>blue</answer>"
+MALFORMED = "<think>look at the circle<answer>red</answer>"
+NO_ANSWER = "<think>look at the circle</think>"
+NO_TAGS = "red"
+EMPTY_ANSWER = "<think>x</think><answer></answer>"
+
+
+def test_accuracy_reward_values():
+    comps = [GOOD, WRONG, MALFORMED, NO_ANSWER, NO_TAGS, None, EMPTY_ANSWER]
+    out = rewards.accuracy_reward(comps, ["red"] * len(comps), ["word"] * len(comps))
+    # The answer tag is parsed even when the surrounding format is broken.
+    assert out == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_accuracy_reward_normalises_and_compares_numbers():
+    comps = ["<think>a</think><answer> RED. </answer>", "<think>a</think><answer>3.0</answer>",
+             "<think>a</think><answer>three</answer>"]
+    out = rewards.accuracy_reward(comps, ["red", "3", "3"], ["word", "number", "number"])
+    assert out == [1.0, 1.0, 0.0]
+
+
+def test_accuracy_reward_never_raises_on_odd_input():
+    out = rewards.accuracy_reward([123, b"<answer>red</answer>", ""], ["red"] * 3)
+    assert out == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="lengths differ"):
+        rewards.accuracy_reward([GOOD], ["red", "red"])
+
+
+def test_format_reward_values():
+    comps = [GOOD, WRONG, MALFORMED, NO_ANSWER, NO_TAGS, None, EMPTY_ANSWER,
+             GOOD + "<|im_end|>", "<Focus>" + GOOD, GOOD + " trailing words"]
+    assert rewards.format_reward(comps) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_concentration_top_kappa():
+    s = [0.1, 0.9, 0.5, 0.0, 0.7]
+    share = [0.2, 0.8, 0.4, 1.0, 0.6]
+    assert rewards.concentration(s, share, kappa=1) == pytest.approx(0.8)
+    assert rewards.concentration(s, share, kappa=3) == pytest.approx((0.8 + 0.6 + 0.4) / 3)
+    # kappa beyond the number of tokens averages all of them
+    assert rewards.concentration(s, share, kappa=10) == pytest.approx(np.mean(share))
+
+
+def test_concentration_respects_mask_and_accepts_tensors():
+    s = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    share = torch.tensor([0.2, 0.8, 0.4, 0.6])
+    mask = torch.tensor([1, 0, 1, 1])
+    # token 1 has the largest s_t but is masked out
+    assert rewards.concentration(s, share, mask, kappa=2) == pytest.approx((0.4 + 0.6) / 2)
+    assert rewards.concentration(s, share, torch.zeros(4), kappa=2) == 0.0
+    with pytest.raises(ValueError):
+        rewards.concentration([0.1], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        rewards.concentration([0.1], [0.1], kappa=0)
+
+
+def test_concentration_ties_take_earlier_token():
+    assert rewards.concentration([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], kappa=1) == pytest.approx(0.1)
+
+
+def test_faithful_incorrect_trajectories_get_zero():
+    c = [0.9, 0.1, 0.5, 0.7]
+    correct = [True, False, True, False]
+    raw = rewards.faithful_from_concentration(c, correct, "raw")
+    assert raw == [0.9, 0.0, 0.5, 0.0]
+    tanh = rewards.faithful_from_concentration(c, correct, "group_tanh")
+    assert tanh[1] == 0.0 and tanh[3] == 0.0
+
+
+def test_faithful_group_tanh_neutral_below_two_correct():
+    assert rewards.faithful_from_concentration([0.9, 0.1, 0.5], [True, False, False]) == [0.0] * 3
+    assert rewards.faithful_from_concentration([0.9, 0.1], [False, False]) == [0.0, 0.0]
+    # equal concentrations carry no signal either
+    assert rewards.faithful_from_concentration([0.4, 0.4], [True, True]) == [0.0, 0.0]
+    # raw is not neutral with a single correct trajectory
+    assert rewards.faithful_from_concentration([0.9, 0.1], [True, False], "raw") == [0.9, 0.0]
+
+
+def test_faithful_group_tanh_values():
+    c = [0.8, 0.2, 0.5, 0.9]
+    correct = [True, True, True, False]
+    out = rewards.faithful_from_concentration(c, correct, "group_tanh", eps=0.0)
+    chosen = np.array([0.8, 0.2, 0.5])
+    z = (chosen - chosen.mean()) / chosen.std()
+    assert out[:3] == pytest.approx(list(0.5 * np.tanh(z)))
+    assert out[3] == 0.0
+    assert all(abs(v) < 0.5 for v in out)
+    assert sum(out) == pytest.approx(0.0, abs=1e-12)  # symmetric around the group mean
+
+
+def test_faithful_rejects_bad_form_and_lengths():
+    with pytest.raises(ValueError, match="form"):
+        rewards.faithful_from_concentration([0.1], [True], "softmax")
+    with pytest.raises(ValueError):
+        rewards.faithful_from_concentration([0.1, 0.2], [True])
+
+
+def test_faithful_non_finite_concentration_is_zero():
+    out = rewards.faithful_from_concentration([math.nan, 0.5], [True, True], "raw")
+    assert out == [0.0, 0.5]
+
+
+def test_combine_rewards_weights_and_components():
+    acc, fmt, faith = [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.3, 0.0, -0.2]
+    out = rewards.combine_rewards(acc, fmt, faith, w_acc=1.0, w_fmt=0.5, w_faith=2.0)
+    assert set(out) == {"overall", "accuracy", "format", "faithful"}
+    assert out["overall"] == pytest.approx([2.1, 0.5, 0.6])
+    assert out["accuracy"] == acc and out["format"] == fmt and out["faithful"] == faith
+    plain = rewards.combine_rewards(acc, fmt, None, 1.0, 0.5, 2.0)
+    assert plain["faithful"] == [0.0] * 3 and plain["overall"] == pytest.approx([1.5, 0.5, 1.0])
+    with pytest.raises(ValueError):
+        rewards.combine_rewards([1.0], [1.0, 0.0], None)
