@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = 
             if variant == "text_perception":
                 perception = perception_text(records.decode_meta(r["meta"]), image.size)
             responses.append(prompting.response_text(
-                r["answer"], prompting.think_text(r["question"], prompting.think_variant(r["id"])),
+                r["answer"], prompting.think_text(r["question"], prompting.think_variant(str(r.get("id", "")))),
                 perception) + "<|im_end|>")
         else:
             responses.append("")
@@ -246,6 +247,69 @@ def _scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_accelerator(params: Any, **kwargs: Any) -> Any:
+    """The ``accelerate.Accelerator`` of a training stage (mixed precision from ``params``).
+
+    On a machine without an accelerator device, processes started by ``accelerate launch``
+    (``WORLD_SIZE > 1``) form a CPU process group (gloo) only when the CPU is asked for
+    explicitly; otherwise each would train alone on its own copy of the data.
+
+    Args:
+        params: stage parameters with ``mixed_precision``.
+        **kwargs: further ``Accelerator`` arguments (e.g. ``gradient_accumulation_steps``).
+    """
+    from accelerate import Accelerator
+
+    cpu_group = (int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 and not torch.accelerator.is_available())
+    return Accelerator(mixed_precision=params.mixed_precision, cpu=True if cpu_group else None,
+                       **kwargs)
+
+
+def prepare_training(acc: Any, model: Any, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+    """Wrap model and optimiser with accelerate; the schedule steps once per optimiser step.
+
+    A scheduler handed to ``accelerate.prepare`` steps ``num_processes`` times per call (unless
+    the accelerator splits batches). Here ``batch_size`` is per process, so the schedule must
+    advance once per optimiser step on every process: a run on N processes then follows the
+    learning-rate curve of a single-process run with the same global batch.
+
+    Returns:
+        ``(model, optimizer, scheduler)``.
+    """
+    from accelerate.scheduler import AcceleratedScheduler
+
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, AcceleratedScheduler(scheduler, optimizer, split_batches=True)
+
+
+def _global_means(acc: Any, ce: torch.Tensor, n_tok: int, attn: torch.Tensor | None, n_tgt: int,
+                  mass: float) -> tuple[float, float, float, float, float]:
+    """Batch-wide means over all processes, and the factors that make DDP reproduce them.
+
+    DDP averages the processes' gradients, so a process whose loss is the mean over its own
+    ``n_tok`` response tokens is reweighted by ``world * n_tok / N_tok``: the objective is then
+    the CE over every response token of the global batch (and the attention loss over every
+    sample with a target), as in one process with that batch.
+
+    Returns:
+        ``(ce_weight, attn_weight, ce, attn, mass)``: loss factors for this process, and the
+        global means for logging (NaN where no process had a term).
+    """
+    attn_v = float(attn.detach()) if attn is not None else 0.0
+    mass_v = 0.0 if math.isnan(mass) else mass
+    local = torch.tensor([float(ce.detach()) * n_tok, float(n_tok), attn_v * n_tgt, float(n_tgt),
+                          mass_v * n_tgt, float(n_tgt if not math.isnan(mass) else 0)],
+                         dtype=torch.float64, device=acc.device)
+    tot = acc.reduce(local, "sum").cpu().tolist()
+    world = acc.num_processes
+    ce_w = world * n_tok / tot[1] if tot[1] else 1.0
+    attn_w = world * n_tgt / tot[3] if tot[3] else 1.0
+    nan = float("nan")
+    return (ce_w, attn_w, tot[0] / tot[1] if tot[1] else nan, tot[2] / tot[3] if tot[3] else nan,
+            tot[4] / tot[5] if tot[5] else nan)
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
                   world: int = 1) -> list[int]:
     """The example indices of optimiser step ``step``: seeded epoch permutations, sharded.
@@ -297,12 +361,9 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
     Raises:
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays on disk.
     """
-    from accelerate import Accelerator
-
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    acc = accelerator or Accelerator(mixed_precision=params.mixed_precision,
-                                     gradient_accumulation_steps=params.grad_accum, cpu=None)
+    acc = accelerator or make_accelerator(params, gradient_accumulation_steps=params.grad_accum)
     anchoring = variant == "focus_anchor" and lambda_attn > 0
     if variant != "focus_anchor" and lambda_attn:
         logger.info("variant %s ignores lambda_attn=%s", variant, lambda_attn)
@@ -324,11 +385,12 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
         start = int(meta["step"])
         # Drop log rows written after the checkpoint, so the log matches an uninterrupted run.
         kept = [r for r in log.read() if r["step"] <= start]
-        repro.write_jsonl(log.path, kept)
+        if acc.is_main_process:
+            repro.write_jsonl(log.path, kept)
         logger.info("resumed from %s (step %d)", ck, start)
     elif acc.is_main_process:
         log = repro.MetricsLog(out_dir / "metrics.jsonl", reset=True)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare_training(acc, model, optimizer, scheduler)
 
     n = len(dataset)
     t0 = time.perf_counter()
@@ -358,9 +420,17 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
                 if capture:
                     dists = focus_distributions(cap.attentions, batch, image_token_id)
                     attn_l, mass = batch_attention_loss(dists, batch.targets, attn_loss)
-                loss = out.loss
+                ce_v = float(out.loss.detach())
+                attn_v = float(attn_l.detach()) if attn_l is not None else None
+                ce_w = attn_w = 1.0
+                if acc.num_processes > 1:
+                    n_tok = int((labels[:, 1:] != -100).sum())
+                    n_tgt = sum(q is not None for q in batch.targets) if attn_l is not None else 0
+                    ce_w, attn_w, ce_v, attn_v, mass = _global_means(acc, out.loss, n_tok, attn_l,
+                                                                     n_tgt, mass)
+                loss = out.loss * ce_w if ce_w != 1.0 else out.loss
                 if anchoring and attn_l is not None:
-                    loss = loss + lambda_attn * attn_l
+                    loss = loss + lambda_attn * attn_w * attn_l
                 if fail_at_step is not None and step == fail_at_step:
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
@@ -375,9 +445,9 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
                 if acc.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            ce_sum += float(out.loss.detach())
-            if attn_l is not None:
-                attn_sum += float(attn_l.detach())
+            ce_sum += ce_v
+            if attn_v is not None and not math.isnan(attn_v):
+                attn_sum += attn_v
             if not math.isnan(mass):
                 mass_sum, n_mass = mass_sum + mass, n_mass + 1
         done = step + 1
@@ -428,19 +498,23 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """
     from fmr1lib import config, data
 
+    # Under ``accelerate launch`` every process runs this; only the main one writes.
+    acc = make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = repro.run_dir(p, "backbone")
-    repro.save_params(p, out)
+    if acc.is_main_process:
+        repro.save_params(p, out)
     repro.seed_everything(p.seed)
     info: dict[str, Any] = {"model_name": p.model_name}
     t0 = time.perf_counter()
     if p.model_name == "tiny":
         data_p = config.load_params(config.DataParams, repro.resolve_path(p.data_params_file))
         if dsd is None:
-            dsd = data.load_or_make(data_p)
+            with acc.main_process_first():
+                dsd = data.load_or_make(data_p)
         model, processor = modeling.build_tiny_backbone(p, data_p.colors, data_p.shapes, p.seed)
         if p.warmup:
             res = train_supervised(model, processor, dsd["warmup"], p, out / "warmup",
-                                   variant="plain")
+                                   variant="plain", accelerator=acc)
             info["warmup_wall_time_s"] = res.wall_time_s
             info["warmup_final_ce"] = res.metrics[-1]["ce"] if res.metrics else None
     else:
@@ -448,9 +522,11 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     model.eval()
     info["parameters"] = modeling.count_parameters(model)
     info["vocab_size"] = len(processor.tokenizer)
-    modeling.save_backbone(model, processor, out / "model")
-    info["total_time_s"] = time.perf_counter() - t0
-    repro.atomic_write_json(out / "info.json", info)
+    if acc.is_main_process:
+        modeling.save_backbone(model, processor, out / "model")
+        info["total_time_s"] = time.perf_counter() - t0
+        repro.atomic_write_json(out / "info.json", info)
+    acc.wait_for_everyone()  # no process reads the folder before it is complete
     return model, processor, info
 
 
@@ -497,12 +573,16 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, Train
     """
     from fmr1lib import config, data
 
+    # Under ``accelerate launch`` every process runs this; only the main one writes.
+    acc = make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     if dsd is None:
-        dsd = data.load_or_make(config.load_params(config.DataParams,
-                                                   repro.resolve_path(p.data_params_file),
-                                                   run_root=p.run_root, profile=p.profile))
+        with acc.main_process_first():
+            dsd = data.load_or_make(config.load_params(config.DataParams,
+                                                       repro.resolve_path(p.data_params_file),
+                                                       run_root=p.run_root, profile=p.profile))
     out = anchor_dir(p, variant)
-    repro.save_params(p, out)
+    if acc.is_main_process:
+        repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = ensure_backbone(p)
     if p.lora:
@@ -512,14 +592,18 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, Train
     result = train_supervised(model, processor, dsd[p.train_split], p, out, variant=variant,
                               lambda_attn=p.lambda_attn, attn_loss=p.attn_loss,
                               anchor_layers=p.anchor_layers, head_select=p.head_select,
-                              smooth_sigma=p.smooth_sigma)
+                              smooth_sigma=p.smooth_sigma, accelerator=acc)
     if p.lora:
-        model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
+        if acc.is_main_process:
+            model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
         model = model.merge_and_unload()
     model.eval()
-    modeling.save_backbone(model, processor, out / "model")
-    repro.atomic_write_json(out / "info.json", {"variant": variant, "wall_time_s": result.wall_time_s,
-                                                "steps": result.steps})
+    if acc.is_main_process:
+        modeling.save_backbone(model, processor, out / "model")
+        repro.atomic_write_json(out / "info.json", {"variant": variant,
+                                                    "wall_time_s": result.wall_time_s,
+                                                    "steps": result.steps})
+    acc.wait_for_everyone()  # stage 2 loads this folder on every process
     return model, processor, result
 
 

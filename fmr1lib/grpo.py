@@ -675,13 +675,11 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
     Returns:
         A ``GRPOContext`` (``start_step``: the loaded checkpoint's step, else 0).
     """
-    from accelerate import Accelerator
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown RL variant {variant!r}; use one of {VARIANTS}")
     if params.loss_agg not in LOSS_AGGS:
         raise ValueError(f"key 'loss_agg': {params.loss_agg!r} not in {LOSS_AGGS}")
-    acc = accelerator or Accelerator(mixed_precision=params.mixed_precision, cpu=None)
+    acc = accelerator or anchoring.make_accelerator(params)
     if params.gradient_checkpointing:
         attention.unwrap_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -699,7 +697,7 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
         start = int(meta["step"])
         logger.info("resumed from %s (step %d)", resume_from, start)
     model.train()
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = anchoring.prepare_training(acc, model, optimizer, scheduler)
     if ref_model is not None:
         ref_model = ref_model.to(acc.device)
     tok = processor.tokenizer
@@ -779,6 +777,24 @@ def _group_may_vary(ctx: GRPOContext, g: Group) -> bool:
     return _faithful_eligible(ctx, g) and len(g.distinct_correct()) >= 2
 
 
+@contextlib.contextmanager
+def _process_sampling_rng(acc: Any, seed: int, step: int) -> Iterator[None]:
+    """On several processes, sample from an RNG seeded by ``(seed, step, rank)``.
+
+    The processes share one seed, so without this their rollouts would draw the same random
+    numbers. Seeding per step also makes every process's sampling resume exactly, although a
+    checkpoint holds the main process's RNG state only. One process keeps its running RNG.
+    """
+    if acc.num_processes == 1:
+        yield
+        return
+    devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    state = np.random.SeedSequence([seed, step, acc.process_index]).generate_state(1)[0]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(state))
+        yield
+
+
 def collect_groups(ctx: GRPOContext, dataset: Any, step: int) -> tuple[list[Group], int]:
     """The step's prompts (deterministic in ``step`` and ``seed``), rolled out.
 
@@ -789,6 +805,11 @@ def collect_groups(ctx: GRPOContext, dataset: Any, step: int) -> tuple[list[Grou
     Returns:
         ``(groups, refill_rounds)``.
     """
+    with _process_sampling_rng(ctx.accelerator, ctx.params.seed, step):
+        return _collect_groups(ctx, dataset, step)
+
+
+def _collect_groups(ctx: GRPOContext, dataset: Any, step: int) -> tuple[list[Group], int]:
     p, acc = ctx.params, ctx.accelerator
     n = _n_prompts(p, dataset)
     idx = anchoring.batch_indices(n, p.prompts_per_step, step, p.seed, acc.process_index,
@@ -968,6 +989,11 @@ def grpo_step(ctx: GRPOContext, dataset: Any, step: int,
         toks = [len(c) for i in part for c in groups[i].tokens]
         counts.append(sum(toks) if p.loss_agg == "token_mean" else sum(t > 0 for t in toks))
     total = max(1, sum(counts))
+    if acc.num_processes > 1:
+        # DDP averages the processes' gradients: dividing by the mean count per process makes the
+        # loss the mean over every token (or sequence) of the global batch, as in one process.
+        n_all = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
+        total = max(1.0, float(n_all) / acc.num_processes)
     chunks = [_Chunk(groups=[groups[i] for i in part],
                      batch=build_sequences([groups[i] for i in part], ctx.processor).to(acc.device),
                      weight=c / total) for part, c in zip(parts, counts, strict=True)]
@@ -1140,7 +1166,9 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
     if ck is not None:
         # Drop rows written after the checkpoint, so the logs match an uninterrupted run.
         for lg in (log, sample_log):
-            repro.write_jsonl(lg.path, [r for r in lg.read() if r["step"] <= start])
+            kept = [r for r in lg.read() if r["step"] <= start]
+            if acc.is_main_process:
+                repro.write_jsonl(lg.path, kept)
     elif acc.is_main_process:
         log = repro.MetricsLog(out_dir / "metrics.jsonl", reset=True)
         sample_log = repro.MetricsLog(out_dir / "samples.jsonl", reset=True)
@@ -1265,24 +1293,32 @@ def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, anchoring
     """Train one stage-2 variant from its start point and save it under ``rl_dir``."""
     from fmr1lib import config, data
 
+    # Under ``accelerate launch`` every process runs this; only the main one writes.
+    acc = anchoring.make_accelerator(p)
     if dsd is None:
-        dsd = data.load_or_make(config.load_params(config.DataParams,
-                                                   repro.resolve_path(p.data_params_file),
-                                                   run_root=p.run_root, profile=p.profile))
+        with acc.main_process_first():
+            dsd = data.load_or_make(config.load_params(config.DataParams,
+                                                       repro.resolve_path(p.data_params_file),
+                                                       run_root=p.run_root, profile=p.profile))
     out = rl_dir(p, variant)
-    repro.save_params(p, out)
+    if acc.is_main_process:
+        repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = start_model(p, variant)
     if p.lora:
         model = modeling.wrap_lora(model, p)
     elif p.freeze_vision:
         modeling.freeze_vision(model)
-    result = train_grpo(model, processor, dsd[p.train_split], p, out, variant)
+    result = train_grpo(model, processor, dsd[p.train_split], p, out, variant, accelerator=acc)
     if p.lora:
-        model.save_pretrained(out / "adapter")
+        if acc.is_main_process:
+            model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
     model.eval()
-    modeling.save_backbone(model, processor, out / "model")
-    repro.atomic_write_json(out / "info.json", {"variant": variant, "wall_time_s": result.wall_time_s,
-                                                "steps": result.steps})
+    if acc.is_main_process:
+        modeling.save_backbone(model, processor, out / "model")
+        repro.atomic_write_json(out / "info.json", {"variant": variant,
+                                                    "wall_time_s": result.wall_time_s,
+                                                    "steps": result.steps})
+    acc.wait_for_everyone()
     return model, processor, result
