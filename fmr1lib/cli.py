@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fmr1lib import config
 from fmr1lib.repro import project_root
@@ -86,26 +87,25 @@ def _cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_variants(args: argparse.Namespace, cls: type, stage: Any) -> int:
+    p = config.load_params(cls, args.params)
+    print(config.format_params(p))
+    for variant in args.variants or p.variants:
+        _, _, res = stage(p, variant)
+        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
+    return 0
+
+
 def _cmd_anchor(args: argparse.Namespace) -> int:
     from fmr1lib import anchoring
 
-    p = config.load_params(config.AnchorParams, args.params)
-    print(config.format_params(p))
-    for variant in args.variants or p.variants:
-        _, _, res = anchoring.anchor_stage(p, variant)
-        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
-    return 0
+    return _run_variants(args, config.AnchorParams, anchoring.anchor_stage)
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
     from fmr1lib import grpo
 
-    p = config.load_params(config.RLParams, args.params)
-    print(config.format_params(p))
-    for variant in args.variants or p.variants:
-        _, _, res = grpo.rl_stage(p, variant)
-        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
-    return 0
+    return _run_variants(args, config.RLParams, grpo.rl_stage)
 
 
 def _cmd_notebook(args: argparse.Namespace) -> int:

@@ -125,3 +125,31 @@ def uniform_mass(maps: Sequence[dict[str, Any]]) -> float:
     """The Focus mass a uniform attention would put inside the evidence (the chance level)."""
     vals = [float((m["target"] > 0).mean()) for m in maps if (m["target"] > 0).any()]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def cue_object_mass(maps: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Focus mass on the object coloured like the shortcut cue (FocusShapes colour questions).
+
+    On ``test_ood`` the cue's colour differs from the answer; an attention that follows the
+    cue's colour instead of the named shape lands on that object. Rows without such an object
+    (or without a colour cue) are skipped.
+
+    Returns:
+        ``cue_object_mass`` (mean over the rows used), ``evidence_mass`` on the same rows, ``n``.
+    """
+    on_cue, on_evidence = [], []
+    for m, row in zip(maps, rows, strict=True):
+        meta = records.decode_meta(row["meta"])
+        colour = meta.get("shortcut_color")
+        objs = [o for o in meta.get("objects", []) if colour and o["color"] == colour]
+        if not objs or m["grid"].ndim != 2:
+            continue
+        rows_, cols = m["grid"].shape
+        thw = (1, 2 * rows_, 2 * cols)
+        inside = modeling.boxes_to_grid([objs[0]["box"]], row["image"].size, thw).numpy() > 0
+        on_cue.append(float(m["grid"][inside].sum()))
+        on_evidence.append(float(m["grid"][m["target"] > 0].sum()))
+    if not on_cue:
+        return {"cue_object_mass": float("nan"), "evidence_mass": float("nan"), "n": 0}
+    return {"cue_object_mass": float(np.mean(on_cue)), "evidence_mass": float(np.mean(on_evidence)),
+            "n": len(on_cue)}
