@@ -40,8 +40,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check fmr1lib tests bench scripts
 	$(BIN)/ruff check notebooks
 
-bench: $(STAMP)
-	@echo "benchmarks arrive with the scale-and-speed work (bench/README.md)"
+# The bench extra (TRL, compared against in bench/grpo_step.py) is installed once, never as a
+# runtime dependency; one torch thread per process keeps the ratios stable on shared cores.
+BENCH_STAMP := $(VENV)/.fmr1-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/attention_capture.py
+	$(BIN)/python bench/grpo_step.py
+	$(BIN)/python bench/scaling.py
+	@echo "tables and JSON in runs/bench/ (bench/README.md explains them)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -266,7 +266,8 @@ def make_accelerator(params: Any, **kwargs: Any) -> Any:
                        **kwargs)
 
 
-def prepare_training(acc: Any, model: Any, optimizer: Any, scheduler: Any) -> tuple[Any, Any, Any]:
+def prepare_training(acc: Any, model: Any, optimizer: Any, scheduler: Any,
+                     micro_batch: int = 1) -> tuple[Any, Any, Any]:
     """Wrap model and optimiser with accelerate; the schedule steps once per optimiser step.
 
     A scheduler handed to ``accelerate.prepare`` steps ``num_processes`` times per call (unless
@@ -274,11 +275,18 @@ def prepare_training(acc: Any, model: Any, optimizer: Any, scheduler: Any) -> tu
     advance once per optimiser step on every process: a run on N processes then follows the
     learning-rate curve of a single-process run with the same global batch.
 
+    Args:
+        micro_batch: sequences per backward pass on one process; DeepSpeed needs it and, with
+            no DataLoader to prepare, accelerate cannot infer it.
+
     Returns:
         ``(model, optimizer, scheduler)``.
     """
     from accelerate.scheduler import AcceleratedScheduler
 
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(1, micro_batch)
     model, optimizer = acc.prepare(model, optimizer)
     return model, optimizer, AcceleratedScheduler(scheduler, optimizer, split_batches=True)
 
@@ -390,7 +398,8 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
         logger.info("resumed from %s (step %d)", ck, start)
     elif acc.is_main_process:
         log = repro.MetricsLog(out_dir / "metrics.jsonl", reset=True)
-    model, optimizer, scheduler = prepare_training(acc, model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare_training(acc, model, optimizer, scheduler,
+                                                   params.batch_size // params.grad_accum)
 
     n = len(dataset)
     t0 = time.perf_counter()

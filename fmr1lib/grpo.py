@@ -697,7 +697,9 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
         start = int(meta["step"])
         logger.info("resumed from %s (step %d)", resume_from, start)
     model.train()
-    model, optimizer, scheduler = anchoring.prepare_training(acc, model, optimizer, scheduler)
+    model, optimizer, scheduler = anchoring.prepare_training(
+        acc, model, optimizer, scheduler,
+        params.prompts_per_step * params.group_size // max(1, params.grad_accum))
     if ref_model is not None:
         ref_model = ref_model.to(acc.device)
     tok = processor.tokenizer

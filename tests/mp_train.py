@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from fmr1lib import anchoring, config, data, grpo, modeling, repro
@@ -47,7 +46,9 @@ def main() -> None:
     out = Path(args.out)
     torch.set_num_threads(1)
 
-    acc = Accelerator(cpu=True)
+    # The library's own accelerator: under `accelerate launch` on a machine without GPUs it
+    # joins the processes in a CPU (gloo) group.
+    acc = anchoring.make_accelerator(config.load_params(config.AnchorParams))
     world, rank = acc.num_processes, acc.process_index
     if GLOBAL_BATCH % world:
         raise SystemExit(f"global batch {GLOBAL_BATCH} does not split over {world} processes")
