@@ -34,7 +34,8 @@ reproduce: $(STAMP)
 figures: reproduce
 
 test: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -q
+	# FMR1_SMOKE=1: notebook 05 runs one seed (its outputs go to runs/<profile>/smoke/, not figures/).
+	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check fmr1lib tests bench scripts

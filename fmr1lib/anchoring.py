@@ -549,13 +549,22 @@ def load_stage_backbone(p: Any) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def backbone_folder(p: Any) -> Path:
+    """Folder of the profile's saved stage-0 backbone (``p.backbone_params_file`` names its params)."""
+    from fmr1lib import config
+
+    bp = config.load_params(config.BackboneParams, repro.resolve_path(p.backbone_params_file),
+                            run_root=p.run_root, profile=p.profile)
+    return repro.run_dir(bp, "backbone", create=False) / "model"
+
+
 def ensure_backbone(p: Any) -> tuple[Any, Any]:
     """Load the profile's saved backbone, building it (notebook 02's step) if it is missing."""
     from fmr1lib import config
 
     bp = config.load_params(config.BackboneParams, repro.resolve_path(p.backbone_params_file),
                             run_root=p.run_root, profile=p.profile)
-    folder = repro.run_dir(bp, "backbone", create=False) / "model"
+    folder = backbone_folder(p)
     if not (folder / "config.json").exists():
         logger.info("no backbone at %s: building it (notebook 02)", folder)
         backbone_stage(bp)

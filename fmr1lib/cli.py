@@ -4,6 +4,7 @@
     python -m fmr1lib backbone --params params/tiny/02_backbone.yaml
     python -m fmr1lib anchor --params params/tiny/03_anchoring.yaml
     python -m fmr1lib rl --params params/tiny/04_counterfactual_rl.yaml
+    python -m fmr1lib ablation --params params/tiny/05_evaluation.yaml
     python -m fmr1lib notebook 01_data_construction --profile tiny
     python -m fmr1lib reproduce --profile tiny
     python -m fmr1lib check-params
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fmr1lib import config
-from fmr1lib.repro import project_root
+from fmr1lib.repro import project_root, resolve_path, run_dir
 
 logger = logging.getLogger("fmr1lib")
 
@@ -108,6 +109,20 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     return _run_variants(args, config.RLParams, grpo.rl_stage)
 
 
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from fmr1lib import ablation, data
+
+    ep = config.load_params(config.EvalParams, args.params)
+    print(config.format_params(ep))
+    dsd = data.load_or_make(config.load_params(config.DataParams, resolve_path(ep.data_params_file),
+                                               run_root=ep.run_root, profile=ep.profile))
+    long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)
+    out = Path(args.out) if args.out else run_dir(ep, "ablation")
+    md, _ = ablation.write_table(long, ep.splits, out)
+    print(md.read_text())
+    return 0
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
     run_notebook(args.name, args.profile, kernel=args.kernel)
     return 0
@@ -161,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", required=True, help="YAML parameter file")
     p.add_argument("--variants", nargs="*", help="subset of the file's variants")
     p.set_defaults(func=_cmd_rl)
+    p = sub.add_parser("ablation", help="train what is missing and build the ablation table (notebook 05)")
+    p.add_argument("--params", required=True, help="YAML parameter file (05_evaluation)")
+    p.add_argument("--out", default=None, help="folder for ablation.md/.csv (default runs/<profile>/ablation)")
+    p.set_defaults(func=_cmd_ablation)
     p = sub.add_parser("notebook", help="run one notebook headless on a profile")
     p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
     p.add_argument("--profile", default="tiny")

@@ -263,8 +263,9 @@ class BackboneParams(CommonParams, ModelParams, TrainParams):
 class AnchorParams(CommonParams, ModelParams, TrainParams):
     """Stage 1, Anchoring (notebook 03): supervise the ``<Focus>`` attention with evidence boxes."""
 
-    steps: int = 800
-    """Optimiser steps per variant (plain SFT builds its cue route around steps 300-800)."""
+    steps: int = 200
+    """Optimiser steps per variant. Tiny: 200, what three seeds of every row allow within
+    ``make reproduce``'s 10 minutes; plain SFT's cue route is partial at 200 steps, complete by ~800."""
     data_params_file: str = "params/tiny/01_data_construction.yaml"
     """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
     backbone_params_file: str = "params/tiny/02_backbone.yaml"
@@ -308,10 +309,11 @@ class AnchorParams(CommonParams, ModelParams, TrainParams):
 class RLParams(CommonParams, ModelParams, TrainParams):
     """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward."""
 
-    steps: int = 40
+    steps: int = 24
     """GRPO steps."""
-    lr: float = 0.0005
-    """Learning rate (AdamW); RL takes smaller steps than SFT."""
+    lr: float = 5.0e-05
+    """Learning rate (AdamW). Tiny: 5e-4 wrecked the anchored model within a few steps and 1e-4
+    let the faithful variant's greedy format fall to 0.67 (seed 0); 5e-5 keeps both."""
     lr_schedule: str = "constant"
     """constant, linear or cosine decay after the warm-up."""
     lr_warmup_steps: int = 0
@@ -395,11 +397,83 @@ class RLParams(CommonParams, ModelParams, TrainParams):
             raise ValueError(f"key 'intervention': {self.intervention!r} unknown")
 
 
+ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
+                 "faithful_mr1", "faithful_mr1_occlusion")
+"""Rows of the ablation table, in order (``fmr1lib.ablation.ROWS`` says what trains each)."""
+
+
+@dataclasses.dataclass
+class EvalParams(CommonParams):
+    """Evaluation, the ablation over seeds and the data-efficiency curve (notebook 05).
+
+    ``seed`` is the bootstrap's seed; the training seeds are ``seeds``.
+    """
+
+    data_params_file: str = "params/tiny/01_data_construction.yaml"
+    """Parameters of the dataset."""
+    backbone_params_file: str = "params/tiny/02_backbone.yaml"
+    """Parameters of the stage-0 backbone (one backbone, shared by every seed)."""
+    anchor_params_file: str = "params/tiny/03_anchoring.yaml"
+    """Stage-1 parameters; every seed trains with these (only ``seed`` changes)."""
+    rl_params_file: str = "params/tiny/04_counterfactual_rl.yaml"
+    """Stage-2 parameters; every seed trains with these (only ``seed`` changes)."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    """Training seeds of stages 1-2 per ablation row (runs that exist with the same params are reused)."""
+    rows: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_ROWS))
+    """Ablation rows to build."""
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["test_id", "test_ood"])
+    """Splits every row is evaluated on."""
+    eval_n: int = 200
+    """Examples per split (0: all)."""
+    eval_batch_size: int = 50
+    """Examples per generation batch."""
+    max_new_tokens: int = 24
+    """Greedy decoding length limit."""
+    eval_layers: str | list[int] = "last_half"
+    """Decoder layers whose attention the Focus and answer-token metrics average."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
+    efficiency_prompts: list[int] = dataclasses.field(default_factory=lambda: [8, 32])
+    """Distinct RL training prompts for the data-efficiency curve (the full runs add the last point)."""
+    efficiency_variants: list[str] = dataclasses.field(default_factory=lambda: ["grpo", "faithful"])
+    """Stage-2 variants compared in the data-efficiency curve."""
+    efficiency_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Seeds of the data-efficiency runs."""
+    n_show: int = 4
+    """Test images in the heatmap figure."""
+    smoke: bool = False
+    """Quick check (``make test`` sets it through FMR1_SMOKE=1): first seed only and the first
+    efficiency point only (evaluations of the seed-0 runs come from notebooks 03-04's cache)."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        bad = sorted(set(self.rows) - set(ABLATION_ROWS))
+        if bad:
+            raise ValueError(f"key 'rows': unknown {bad}; known {list(ABLATION_ROWS)}")
+        if not self.seeds:
+            raise ValueError("key 'seeds': at least one seed")
+        bad = sorted(set(self.efficiency_variants) - {"grpo_backbone", "grpo", "faithful",
+                                                      "faithful_occlusion"})
+        if bad:
+            raise ValueError(f"key 'efficiency_variants': unknown {bad}")
+        if any(k <= 0 for k in self.efficiency_prompts):
+            raise ValueError("key 'efficiency_prompts': prompt counts must be positive")
+        if isinstance(self.eval_layers, str) and self.eval_layers not in ("last_half", "all"):
+            raise ValueError(f"key 'eval_layers': {self.eval_layers!r}: use last_half, all or indices")
+
+    def smoke_version(self) -> EvalParams:
+        """The same params cut down for a quick check (``smoke=True``)."""
+        return dataclasses.replace(self, smoke=True, seeds=self.seeds[:1],
+                                   efficiency_seeds=self.efficiency_seeds[:1],
+                                   efficiency_prompts=self.efficiency_prompts[:1])
+
+
 PARAMS_BY_NOTEBOOK: dict[str, type] = {
     "01_data_construction": DataParams,
     "02_backbone": BackboneParams,
     "03_anchoring": AnchorParams,
     "04_counterfactual_rl": RLParams,
+    "05_evaluation": EvalParams,
 }
 """Which dataclass types each notebook's parameters cell."""
 

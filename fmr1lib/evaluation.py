@@ -3,20 +3,33 @@
 * answers: greedy decoding, accuracy, format rate, and how often the answer equals the
   shortcut cue (``cue_rate``) or, among wrong answers, equals it (``wrong_is_cue``);
 * faithful perception: the ``<Focus>`` token's attention mass inside the evidence and the
-  pointing game (its argmax image cell lies in the evidence).
+  pointing game (its argmax image cell lies in the evidence);
+* faithful use: accuracy on the evidence-intervened and control-intervened views, the
+  faithfulness gap (drop under evidence intervention minus drop under control intervention),
+  the answer tokens' attention mass inside the evidence, and perception-use consistency (the
+  Focus points at the evidence *and* removing the evidence changes the answer);
+* shortcut reliance: accuracy where the cue contradicts the answer.
+
+``evaluate_split`` gives one record per example; ``summarise`` turns them into means with
+bootstrap 95% intervals (examples resampled jointly, so every metric sees the same resample);
+``evaluate_model`` runs both on several splits and caches the result as JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmr1lib import anchoring, attention, modeling, prompting, records
+from fmr1lib import anchoring, attention, modeling, prompting, records, repro
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +166,303 @@ def cue_object_mass(maps: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
         return {"cue_object_mass": float("nan"), "evidence_mass": float("nan"), "n": 0}
     return {"cue_object_mass": float(np.mean(on_cue)), "evidence_mass": float(np.mean(on_evidence)),
             "n": len(on_cue)}
+
+
+# --------------------------------------------------------------------------------------
+# Faithful use: intervened views, answer-token attention, consistency
+# --------------------------------------------------------------------------------------
+
+METRICS: dict[str, str] = {
+    "accuracy": "answer accuracy (greedy)",
+    "format_rate": "share of well-formed responses",
+    "focus_mass": "<Focus> attention mass inside the evidence",
+    "pointing": "<Focus> argmax cell inside the evidence (pointing game)",
+    "acc_evidence": "accuracy with the evidence intervened",
+    "acc_control": "accuracy with a control region of the same size intervened",
+    "drop_evidence": "accuracy drop when the evidence is intervened",
+    "drop_control": "accuracy drop when the control region is intervened",
+    "faithfulness_gap": "drop_evidence - drop_control",
+    "answer_mass": "attention mass of the answer tokens inside the evidence",
+    "consistency": "Focus points at the evidence and removing it changes the answer",
+    "conflict_accuracy": "accuracy where the cue contradicts the answer",
+    "cue_rate": "share of answers equal to the cue",
+    "wrong_is_cue": "share of wrong answers equal to the cue",
+}
+"""Every metric ``summarise`` reports, with its meaning (the table's legend)."""
+
+
+def _nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def example_metrics(ex: dict[str, Any]) -> dict[str, float]:
+    """The per-example value of every metric in :data:`METRICS` (NaN where it does not apply).
+
+    ``ex`` is one record of :func:`evaluate_split`. The faithful-use values need both views
+    (``correct_evidence``, ``correct_control``); ``conflict_accuracy`` needs a cue that
+    contradicts the answer; ``wrong_is_cue`` a wrong answer and a cue.
+
+    >>> m = example_metrics({"correct": True, "well_formed": True, "pred": "red", "cue": "blue",
+    ...     "cue_agrees": False, "focus_mass": 0.8, "pointing": True, "pred_evidence": "blue",
+    ...     "correct_evidence": False, "correct_control": True, "answer_mass": 0.5})
+    >>> m["faithfulness_gap"], m["consistency"], m["conflict_accuracy"]
+    (1.0, 1.0, 1.0)
+    """
+    nan = float("nan")
+    correct = float(ex["correct"])
+    cue = ex.get("cue")
+    has_views = ex.get("correct_evidence") is not None and ex.get("correct_control") is not None
+    out = {
+        "accuracy": correct,
+        "format_rate": float(ex["well_formed"]),
+        "focus_mass": _nan(ex.get("focus_mass")),
+        "pointing": _nan(ex.get("pointing")),
+        "acc_evidence": _nan(ex.get("correct_evidence")),
+        "acc_control": _nan(ex.get("correct_control")),
+        "drop_evidence": correct - float(ex["correct_evidence"]) if has_views else nan,
+        "drop_control": correct - float(ex["correct_control"]) if has_views else nan,
+        "faithfulness_gap": (float(ex["correct_control"]) - float(ex["correct_evidence"])
+                             if has_views else nan),
+        "answer_mass": _nan(ex.get("answer_mass")),
+        "consistency": (float(bool(ex["pointing"]) and ex["pred_evidence"] != ex["pred"])
+                        if has_views and ex.get("pointing") is not None else nan),
+        "conflict_accuracy": correct if cue is not None and ex.get("cue_agrees") is False else nan,
+        "cue_rate": float(ex["pred"] == cue) if cue is not None else nan,
+        "wrong_is_cue": float(ex["pred"] == cue) if cue is not None and not ex["correct"] else nan,
+    }
+    return out
+
+
+def summarise(examples: Sequence[dict[str, Any]], n_boot: int = 1000,
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean and bootstrap 95% interval of every metric over ``examples``.
+
+    The examples are resampled jointly (one index draw per bootstrap replicate serves every
+    metric); a metric's mean in a replicate is over the examples where it applies.
+
+    Returns:
+        ``{metric: {"mean", "lo", "hi", "n"}}`` (``n``: examples where the metric applies).
+    """
+    names = list(METRICS)
+    if not examples:
+        return {k: {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+                for k in names}
+    vals = np.array([[example_metrics(ex)[k] for k in names] for ex in examples], dtype=float)
+    valid = ~np.isnan(vals)
+    filled = np.where(valid, vals, 0.0)
+    idx = np.random.default_rng(seed).integers(0, len(examples), size=(n_boot, len(examples)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = filled[idx].sum(axis=1) / valid[idx].sum(axis=1)  # [n_boot, M]
+        means = filled.sum(0) / valid.sum(0)
+    out = {}
+    for j, k in enumerate(names):
+        b = boot[:, j][~np.isnan(boot[:, j])]
+        lo, hi = (np.quantile(b, [0.025, 0.975]) if b.size else (float("nan"), float("nan")))
+        out[k] = {"mean": float(means[j]), "lo": float(lo), "hi": float(hi),
+                  "n": int(valid[:, j].sum())}
+    return out
+
+
+@torch.no_grad()
+def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
+                     completions: Sequence[Sequence[int]], layers: Any = "last_half") -> list[float | None]:
+    """Share of the answer tokens' image attention inside each row's evidence.
+
+    One teacher-forced forward of prompt + generated completion. The query rows are those
+    that *produce* the answer tokens (the tokens strictly between ``<answer>`` and
+    ``</answer>``), head- and layer-averaged, restricted to the image tokens and renormalised;
+    the value is their mean mass on the image tokens that overlap the evidence boxes.
+
+    Returns:
+        Per row, the mass, or None when the completion has no answer span or the row has no
+        evidence boxes.
+    """
+    from fmr1lib import grpo  # grpo imports this module's neighbours; keep the import local
+
+    tok = processor.tokenizer
+    open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    spans: list[tuple[int, int] | None] = []
+    for toks in completions:
+        toks = list(toks)
+        ok = open_id in toks and close_id in toks[toks.index(open_id) + 1:]
+        if ok:
+            a = toks.index(open_id)
+            b = a + 1 + toks[a + 1:].index(close_id)
+            spans.append((a + 1, b) if b > a + 1 else None)
+        else:
+            spans.append(None)
+    out: list[float | None] = [None] * len(rows)
+    keep = [i for i, (r, sp) in enumerate(zip(rows, spans, strict=True))
+            if sp is not None and len(r["evidence_boxes"])]
+    if not keep:
+        return out
+    groups = [grpo.Group(row=rows[i], tokens=[list(completions[i])[: spans[i][1] + 1]], texts=[""],
+                         ok=[True], accuracy=[0.0], format=[0.0]) for i in keep]
+    batch = grpo.build_sequences(groups, processor)
+    idx = anchoring.resolve_layers(layers, anchoring.num_text_layers(model))
+    model.eval()
+    with attention.AttentionCapture(model, batch.query_positions, idx) as cap:
+        grpo.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
+    ids = batch.inputs["input_ids"]
+    region = grpo.region_token_mask(ids, batch.inputs["image_grid_thw"],
+                                    [rows[i]["evidence_boxes"] for i in keep],
+                                    [rows[i]["image"].size for i in keep], image_id)
+    share = grpo.region_share(cap.attentions, region, attention.image_token_mask(ids, image_id))
+    for j, i in enumerate(keep):
+        a, b = spans[i]
+        out[i] = float(share[j, a:b].mean())
+    return out
+
+
+def _generate_rows(model: Any, processor: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int,
+                   image_column: str = "image") -> tuple[list[list[int]], list[str]]:
+    if image_column != "image":
+        rows = [{**r, "image": r[image_column]} for r in rows]
+    batch = anchoring.encode_batch(rows, processor, with_response=False)
+    ids, texts = modeling.generate(model, processor, batch.inputs, max_new_tokens=max_new_tokens)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = processor.tokenizer.pad_token_id
+    token_lists = []
+    for row in ids.tolist():
+        row = row[: row.index(eos) + 1] if eos in row else row
+        token_lists.append([t for t in row if t != pad or t == eos])
+    return token_lists, texts
+
+
+@torch.no_grad()
+def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: int = 50,
+                   max_new_tokens: int = 24, layers: Any = "last_half", views: bool = True,
+                   desc: str = "evaluate") -> list[dict[str, Any]]:
+    """One record per example of the first ``n`` rows of ``ds`` (all if 0).
+
+    Greedy answers on the original image and, when ``views`` and the split carries them
+    (``image_cf_evidence``, ``image_cf_control``), on both intervened views; the Focus
+    attention (mass inside the evidence, pointing); the answer tokens' attention mass.
+
+    Returns:
+        Records with ``id``, ``answer``, ``response``, ``pred``, ``correct``, ``well_formed``,
+        ``cue``, ``cue_agrees``, ``focus_mass``, ``pointing``, ``answer_mass`` and, with views,
+        ``pred_evidence``, ``correct_evidence``, ``pred_control``, ``correct_control``.
+    """
+    model.eval()
+    ds = _subset(ds, n)
+    has_views = views and {"image_cf_evidence", "image_cf_control"} <= set(ds.column_names)
+    out: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False):
+        rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
+        toks, texts = _generate_rows(model, processor, rows, max_new_tokens)
+        maps = focus_attention(model, processor, rows, layers=layers, batch_size=batch_size)
+        ans_mass = answer_attention(model, processor, rows, toks, layers=layers)
+        view_preds = {}
+        if has_views:
+            for view in ("evidence", "control"):
+                _, vt = _generate_rows(model, processor, rows, max_new_tokens, f"image_cf_{view}")
+                view_preds[view] = [prompting.parse_answer(t) for t in vt]
+        for j, (r, text) in enumerate(zip(rows, texts, strict=True)):
+            pred = prompting.parse_answer(text)
+            meta = records.decode_meta(r["meta"])
+            inside = maps[j]["target"] > 0
+            kind = r.get("answer_type") or "word"
+            ex = {"id": r["id"], "answer": r["answer"], "response": text, "pred": pred,
+                  "correct": prompting.answers_match(pred, r["answer"], kind),
+                  "well_formed": prompting.is_well_formed(text),
+                  "cue": meta.get("shortcut_value"),
+                  "cue_agrees": meta.get("shortcut_agrees"),
+                  "focus_mass": float(maps[j]["grid"][inside].sum()) if inside.any() else None,
+                  "pointing": (bool(inside.flat[int(np.argmax(maps[j]["grid"]))])
+                               if inside.any() else None),
+                  "answer_mass": ans_mass[j]}
+            for view, preds in view_preds.items():
+                ex[f"pred_{view}"] = preds[j]
+                ex[f"correct_{view}"] = prompting.answers_match(preds[j], r["answer"], kind)
+            out.append(ex)
+    return out
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A short hash of a saved model folder: file contents up to 64 MB, name+size+mtime above."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if not f.is_file():
+            continue
+        h.update(str(f.relative_to(folder)).encode())
+        st = f.stat()
+        if st.st_size <= 64 * 2**20:
+            h.update(f.read_bytes())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _settings(splits: Sequence[str], n: int = 0, max_new_tokens: int = 24, layers: Any = "last_half",
+              n_boot: int = 1000, views: bool = True, **_: Any) -> dict[str, Any]:
+    """What an evaluation result depends on besides the model (the cache key)."""
+    return {"splits": list(splits), "n": n, "decoding": "greedy", "max_new_tokens": max_new_tokens,
+            "layers": layers, "n_boot": n_boot, "views": views}
+
+
+def _read_cached(path: Path, fingerprint: str | None, settings: dict[str, Any]) -> dict[str, Any] | None:
+    if fingerprint is None or not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if old.get("fingerprint") == fingerprint and old.get("settings") == settings:
+        return old
+    return None
+
+
+def evaluate_model(model: Any, processor: Any, dsd: Any, splits: Sequence[str], out_path: str | Path,
+                   n: int = 0, batch_size: int = 50, max_new_tokens: int = 24,
+                   layers: Any = "last_half", n_boot: int = 1000, views: bool = True,
+                   fingerprint: str | None = None, name: str = "") -> dict[str, Any]:
+    """Evaluate one model on ``splits`` and write ``out_path`` (JSON), or reuse it.
+
+    The JSON holds the settings (decoding, ``n``, layers, bootstrap, views), the model's
+    ``fingerprint``, and per split the summary of :func:`summarise` and the per-example
+    records. A file whose fingerprint and settings equal this call's is returned as is.
+
+    Returns:
+        ``{"name", "fingerprint", "settings", "splits": {split: {"summary", "examples"}}}``.
+    """
+    out_path = Path(out_path)
+    settings = _settings(splits, n, max_new_tokens, layers, n_boot, views)
+    cached = _read_cached(out_path, fingerprint, settings)
+    if cached is not None:
+        return cached
+    result: dict[str, Any] = {"name": name, "fingerprint": fingerprint, "settings": settings,
+                              "splits": {}}
+    for split in splits:
+        examples = evaluate_split(model, processor, dsd[split], n=n, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, layers=layers, views=views,
+                                  desc=f"{name or 'evaluate'} {split}")
+        result["splits"][split] = {"summary": summarise(examples, n_boot=n_boot),
+                                   "examples": examples}
+    repro.atomic_write_json(out_path, result)
+    return result
+
+
+def evaluate_saved(folder: str | Path, model_params: Any, dsd: Any, splits: Sequence[str],
+                   out_path: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_model` for a saved model folder; the model is loaded only on a cache miss.
+
+    Args:
+        folder: a folder written by ``modeling.save_backbone``.
+        model_params: ``ModelParams`` (dtype, attention implementation) to load it with.
+        kwargs: the settings of :func:`evaluate_model` (``n``, ``batch_size``, ...).
+    """
+    fingerprint = model_fingerprint(folder)
+    cached = _read_cached(Path(out_path), fingerprint, _settings(splits, **kwargs))
+    if cached is not None:
+        return cached
+    model, processor = modeling.load_saved_backbone(folder, model_params)
+    return evaluate_model(model, processor, dsd, splits, out_path, fingerprint=fingerprint, **kwargs)
+
+
+def format_ci(stat: dict[str, float], digits: int = 2) -> str:
+    """``"0.81 [0.74, 0.88]"`` from a summary entry (``"–"`` when undefined)."""
+    if stat is None or math.isnan(stat.get("mean", float("nan"))):
+        return "–"
+    return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"

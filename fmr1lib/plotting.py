@@ -298,3 +298,91 @@ def fig_visual_dependency(row: Mapping[str, Any], cf_image: Any,
                 ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
         fig.tight_layout()
     return _save(fig, path)
+
+
+def fig_bars_with_errors(values: Mapping[str, Mapping[str, tuple[float, float]]],
+                         path: str | Path | None = None, title: str = "", ylabel: str = "",
+                         points: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> plt.Figure:
+    """Grouped bars with error bars: ``values[group][series] = (mean, std)``.
+
+    ``points`` (same keys) overlays the individual values (e.g. one dot per seed). A NaN std
+    draws no error bar; a zero line is drawn when the values change sign.
+    """
+    groups = list(values)
+    series = list(dict.fromkeys(s for g in groups for s in values[g]))
+    width = 0.8 / max(1, len(series))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(1.8 + 0.55 * len(groups) * max(1, len(series)), 3.2))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, s in enumerate(series):
+            xs = np.arange(len(groups)) + i * width
+            means = [values[g].get(s, (np.nan, np.nan))[0] for g in groups]
+            errs = [values[g].get(s, (np.nan, np.nan))[1] for g in groups]
+            ax.bar(xs, means, width, label=s, color=colors[i % len(colors)],
+                   yerr=[0 if np.isnan(e) else e for e in errs], capsize=2, error_kw={"lw": 0.8})
+            if points:
+                for x, g in zip(xs, groups, strict=True):
+                    ys = list(points.get(g, {}).get(s, []))
+                    ax.scatter([x] * len(ys), ys, s=6, color="black", zorder=3)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.set_title(title)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_data_efficiency(points: Sequence[Mapping[str, Any]], path: str | Path | None = None,
+                        title: str = "", key: str = "accuracy", chance: float | None = None) -> plt.Figure:
+    """``key`` against the number of distinct RL training prompts, one line per variant.
+
+    ``points`` are dicts with ``variant``, ``prompts`` and ``key`` (several seeds per
+    x average, the spread shown as a band when there are several).
+    """
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.2, 3.0))
+        for variant in dict.fromkeys(p["variant"] for p in points):
+            xs = sorted({p["prompts"] for p in points if p["variant"] == variant})
+            ys = [[p[key] for p in points if p["variant"] == variant and p["prompts"] == x] for x in xs]
+            mean = np.array([np.mean(y) for y in ys])
+            line, = ax.plot(xs, mean, marker="o", lw=1.4, label=variant)
+            if any(len(y) > 1 for y in ys):
+                sd = np.array([np.std(y, ddof=1) if len(y) > 1 else 0.0 for y in ys])
+                ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("distinct RL training prompts")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+        ax.set_title(title)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_stage_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], str]],
+                     path: str | Path | None = None, title: str = "") -> plt.Figure:
+    """One panel per ``(title, {name: [metrics rows of each seed]}, key)``: ``key`` against step.
+
+    Every seed of a name is drawn in the name's colour (thin lines), labelled once.
+    """
+    with plt.rc_context(STYLE):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.9), squeeze=False)
+        for ax, (name, logs, key) in zip(axes[0], panels, strict=True):
+            for i, (run, seeds) in enumerate(logs.items()):
+                for k, rows in enumerate(seeds):
+                    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                    if pts:
+                        xs, ys = zip(*pts, strict=True)
+                        ax.plot(xs, ys, lw=0.9, alpha=0.8, color=colors[i % len(colors)],
+                                label=run if k == 0 else None)
+            ax.set_xlabel("step")
+            ax.set_title(f"{name}: {key}")
+            if logs:
+                ax.legend(fontsize=6)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+    return _save(fig, path)
