@@ -338,6 +338,9 @@ class RLParams(CommonParams, ModelParams, TrainParams):
     """P: prompts per GRPO step."""
     group_size: int = 8
     """G: sampled completions per prompt."""
+    rollout_prompts: int = 0
+    """Prompts generated per ``generate`` call (0: all P at once); lower it when rollouts run out
+    of memory. The training and counterfactual forwards are split by ``grad_accum``."""
     temperature: float = 1.0
     """Sampling temperature of rollouts."""
     top_p: float = 1.0

@@ -723,7 +723,13 @@ def rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     """Sample ``G`` completions per prompt and score them with the model-free rewards.
 
     A completion that samples a vision token or is malformed scores 0; nothing raises.
+    With ``rollout_prompts`` > 0 the prompts are generated that many at a time (memory).
     """
+    k = ctx.params.rollout_prompts or len(rows)
+    return [g for start in range(0, len(rows), k) for g in _rollout(ctx, rows[start:start + k])]
+
+
+def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     p, acc = ctx.params, ctx.accelerator
     batch = anchoring.encode_batch(rows, ctx.processor, "plain", with_response=False)
     inputs = {k: v.to(acc.device) for k, v in batch.inputs.items()}

@@ -557,3 +557,26 @@ def test_unknown_variant_is_rejected(tiny, rows, tmp_path):
     model, processor = tiny
     with pytest.raises(ValueError, match="variant"):
         grpo.train_grpo(model, processor, rows, _rl(), tmp_path, "ppo")
+
+
+def test_rollouts_in_micro_batches_keep_groups_and_prompts(tiny, rows):
+    model, processor = tiny
+    calls = []
+    real = grpo._rollout
+
+    def counting(ctx, rows_):
+        calls.append(len(rows_))
+        return real(ctx, rows_)
+
+    ctx = grpo.setup_grpo(model, processor, _rl(lr=0.0, rollout_prompts=1), "grpo")
+    import unittest.mock
+
+    with unittest.mock.patch.object(grpo, "_rollout", counting):
+        groups = grpo.rollout(ctx, rows[:3])
+    assert calls == [1, 1, 1]  # one generate call per prompt
+    assert [g.row["id"] for g in groups] == [r["id"] for r in rows[:3]]
+    assert all(len(g.tokens) == ctx.params.group_size for g in groups)
+    ctx_all = grpo.setup_grpo(model, processor, _rl(lr=0.0), "grpo")
+    with unittest.mock.patch.object(grpo, "_rollout", counting):
+        grpo.rollout(ctx_all, rows[:3])
+    assert calls[3:] == [3]  # default: all prompts in one call
