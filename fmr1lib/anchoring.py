@@ -589,28 +589,53 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, Train
         ``(model, processor, result)``; the model is saved under ``anchor_dir(p, variant)/model``
         (merged weights when LoRA was used, so later stages load one folder).
     """
-    from fmr1lib import config, data
-
     # Under ``accelerate launch`` every process runs this; only the main one writes.
     acc = make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
-    if dsd is None:
-        with acc.main_process_first():
-            dsd = data.load_or_make(config.load_params(config.DataParams,
-                                                       repro.resolve_path(p.data_params_file),
-                                                       run_root=p.run_root, profile=p.profile))
+    dsd = stage_data(p, acc, dsd)
     out = anchor_dir(p, variant)
     if acc.is_main_process:
         repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = ensure_backbone(p)
-    if p.lora:
-        model = modeling.wrap_lora(model, p)
-    elif p.freeze_vision:
-        modeling.freeze_vision(model)
+    model = prepare_trainable(model, p)
     result = train_supervised(model, processor, dsd[p.train_split], p, out, variant=variant,
                               lambda_attn=p.lambda_attn, attn_loss=p.attn_loss,
                               anchor_layers=p.anchor_layers, head_select=p.head_select,
                               smooth_sigma=p.smooth_sigma, accelerator=acc)
+    model = save_stage(model, processor, p, acc, out, variant, result)
+    return model, processor, result
+
+
+def stage_data(p: Any, acc: Any = None, dsd: Any = None) -> Any:
+    """``dsd``, or the FocusShapes ``DatasetDict`` named by ``p.data_params_file`` in ``p``'s
+    profile (built if missing; under accelerate the main process builds it first)."""
+    if dsd is not None:
+        return dsd
+    from fmr1lib import config, data
+
+    dp = config.load_params(config.DataParams, repro.resolve_path(p.data_params_file),
+                            run_root=p.run_root, profile=p.profile)
+    with acc.main_process_first() if acc is not None else contextlib.nullcontext():
+        return data.load_or_make(dp)
+
+
+def prepare_trainable(model: Any, p: Any) -> Any:
+    """LoRA-wrap the model (``p.lora``) or freeze its vision tower (``p.freeze_vision``)."""
+    if p.lora:
+        return modeling.wrap_lora(model, p)
+    if p.freeze_vision:
+        modeling.freeze_vision(model)
+    return model
+
+
+def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant: str,
+               result: TrainResult) -> Any:
+    """Save a trained stage under ``out``: the adapter (LoRA), the merged model in ``model/``
+    and ``info.json``; the main process writes, every process waits for it.
+
+    Returns:
+        The model in eval mode (merged when LoRA was used).
+    """
     if p.lora:
         if acc.is_main_process:
             model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
@@ -621,8 +646,8 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, Train
         repro.atomic_write_json(out / "info.json", {"variant": variant,
                                                     "wall_time_s": result.wall_time_s,
                                                     "steps": result.steps})
-    acc.wait_for_everyone()  # stage 2 loads this folder on every process
-    return model, processor, result
+    acc.wait_for_everyone()  # the next stage loads this folder on every process
+    return model
 
 
 def load_anchor_model(p: Any, variant: str) -> tuple[Any, Any]:

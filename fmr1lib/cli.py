@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fmr1lib import config
-from fmr1lib.repro import project_root, resolve_path, run_dir
+from fmr1lib.repro import project_root, run_dir
 
 logger = logging.getLogger("fmr1lib")
 
@@ -110,12 +110,11 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from fmr1lib import ablation, data
+    from fmr1lib import ablation, anchoring
 
     ep = config.load_params(config.EvalParams, args.params)
     print(config.format_params(ep))
-    dsd = data.load_or_make(config.load_params(config.DataParams, resolve_path(ep.data_params_file),
-                                               run_root=ep.run_root, profile=ep.profile))
+    dsd = anchoring.stage_data(ep)
     long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)
     out = Path(args.out) if args.out else run_dir(ep, "ablation")
     md, _ = ablation.write_table(long, ep.splits, out)

@@ -1299,34 +1299,15 @@ def start_model(p: Any, variant: str) -> tuple[Any, Any]:
 
 def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, anchoring.TrainResult]:
     """Train one stage-2 variant from its start point and save it under ``rl_dir``."""
-    from fmr1lib import config, data
-
     # Under ``accelerate launch`` every process runs this; only the main one writes.
     acc = anchoring.make_accelerator(p)
-    if dsd is None:
-        with acc.main_process_first():
-            dsd = data.load_or_make(config.load_params(config.DataParams,
-                                                       repro.resolve_path(p.data_params_file),
-                                                       run_root=p.run_root, profile=p.profile))
+    dsd = anchoring.stage_data(p, acc, dsd)
     out = rl_dir(p, variant)
     if acc.is_main_process:
         repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = start_model(p, variant)
-    if p.lora:
-        model = modeling.wrap_lora(model, p)
-    elif p.freeze_vision:
-        modeling.freeze_vision(model)
+    model = anchoring.prepare_trainable(model, p)
     result = train_grpo(model, processor, dsd[p.train_split], p, out, variant, accelerator=acc)
-    if p.lora:
-        if acc.is_main_process:
-            model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
-    model.eval()
-    if acc.is_main_process:
-        modeling.save_backbone(model, processor, out / "model")
-        repro.atomic_write_json(out / "info.json", {"variant": variant,
-                                                    "wall_time_s": result.wall_time_s,
-                                                    "steps": result.steps})
-    acc.wait_for_everyone()
+    model = anchoring.save_stage(model, processor, p, acc, out, variant, result)
     return model, processor, result
