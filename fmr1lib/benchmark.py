@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fmr1lib import anchoring, modeling, prompting, records, repro
+from fmr1lib import evaluation, modeling, prompting, records, repro
 from fmr1lib.records import ANSWER_TYPES, DataError
 
 logger = logging.getLogger(__name__)
@@ -491,16 +491,13 @@ def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, A
         Record id -> response text (tags kept, ``<|im_end|>`` cut).
     """
     model.eval()
-    device = next(model.parameters()).device
     out: dict[str, str] = {}
     with tqdm(total=len(recs), desc="benchmark", unit="q") as bar:
         for start in range(0, len(recs), batch_size):
             chunk = recs[start:start + batch_size]
             rows = [{"id": r["id"], "image": _record_image(r), "question": question_text(r),
                      "answer": r["answer"], "evidence_boxes": [], "meta": {}} for r in chunk]
-            batch = anchoring.encode_batch(rows, processor, with_response=False)
-            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-            _, texts = modeling.generate(model, processor, inputs, max_new_tokens=max_new_tokens)
+            _, texts = evaluation.generate_greedy(model, processor, rows, max_new_tokens)
             out.update(zip((str(r["id"]) for r in chunk), texts, strict=True))
             bar.update(len(chunk))
     return out

@@ -29,13 +29,39 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmr1lib import anchoring, attention, modeling, prompting, records, repro
+from fmr1lib import anchoring, attention, grpo, modeling, prompting, records, repro
 
 logger = logging.getLogger(__name__)
 
 
 def _subset(ds: Any, n: int) -> Any:
     return ds if not n or n >= len(ds) else ds.select(range(n))
+
+
+def _on_device(inputs: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
+                    max_new_tokens: int = 24, image_column: str = "image"
+                    ) -> tuple[list[list[int]], list[str]]:
+    """Greedy completions of the project's prompt for ``rows`` (one batch, on the model's device).
+
+    Args:
+        rows: records with ``question``, ``evidence_boxes`` and the image in ``image_column``.
+
+    Returns:
+        ``(token ids per row, cut after <|im_end|>; texts as ``modeling.generate`` decodes them)``.
+    """
+    if image_column != "image":
+        rows = [{**r, "image": r[image_column]} for r in rows]
+    batch = anchoring.encode_batch(rows, processor, with_response=False)
+    ids, texts = modeling.generate(model, processor, _on_device(batch.inputs, model),
+                                   max_new_tokens=max_new_tokens)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return [r[: r.index(eos) + 1] if eos in r else r for r in ids.tolist()], texts
 
 
 @torch.no_grad()
@@ -52,10 +78,7 @@ def predict_answers(model: Any, processor: Any, ds: Any, n: int = 0, batch_size:
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(ds), batch_size), desc="generate", leave=False):
         rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        if image_column != "image":
-            rows = [{**r, "image": r[image_column]} for r in rows]
-        batch = anchoring.encode_batch(rows, processor, with_response=False)
-        _, texts = modeling.generate(model, processor, batch.inputs, max_new_tokens=max_new_tokens)
+        _, texts = generate_greedy(model, processor, rows, max_new_tokens, image_column)
         for r, text in zip(rows, texts, strict=True):
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])
@@ -104,7 +127,7 @@ def focus_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         chunk = list(rows[start:start + batch_size])
         batch = anchoring.encode_batch(chunk, processor, with_response=False)
         with attention.AttentionCapture(model, batch.focus_pos[:, None], layers=idx) as cap:
-            model(**batch.inputs)
+            model(**_on_device(batch.inputs, model))
         dists = anchoring.focus_distributions(cap.attentions, batch, image_token_id)
         for b, (row, p) in enumerate(zip(chunk, dists, strict=True)):
             thw = batch.inputs["image_grid_thw"][b]
@@ -122,16 +145,21 @@ def perception_metrics(maps: Sequence[dict[str, Any]]) -> dict[str, float]:
     >>> perception_metrics([{"grid": g, "target": t}])
     {'focus_mass': 0.9, 'pointing': 1.0, 'n': 1}
     """
-    masses, hits = [], []
-    for m in maps:
-        inside = m["target"] > 0
-        if not inside.any():
-            continue
-        masses.append(float(m["grid"][inside].sum()))
-        hits.append(bool(inside.flat[int(np.argmax(m["grid"]))]))
+    scored = [mp for mp in map(mass_and_pointing, maps) if mp is not None]
+    masses = [mass for mass, _ in scored]
+    hits = [hit for _, hit in scored]
     if not masses:
         return {"focus_mass": float("nan"), "pointing": float("nan"), "n": 0}
     return {"focus_mass": float(np.mean(masses)), "pointing": float(np.mean(hits)), "n": len(masses)}
+
+
+def mass_and_pointing(m: dict[str, Any]) -> tuple[float, bool] | None:
+    """One map's Focus mass inside the evidence and whether its argmax cell is inside
+    (None when the record has no evidence)."""
+    inside = m["target"] > 0
+    if not inside.any():
+        return None
+    return float(m["grid"][inside].sum()), bool(inside.flat[int(np.argmax(m["grid"]))])
 
 
 def uniform_mass(maps: Sequence[dict[str, Any]]) -> float:
@@ -277,8 +305,6 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         Per row, the mass, or None when the completion has no answer span or the row has no
         evidence boxes.
     """
-    from fmr1lib import grpo  # grpo imports this module's neighbours; keep the import local
-
     tok = processor.tokenizer
     open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -299,7 +325,7 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         return out
     groups = [grpo.Group(row=rows[i], tokens=[list(completions[i])[: spans[i][1] + 1]], texts=[""],
                          ok=[True], accuracy=[0.0], format=[0.0]) for i in keep]
-    batch = grpo.build_sequences(groups, processor)
+    batch = grpo.build_sequences(groups, processor).to(next(model.parameters()).device)
     idx = anchoring.resolve_layers(layers, anchoring.num_text_layers(model))
     model.eval()
     with attention.AttentionCapture(model, batch.query_positions, idx) as cap:
@@ -313,21 +339,6 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         a, b = spans[i]
         out[i] = float(share[j, a:b].mean())
     return out
-
-
-def _generate_rows(model: Any, processor: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int,
-                   image_column: str = "image") -> tuple[list[list[int]], list[str]]:
-    if image_column != "image":
-        rows = [{**r, "image": r[image_column]} for r in rows]
-    batch = anchoring.encode_batch(rows, processor, with_response=False)
-    ids, texts = modeling.generate(model, processor, batch.inputs, max_new_tokens=max_new_tokens)
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = processor.tokenizer.pad_token_id
-    token_lists = []
-    for row in ids.tolist():
-        row = row[: row.index(eos) + 1] if eos in row else row
-        token_lists.append([t for t in row if t != pad or t == eos])
-    return token_lists, texts
 
 
 @torch.no_grad()
@@ -351,27 +362,26 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False):
         rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        toks, texts = _generate_rows(model, processor, rows, max_new_tokens)
+        toks, texts = generate_greedy(model, processor, rows, max_new_tokens)
         maps = focus_attention(model, processor, rows, layers=layers, batch_size=batch_size)
         ans_mass = answer_attention(model, processor, rows, toks, layers=layers)
         view_preds = {}
         if has_views:
             for view in ("evidence", "control"):
-                _, vt = _generate_rows(model, processor, rows, max_new_tokens, f"image_cf_{view}")
+                _, vt = generate_greedy(model, processor, rows, max_new_tokens, f"image_cf_{view}")
                 view_preds[view] = [prompting.parse_answer(t) for t in vt]
         for j, (r, text) in enumerate(zip(rows, texts, strict=True)):
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])
-            inside = maps[j]["target"] > 0
+            mp = mass_and_pointing(maps[j])
             kind = r.get("answer_type") or "word"
             ex = {"id": r["id"], "answer": r["answer"], "response": text, "pred": pred,
                   "correct": prompting.answers_match(pred, r["answer"], kind),
                   "well_formed": prompting.is_well_formed(text),
                   "cue": meta.get("shortcut_value"),
                   "cue_agrees": meta.get("shortcut_agrees"),
-                  "focus_mass": float(maps[j]["grid"][inside].sum()) if inside.any() else None,
-                  "pointing": (bool(inside.flat[int(np.argmax(maps[j]["grid"]))])
-                               if inside.any() else None),
+                  "focus_mass": mp[0] if mp else None,
+                  "pointing": mp[1] if mp else None,
                   "answer_mass": ans_mass[j]}
             for view, preds in view_preds.items():
                 ex[f"pred_{view}"] = preds[j]

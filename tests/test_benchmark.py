@@ -338,11 +338,12 @@ def test_evaluate_asks_choices_and_scores_right_answers(tiny, monkeypatch):
 
     def fake_generate(model, processor, inputs, max_new_tokens):
         rows = asked[-inputs["input_ids"].shape[0]:]
-        return None, [response(recs[r["id"]]["answer_letter"] or recs[r["id"]]["answer"])
-                      for r in rows]
+        return torch.zeros((len(rows), 1), dtype=torch.long), [
+            response(recs[r["id"]]["answer_letter"] or recs[r["id"]]["answer"]) for r in rows]
 
-    monkeypatch.setattr(benchmark.anchoring, "encode_batch", spy_encode)
-    monkeypatch.setattr(benchmark.modeling, "generate", fake_generate)
+    # The benchmark generates through evaluation.generate_greedy, which calls these two.
+    monkeypatch.setattr(anchoring, "encode_batch", spy_encode)
+    monkeypatch.setattr(modeling, "generate", fake_generate)
     res = benchmark.evaluate_benchmark(model, processor, SAMPLE, batch_size=5)
     assert res["accuracy"] == 1.0 and res["format_rate"] == 1.0
     questions = {r["id"]: r["question"] for r in asked}
