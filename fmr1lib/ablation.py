@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,28 +64,33 @@ assert set(ROWS) == set(config.ABLATION_ROWS)
 def stage_params(ep: config.EvalParams, seed: int, n_prompts: int = 0) -> tuple[Any, Any, Any]:
     """``(BackboneParams, AnchorParams, RLParams)`` of one seed, from the parameter files.
 
-    The anchor and RL params get the seed; the RL params point at the same anchor file, so a
-    seed's stage 2 starts from the same seed's stage 1.
+    The anchor and RL params get the seed; they point at ``ep``'s data, backbone and anchor
+    files, so every stage of a seed reads the files this evaluation names, and a seed's stage 2
+    starts from the same seed's stage 1.
     """
-    common = {"run_root": ep.run_root, "profile": ep.profile}
+    common = {"run_root": ep.run_root, "profile": ep.profile, "data_params_file": ep.data_params_file}
     bp = config.load_params(config.BackboneParams, repro.resolve_path(ep.backbone_params_file),
                             **common)
     ap = config.load_params(config.AnchorParams, repro.resolve_path(ep.anchor_params_file),
-                            seed=seed, **common)
+                            seed=seed, backbone_params_file=ep.backbone_params_file, **common)
     rp = config.load_params(config.RLParams, repro.resolve_path(ep.rl_params_file), seed=seed,
                             n_prompts=n_prompts, anchor_params_file=ep.anchor_params_file, **common)
     return bp, ap, rp
 
 
-def run_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Path:
-    """Run folder of ``row`` for ``seed`` (its trained model is in ``<folder>/model``)."""
+def _run_folder(row: str, params: tuple[Any, Any, Any]) -> Path:
     stage, variant = ROWS[row]
-    bp, ap, rp = stage_params(ep, seed, n_prompts)
+    bp, ap, rp = params
     if stage == "backbone":
         return repro.run_dir(bp, "backbone", create=False)
     if stage == "anchor":
         return anchoring.anchor_dir(ap, variant)
     return grpo.rl_dir(rp, variant)
+
+
+def run_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Path:
+    """Run folder of ``row`` for ``seed`` (its trained model is in ``<folder>/model``)."""
+    return _run_folder(row, stage_params(ep, seed, n_prompts))
 
 
 def row_name(stage: str, variant: str | None) -> str:
@@ -101,18 +105,10 @@ def run_name(row: str, seed: int, n_prompts: int = 0) -> str:
     return f"{row}_seed{seed}" + (f"_n{n_prompts}" if n_prompts else "")
 
 
-def _same_params(folder: Path, params: Any) -> bool:
-    stored = folder / "params.json"
-    if not stored.exists():
-        return False
-    saved = json.loads(stored.read_text()).get("params")
-    return saved == json.loads(json.dumps(config.params_to_dict(params)))
-
-
 def is_complete(folder: Path, params: Any) -> bool:
     """A finished run (``info.json`` and a saved model) made with exactly ``params``."""
     return ((folder / "info.json").exists() and (folder / "model" / "config.json").exists()
-            and _same_params(folder, params))
+            and repro.saved_params_equal(folder, params))
 
 
 def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
@@ -123,13 +119,14 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
         The folder of the trained model.
     """
     stage, variant = ROWS[row]
-    bp, ap, rp = stage_params(ep, seed, n_prompts)
+    params = stage_params(ep, seed, n_prompts)
+    _, ap, rp = params
+    folder = _run_folder(row, params)
     if stage == "backbone":
         anchoring.ensure_backbone(ap)
-        return anchoring.backbone_folder(ap)
+        return folder / "model"
     if stage == "rl" and variant != "grpo_backbone":
         ensure_trained(ep, "anchoring", seed, dsd)  # the start point, same seed
-    folder = run_folder(ep, row, seed, n_prompts)
     params = ap if stage == "anchor" else rp
     if not is_complete(folder, params):
         logger.info("training %s (seed %d%s)", row, seed, f", {n_prompts} prompts" if n_prompts else "")

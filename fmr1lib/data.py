@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fmr1lib import counterfactual, records
 from fmr1lib.config import DataParams
-from fmr1lib.repro import atomic_write_json, run_dir
+from fmr1lib.repro import atomic_write_json, run_dir, saved_params_equal
 
 logger = logging.getLogger(__name__)
 
@@ -431,11 +431,9 @@ def load_dataset_dir(folder: str | Path) -> datasets.DatasetDict:
 def load_or_make(p: DataParams) -> datasets.DatasetDict:
     """The saved dataset of ``p``'s profile if present with the same params, else build it."""
     folder = data_dir(p)
-    stored = folder / "params.json"
-    if stored.exists():
-        saved = json.loads(stored.read_text())["params"]
-        if saved == json.loads(json.dumps(p.__dict__)):
-            return load_dataset_dir(folder)
+    if saved_params_equal(folder, p):
+        return load_dataset_dir(folder)
+    if (folder / "params.json").exists():
         logger.info("dataset at %s was made with other params; rebuilding", folder)
     dsd = make_focus_shapes(p)
     save_dataset(dsd, folder, p)

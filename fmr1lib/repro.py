@@ -123,6 +123,17 @@ def save_params(params: Any, folder: str | Path, name: str = "params.json") -> P
         "class": type(params).__name__, "params": dataclasses.asdict(params)})
 
 
+def saved_params_equal(folder: str | Path, params: Any, name: str = "params.json") -> bool:
+    """Whether ``folder/name`` (written by ``save_params``) holds exactly ``params``."""
+    import dataclasses
+
+    stored = Path(folder) / name
+    if not stored.exists():
+        return False
+    saved = json.loads(stored.read_text()).get("params")
+    return saved == json.loads(json.dumps(_to_jsonable(dataclasses.asdict(params))))
+
+
 class Recorder:
     """Results of one notebook run, kept as a JSON dict on disk.
 
