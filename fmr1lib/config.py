@@ -31,6 +31,12 @@ class ParamsError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+def check_layers(key: str, value: str | list[int]) -> None:
+    """A layer selection is ``last_half``, ``all`` or a list of indices (ValueError naming ``key``)."""
+    if isinstance(value, str) and value not in ("last_half", "all"):
+        raise ValueError(f"key {key!r}: {value!r}: use last_half, all or indices")
+
+
 @dataclasses.dataclass
 class CommonParams:
     """Fields every stage shares."""
@@ -297,8 +303,7 @@ class AnchorParams(CommonParams, ModelParams, TrainParams):
             raise ValueError(f"key 'variants': unknown {bad}; use plain, text_perception, focus_anchor")
         if self.attn_loss not in ("kl", "mass"):
             raise ValueError(f"key 'attn_loss': {self.attn_loss!r} not in ['kl', 'mass']")
-        if isinstance(self.anchor_layers, str) and self.anchor_layers not in ("last_half", "all"):
-            raise ValueError(f"key 'anchor_layers': {self.anchor_layers!r}: use last_half, all or indices")
+        check_layers("anchor_layers", self.anchor_layers)
         if isinstance(self.head_select, str) and self.head_select != "mean":
             raise ValueError(f"key 'head_select': {self.head_select!r}: use mean or indices")
         if self.lambda_attn < 0:
@@ -461,8 +466,7 @@ class EvalParams(CommonParams):
             raise ValueError(f"key 'efficiency_variants': unknown {bad}")
         if any(k <= 0 for k in self.efficiency_prompts):
             raise ValueError("key 'efficiency_prompts': prompt counts must be positive")
-        if isinstance(self.eval_layers, str) and self.eval_layers not in ("last_half", "all"):
-            raise ValueError(f"key 'eval_layers': {self.eval_layers!r}: use last_half, all or indices")
+        check_layers("eval_layers", self.eval_layers)
 
     def smoke_version(self) -> EvalParams:
         """The same params cut down for a quick check (``smoke=True``)."""
