@@ -1,7 +1,8 @@
 # fmr1: every target sets up .venv itself when it is missing.
 #   make reproduce            run every notebook of the tiny profile headless (papermill)
 #   make reproduce PROFILE=qwen2_5_vl_3b
-#   make test                 unit tests + notebooks under nbval
+#   make test                 unit tests + notebooks under nbval (every tier)
+#   make test-unit | test-train | test-notebooks   one tier (tests/README.md)
 #   make lint | figures | bench | clean-venv
 # GPU users: make reproduce TORCH_SPEC='torch==2.8.0' (or any CUDA build pip can find).
 
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= tiny
 STAMP := $(VENV)/.fmr1-installed
 
-.PHONY: venv reproduce figures test lint bench clean-venv
+.PHONY: venv reproduce figures test test-unit test-train test-notebooks lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,16 @@ figures: reproduce
 test: $(STAMP)
 	# FMR1_SMOKE=1: notebook 05 runs one seed (its outputs go to runs/<profile>/smoke/, not figures/).
 	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -q
+
+# The tiers (markers assigned in tests/conftest.py); together they are exactly `make test`.
+test-unit: $(STAMP)
+	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests -m unit -q
+
+test-train: $(STAMP)
+	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests -m train -q
+
+test-notebooks: $(STAMP)
+	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check fmr1lib tests bench scripts

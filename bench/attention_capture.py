@@ -14,7 +14,7 @@ Three forwards over the same batch, interleaved in one process:
 Each is timed as an inference forward (``no_grad``) and as a training forward + backward (the
 captured rows, or eager's returned maps, enter the loss as they do in anchoring). Median of
 interleaved repeats after warm-up; peak tensor memory of one call; the largest difference
-between captured and eager rows (DESIGN.md section 9 asks <= 1e-5 in fp32).
+between captured and eager rows (docs/design.md §10.1 asks <= 1e-5 in fp32).
 
     python bench/attention_capture.py            # tiny, mid-448 and mid-896 (about 2 min on 2 cores)
     python bench/attention_capture.py --quick    # tiny only
@@ -35,7 +35,7 @@ except ImportError:  # run as a script: bench/ itself is on sys.path
 
 import torch
 
-from fmr1lib import anchoring, attention
+from fmr1lib import attention, batching
 
 ANSWER_ROWS = 8
 """Query rows captured at the end of every sequence, besides the ``<Focus>`` row."""
@@ -55,7 +55,7 @@ SIZES = [
 def _inputs(processor: Any, image_size: int, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A left-padded batch of prompts + responses and the query positions ``[B, 1 + 8]``."""
     rows = common.make_rows(batch, image_size)
-    enc = anchoring.encode_batch(rows, processor, "plain", with_response=True)
+    enc = batching.encode_batch(rows, processor, "plain", with_response=True)
     seq = enc.inputs["input_ids"].shape[1]
     tail = torch.arange(seq - ANSWER_ROWS, seq).expand(batch, ANSWER_ROWS)
     positions = torch.cat([enc.focus_pos[:, None], tail], dim=1)

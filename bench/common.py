@@ -2,7 +2,7 @@
 
 Every benchmark measures its variants side by side in one process, interleaved (round-robin,
 the order rotated each round) so that load from other processes falls on all variants alike,
-and reports medians and ratios (DESIGN.md section 9). Results go to ``runs/bench/<name>.json``.
+and reports medians and ratios (docs/design.md §10.1). Results go to ``runs/bench/<name>.json``.
 """
 
 from __future__ import annotations

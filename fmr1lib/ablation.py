@@ -21,20 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from fmr1lib import anchoring, config, evaluation, grpo, repro
+from fmr1lib import config, evaluation, repro, stages
+from fmr1lib.stages import ROWS
 
 logger = logging.getLogger(__name__)
-
-ROWS: dict[str, tuple[str, str | None]] = {
-    "backbone": ("backbone", None),
-    "text_perception": ("anchor", "text_perception"),
-    "anchoring": ("anchor", "focus_anchor"),
-    "grpo_backbone": ("rl", "grpo_backbone"),
-    "anchoring_grpo": ("rl", "grpo"),
-    "faithful_mr1": ("rl", "faithful"),
-    "faithful_mr1_occlusion": ("rl", "faithful_occlusion"),
-}
-"""Ablation row -> (stage, variant of that stage)."""
 
 ROW_LABELS: dict[str, str] = {
     "backbone": "stage-0 backbone",
@@ -53,88 +43,9 @@ TABLE_METRICS: tuple[str, ...] = (
 )
 """Metrics shown in the markdown table (the CSV holds every metric of ``evaluation.METRICS``)."""
 
-assert set(ROWS) == set(config.ABLATION_ROWS)
-
-
 # --------------------------------------------------------------------------------------
-# Parameters and run folders per seed
+# Evaluations per run
 # --------------------------------------------------------------------------------------
-
-
-def stage_params(ep: config.EvalParams, seed: int, n_prompts: int = 0) -> tuple[Any, Any, Any]:
-    """``(BackboneParams, AnchorParams, RLParams)`` of one seed, from the parameter files.
-
-    The anchor and RL params get the seed; they point at ``ep``'s data, backbone and anchor
-    files, so every stage of a seed reads the files this evaluation names, and a seed's stage 2
-    starts from the same seed's stage 1.
-    """
-    common = {"run_root": ep.run_root, "profile": ep.profile, "data_params_file": ep.data_params_file}
-    bp = config.load_params(config.BackboneParams, repro.resolve_path(ep.backbone_params_file),
-                            **common)
-    ap = config.load_params(config.AnchorParams, repro.resolve_path(ep.anchor_params_file),
-                            seed=seed, backbone_params_file=ep.backbone_params_file, **common)
-    rp = config.load_params(config.RLParams, repro.resolve_path(ep.rl_params_file), seed=seed,
-                            n_prompts=n_prompts, anchor_params_file=ep.anchor_params_file, **common)
-    return bp, ap, rp
-
-
-def _run_folder(row: str, params: tuple[Any, Any, Any]) -> Path:
-    stage, variant = ROWS[row]
-    bp, ap, rp = params
-    if stage == "backbone":
-        return repro.run_dir(bp, "backbone", create=False)
-    if stage == "anchor":
-        return anchoring.anchor_dir(ap, variant)
-    return grpo.rl_dir(rp, variant)
-
-
-def run_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Path:
-    """Run folder of ``row`` for ``seed`` (its trained model is in ``<folder>/model``)."""
-    return _run_folder(row, stage_params(ep, seed, n_prompts))
-
-
-def row_name(stage: str, variant: str | None) -> str:
-    """The ablation row of a stage's variant (the variant itself if it is not a row, e.g. ``plain``)."""
-    return next((r for r, sv in ROWS.items() if sv == (stage, variant)), variant or stage)
-
-
-def run_name(row: str, seed: int, n_prompts: int = 0) -> str:
-    """File stem of a run's evaluation JSON (``backbone``, ``anchoring_seed1``, ``faithful_mr1_seed0_n8``)."""
-    if row == "backbone":
-        return "backbone"
-    return f"{row}_seed{seed}" + (f"_n{n_prompts}" if n_prompts else "")
-
-
-def is_complete(folder: Path, params: Any) -> bool:
-    """A finished run (``info.json`` and a saved model) made with exactly ``params``."""
-    return ((folder / "info.json").exists() and (folder / "model" / "config.json").exists()
-            and repro.saved_params_equal(folder, params))
-
-
-def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
-                   n_prompts: int = 0) -> Path:
-    """Train ``row`` for ``seed`` unless a complete run with the same params exists.
-
-    Returns:
-        The folder of the trained model.
-    """
-    stage, variant = ROWS[row]
-    params = stage_params(ep, seed, n_prompts)
-    _, ap, rp = params
-    folder = _run_folder(row, params)
-    if stage == "backbone":
-        anchoring.ensure_backbone(ap)
-        return folder / "model"
-    if stage == "rl" and variant != "grpo_backbone":
-        ensure_trained(ep, "anchoring", seed, dsd)  # the start point, same seed
-    params = ap if stage == "anchor" else rp
-    if not is_complete(folder, params):
-        logger.info("training %s (seed %d%s)", row, seed, f", {n_prompts} prompts" if n_prompts else "")
-        if stage == "anchor":
-            anchoring.anchor_stage(ap, variant, dsd)
-        else:
-            grpo.rl_stage(rp, variant, dsd)
-    return folder / "model"
 
 
 def evaluate_folder(p: Any, folder: str | Path, name: str, dsd: Any,
@@ -152,16 +63,17 @@ def evaluate_folder(p: Any, folder: str | Path, name: str, dsd: Any,
     """
     return evaluation.evaluate_saved(
         folder, model_params if model_params is not None else p, dsd, list(splits),
-        repro.run_dir(p, "eval") / f"{name}.json", n=p.eval_n, batch_size=p.eval_batch_size,
+        stages.eval_path(p, name), n=p.eval_n, batch_size=p.eval_batch_size,
         max_new_tokens=p.max_new_tokens, layers=layers, n_boot=n_boot, name=name)
 
 
 def evaluate_run(ep: config.EvalParams, row: str, seed: int, dsd: Any, n_prompts: int = 0,
                  splits: Sequence[str] | None = None) -> dict[str, Any]:
     """Train if needed, then evaluate (cached) one row for one seed."""
-    folder = ensure_trained(ep, row, seed, dsd, n_prompts)
-    _, ap, _ = stage_params(ep, seed)
-    return evaluate_folder(ep, folder, run_name(row, seed, n_prompts), dsd, splits or ep.splits,
+    folder = stages.ensure_trained(ep, row, seed, dsd, n_prompts)
+    ap = stages.row_params(ep, "anchoring", seed)
+    return evaluate_folder(ep, folder, stages.eval_name(*ROWS[row], seed, n_prompts), dsd,
+                           splits or ep.splits,
                            layers=ep.eval_layers, n_boot=ep.n_boot, model_params=ap)
 
 
@@ -296,7 +208,7 @@ def run_efficiency(ep: config.EvalParams, dsd: Any, split: str = "test_ood") -> 
                 res = evaluate_run(ep, row, seed, dsd, n_prompts=k,
                                    splits=ep.splits if k == 0 and split in ep.splits else [split])
                 summ = res["splits"][split]["summary"]
-                _, _, rp = stage_params(ep, seed, k)
+                rp = stages.row_params(ep, row, seed, k)
                 points.append({"variant": variant, "seed": seed, "n_prompts": k,
                                "prompts": prompts_seen(rp, len(dsd[rp.train_split])),
                                "accuracy": summ["accuracy"]["mean"],
@@ -316,8 +228,7 @@ def training_logs(ep: config.EvalParams) -> dict[str, dict[str, list[list[dict[s
     ablation's stage-1 and stage-2 runs that exist (read from their ``metrics.jsonl``)."""
     logs: dict[str, dict[str, list[list[dict[str, Any]]]]] = {"stage 0": {}, "stage 1": {},
                                                                "stage 2": {}}
-    bp, _, _ = stage_params(ep, ep.seeds[0])
-    warm = repro.run_dir(bp, "backbone", create=False) / "warmup" / "metrics.jsonl"
+    warm = stages.row_folder(ep, "backbone", ep.seeds[0]) / "warmup" / "metrics.jsonl"
     if warm.exists():
         logs["stage 0"]["warm-up"] = [repro.read_jsonl(warm)]
     for row in ep.rows:
@@ -326,7 +237,7 @@ def training_logs(ep: config.EvalParams) -> dict[str, dict[str, list[list[dict[s
             continue
         key = "stage 1" if stage == "anchor" else "stage 2"
         for seed in ep.seeds:
-            f = run_folder(ep, row, seed) / "metrics.jsonl"
+            f = stages.row_folder(ep, row, seed) / "metrics.jsonl"
             if f.exists():
                 logs[key].setdefault(row, []).append(repro.read_jsonl(f))
     return logs

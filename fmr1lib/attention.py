@@ -112,6 +112,31 @@ def _text_config_key(base: PreTrainedModel) -> str | None:
     raise ValueError(f"cannot locate the text sub-config of {type(base.config).__name__}")
 
 
+def resolve_layers(spec: Any, num_layers: int) -> list[int]:
+    """``"last_half"``, ``"all"`` or a list of (possibly negative) indices -> sorted indices.
+
+    >>> resolve_layers("last_half", 4)
+    [2, 3]
+    >>> resolve_layers([-1], 4)
+    [3]
+    """
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "last_half":
+        return list(range(num_layers // 2, num_layers))
+    if isinstance(spec, str):
+        raise ValueError(f"anchor layers {spec!r}: use 'last_half', 'all' or a list of indices")
+    out = sorted({i % num_layers for i in spec})
+    if any(not -num_layers <= i < num_layers for i in spec):
+        raise ValueError(f"anchor layers {spec} out of range for {num_layers} layers")
+    return out
+
+
+def num_text_layers(model: nn.Module) -> int:
+    """Number of language-model decoder layers."""
+    return len(language_attention_modules(model))
+
+
 def language_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of the language-model decoder layers, in layer order.
 

@@ -22,7 +22,8 @@ anything else      kept in the record, not used
 A multiple-choice question is asked with its lettered choices on the lines below it
 (``A. left``, ``B. right``); the prompt is otherwise the project's usual one (``<Focus>`` forced,
 then ``<think>...</think><answer>...</answer>``), decoding is greedy, and answers are scored by
-exact match after normalisation (``exact_match``). Command line::
+``scoring.answers_match``, the matcher of the reward and of ``evaluation.evaluate_split``: exact
+match after normalisation, a letter or the text naming the same choice. Command line::
 
     python -m fmr1lib.benchmark --model runs/tiny/anchor/focus_anchor/model \\
         --file my_bench/questions.jsonl --out runs/tiny/my_bench.json
@@ -32,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import string
 import sys
 import time
@@ -48,7 +47,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fmr1lib import evaluation, modeling, prompting, records, repro
+from fmr1lib import evaluation, modeling, prompting, records, repro, scoring
 from fmr1lib.records import ANSWER_TYPES, DataError
 
 logger = logging.getLogger(__name__)
@@ -56,12 +55,6 @@ logger = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
 DEFAULT_CATEGORY = "all"
 REQUIRED_KEYS = ("id", "image", "question", "answer")
-
-_EDGE_CHARS = string.punctuation + string.whitespace + "\u201c\u201d\u2018\u2019"
-_NUMBER_EDGE_CHARS = "".join(c for c in _EDGE_CHARS if c not in "+-.")
-_NUMBER_RE = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
-_ARTICLES = ("a", "an", "the")
-_LETTERED_RE = re.compile(r"\(?([a-z])[.):]\s*(.+)")
 
 _Fail = Callable[[str, str], DataError]
 
@@ -99,7 +92,7 @@ def _check_choices(value: Any, fail: _Fail) -> list[str]:
     for i, choice in enumerate(value):
         if not isinstance(choice, str) or not choice.strip():
             raise fail(f"choices[{i}]", f"choices[{i}] = {choice!r}: must be a non-empty string")
-        key = normalise_for_match(choice, "word")
+        key = scoring.normalise_answer(choice)
         if key in seen:
             raise fail(f"choices[{i}]", f"choices[{i}] = {choice!r}: same as "
                                         f"choices[{seen[key]}] after normalisation")
@@ -109,13 +102,14 @@ def _check_choices(value: Any, fail: _Fail) -> list[str]:
 
 
 def _choice_index(answer: str, choices: Sequence[str], fail: _Fail) -> int:
-    """Index of the correct choice, from its text or its letter (they must not disagree)."""
-    key = normalise_for_match(answer, "word")
-    by_text = next((i for i, c in enumerate(choices) if normalise_for_match(c, "word") == key),
-                   None)
-    letter = answer.strip().upper()
-    by_letter = LETTERS.index(letter) if len(letter) == 1 and letter in LETTERS[:len(choices)] \
-        else None
+    """Index of the correct choice, from its text or its letter (they must not disagree).
+
+    Stricter than ``scoring.choice_index``, which lets the text win: a ground truth that is both
+    one choice's letter and another choice's text is a data error, not a guess.
+    """
+    key = scoring.normalise_answer(answer)
+    by_text = next((i for i, c in enumerate(choices) if scoring.normalise_answer(c) == key), None)
+    by_letter = scoring.letter_index(answer, len(choices))
     if by_text is not None and by_letter is not None and by_text != by_letter:
         raise fail("answer", f"answer = {answer!r}: ambiguous, it is the letter of choice "
                              f"{choices[by_letter]!r} and the text of choice {LETTERS[by_text]}")
@@ -124,14 +118,6 @@ def _choice_index(answer: str, choices: Sequence[str], fail: _Fail) -> int:
         raise fail("answer", f"answer = {answer!r}: neither a choice text nor a letter "
                              f"A-{LETTERS[len(choices) - 1]} of choices {choices!r}")
     return index
-
-
-def _infer_type(answer: str) -> str:
-    """``records.infer_answer_type``, reading ``1,000`` as a number too."""
-    answer = records.normalise_answer(answer)
-    if _parse_number(answer) is not None:
-        return "number"
-    return records.infer_answer_type(answer)
 
 
 def _validate(rec: dict[str, Any], fail: _Fail) -> dict[str, Any]:
@@ -172,10 +158,12 @@ def _validate(rec: dict[str, Any], fail: _Fail) -> dict[str, Any]:
     elif answer_type == "choice":
         raise fail("choices", "choices: missing, but answer_type is 'choice'")
     elif answer_type is None:
-        answer_type = _infer_type(answer)
-    elif answer_type == "number" and _parse_number(answer) is None:
+        # The comparison key, so "1,000" and "Yes!" are typed as the matcher will read them.
+        answer_type = records.infer_answer_type(scoring.normalise_answer(answer))
+    elif (answer_type == "number"
+          and scoring.parse_number(scoring.normalise_answer(answer, "number")) is None):
         raise fail("answer", f"answer = {answer!r}: not a number, but answer_type is 'number'")
-    elif answer_type == "yesno" and normalise_for_match(answer, "yesno") not in ("yes", "no"):
+    elif answer_type == "yesno" and scoring.normalise_answer(answer, "yesno") not in ("yes", "no"):
         raise fail("answer", f"answer = {answer!r}: not yes/no, but answer_type is 'yesno'")
 
     return {**rec, "id": str(rid).strip(), "image": image.strip(), "question": question.strip(),
@@ -231,163 +219,7 @@ def load_benchmark(path: str | os.PathLike[str], image_root: str | os.PathLike[s
     return out
 
 
-# --- matching -----------------------------------------------------------------------------
-
-
-def _parse_number(text: str) -> float | None:
-    """The value of a plain number (``1,000`` and ``3.`` included), else None."""
-    t = text.strip().strip(_NUMBER_EDGE_CHARS)
-    if not _NUMBER_RE.fullmatch(t):
-        return None
-    value = float(t.replace(",", ""))
-    return value if math.isfinite(value) else None
-
-
-def _number_key(value: float) -> str:
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _choice_key(text: Any, choices: Sequence[str]) -> str:
-    """``normalise_for_match`` of a multiple-choice answer: a letter when it names a choice."""
-    keys = [normalise_for_match(c, "word") for c in choices]
-    letters = LETTERS[:len(choices)]
-    word = normalise_for_match(text, "word")
-    if word in keys:
-        return LETTERS[keys.index(word)]
-    t = prompting.normalise(str(text)).strip(_EDGE_CHARS)
-    if len(t) == 1 and t.upper() in letters:
-        return t.upper()
-    m = _LETTERED_RE.fullmatch(t)
-    if m and m.group(1).upper() in letters:
-        index = LETTERS.index(m.group(1).upper())
-        if normalise_for_match(m.group(2), "word") == keys[index]:
-            return LETTERS[index]
-    return word
-
-
-def normalise_for_match(text: Any, answer_type: str = "word",
-                        choices: Sequence[str] | None = None) -> str:
-    """The canonical form two answers are compared in.
-
-    Builds on ``prompting.normalise`` (lower case, collapsed whitespace, no trailing period),
-    then strips surrounding punctuation and quotes. A number becomes its value (``"1,000"``,
-    ``"1000.0"`` -> ``"1000"``) whatever ``answer_type`` says; ``word`` answers also lose a
-    leading article. With ``choices``, an answer equal to a choice's text or to a choice letter
-    (alone or as ``"B. text"``) becomes that upper-case letter; text wins over letter when a
-    choice's text is itself a letter.
-
-    Args:
-        text: the answer (a number is formatted first).
-        answer_type: one of ``ANSWER_TYPES``.
-        choices: the choices of a multiple-choice record.
-
-    Returns:
-        The canonical string ("" for an empty answer).
-
-    >>> normalise_for_match("  The Cat. ")
-    'cat'
-    >>> normalise_for_match("1,000", "number"), normalise_for_match("3.0", "number")
-    ('1000', '3')
-    >>> normalise_for_match("b) Blue", "choice", ["green", "blue"])
-    'B'
-    """
-    if answer_type == "choice" and choices:
-        return _choice_key(text, choices)
-    base = prompting.normalise(str(text))
-    number = _parse_number(base)
-    if number is not None:
-        return _number_key(number)
-    t = base.strip(_EDGE_CHARS)
-    if answer_type == "word":
-        first, _, rest = t.partition(" ")
-        if first in _ARTICLES and rest:
-            t = rest
-    return t
-
-
-def exact_match(pred: str | None, record: Mapping[str, Any]) -> bool:
-    """Whether a predicted answer matches the record's ground truth exactly after normalisation.
-
-    True whenever ``prompting.answers_match`` is; besides, both sides are compared through
-    ``normalise_for_match``. A multiple-choice prediction is right when it is the correct
-    letter, the correct choice's text, or ``"<letter>. <text>"`` of the correct choice.
-
-    Args:
-        pred: the parsed answer (None when the response had none).
-        record: a record from ``load_benchmark`` (``answer``, ``answer_type``, ``choices``,
-            ``answer_letter``).
-
-    Returns:
-        True when the prediction is correct.
-
-    >>> exact_match("B", {"answer": "blue", "answer_type": "choice",
-    ...                   "choices": ["green", "blue"], "answer_letter": "B"})
-    True
-    >>> exact_match("three", {"answer": "3", "answer_type": "number"})
-    False
-    """
-    if pred is None or not str(pred).strip():
-        return False
-    answer_type = record.get("answer_type") or "word"
-    gold = str(record["answer"])
-    if prompting.answers_match(str(pred), gold, answer_type):
-        return True
-    choices = record.get("choices")
-    if answer_type == "choice" and choices:
-        letter = record.get("answer_letter") or normalise_for_match(gold, "choice", choices)
-        word = normalise_for_match(pred, "word")
-        return (word in (letter.lower(), normalise_for_match(gold, "word"))
-                or normalise_for_match(pred, "choice", choices) == letter)
-    return normalise_for_match(pred, answer_type) == normalise_for_match(gold, answer_type)
-
-
 # --- scoring ------------------------------------------------------------------------------
-
-
-def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-example values.
-
-    NaN entries are left out; with nothing left the interval is ``(nan, nan)``.
-
-    Args:
-        values: a 1-D sequence of numbers (e.g. 0/1 correctness).
-        n_boot: number of resamples.
-        seed: seed of the ``numpy.random.Generator`` that draws them.
-        alpha: 1 - coverage (0.05 gives the 95% interval).
-
-    Returns:
-        ``(lo, hi)``, the ``alpha/2`` and ``1 - alpha/2`` percentiles of the resampled means.
-
-    Raises:
-        ValueError: ``values`` is not 1-D, ``n_boot < 1`` or ``alpha`` not in (0, 1).
-
-    >>> bootstrap_ci([1, 1, 1])
-    (1.0, 1.0)
-    >>> bootstrap_ci([])
-    (nan, nan)
-    """
-    arr = np.asarray(values, dtype=float)
-    if arr.ndim != 1:
-        raise ValueError(f"values must be 1-D, got shape {arr.shape}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    arr = arr[~np.isnan(arr)]
-    n = arr.size
-    if n == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // n)  # bounds the index matrix to a few million entries
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        means[start:stop] = arr[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
 
 
 def _mean(values: Sequence[bool | float]) -> float:
@@ -398,8 +230,10 @@ def score_predictions(recs: Sequence[Mapping[str, Any]],
                       predictions: Mapping[str, str | None]) -> dict[str, Any]:
     """Score raw model responses against the records.
 
-    Each response is parsed with ``prompting.parse_answer``; an unparsable or missing response
-    scores 0. ``format_rate`` is the share of responses that are well formed
+    Each response is parsed with ``prompting.parse_answer`` and compared with the record's
+    answer by ``scoring.answers_match`` (the record's ``answer_type`` and ``choices``, so a
+    letter and the choice's text both count); an unparsable or missing response scores 0.
+    ``format_rate`` is the share of responses that are well formed
     (``prompting.is_well_formed``), as in ``evaluation.answer_metrics``.
 
     Args:
@@ -424,7 +258,9 @@ def score_predictions(recs: Sequence[Mapping[str, Any]],
         pred = prompting.parse_answer(response)
         per_record.append({
             "id": rid, "category": rec.get("category", DEFAULT_CATEGORY), "pred": pred,
-            "answer": rec["answer"], "correct": exact_match(pred, rec),
+            "answer": rec["answer"],
+            "correct": scoring.answers_match(pred, rec["answer"], rec.get("answer_type"),
+                                             rec.get("choices")),
             "well_formed": prompting.is_well_formed(response), "response": response,
         })
     if n_missing:
@@ -434,10 +270,10 @@ def score_predictions(recs: Sequence[Mapping[str, Any]],
     groups: dict[str, list[bool]] = defaultdict(list)
     for r in per_record:
         groups[r["category"]].append(r["correct"])
-    lo, hi = bootstrap_ci(np.asarray(correct, dtype=float))
+    ci = scoring.bootstrap_ci(np.asarray(correct, dtype=float))
     return {
         "accuracy": _mean(correct),
-        "accuracy_ci": [lo, hi],
+        "accuracy_ci": [ci.lo, ci.hi],
         "n": len(per_record),
         "n_correct": int(sum(correct)),
         "format_rate": _mean([r["well_formed"] for r in per_record]),
@@ -478,7 +314,7 @@ def _record_image(rec: Mapping[str, Any]) -> Image.Image:
 @torch.no_grad()
 def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, Any]],
                        batch_size: int = 16, max_new_tokens: int = 64) -> dict[str, str]:
-    """Greedy responses to the records with the project's prompt (``anchoring.encode_batch``).
+    """Greedy responses to the records with the project's prompt (``batching.encode_batch``).
 
     Args:
         model: a Qwen2.5-VL with the ``<Focus>`` tokens (inputs go to its device).

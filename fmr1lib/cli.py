@@ -33,12 +33,16 @@ NOTEBOOK_ORDER = list(config.PARAMS_BY_NOTEBOOK)
 
 def params_file(profile: str, notebook: str) -> Path:
     """``params/<profile>/<notebook>.yaml`` under the project root."""
-    return project_root() / "params" / profile / f"{notebook}.yaml"
+    return config.notebook_params_file(profile, notebook, project_root())
 
 
 def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
-                 kernel: str | None = None) -> Path:
-    """Validate the profile's parameter file, then execute the notebook with papermill.
+                 kernel: str | None = None, overrides: dict[str, Any] | None = None) -> Path:
+    """Validate the profile's parameter file and ``overrides``, then execute the notebook.
+
+    Papermill injects only ``profile`` and ``overrides``: the notebook reads every other value
+    from ``params/<profile>/<notebook>.yaml`` itself (``config.notebook_params``), so the
+    executed notebook does not repeat the file.
 
     Returns the path of the executed notebook (``runs/<profile>/notebooks/`` by default).
     """
@@ -50,18 +54,18 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     pfile = params_file(profile, notebook)
     if not pfile.exists():
         raise SystemExit(f"no parameter file {pfile} for profile {profile!r}")
-    cls = config.PARAMS_BY_NOTEBOOK[notebook]
-    params = config.load_params(cls, pfile)  # fails here, before any work
-    if params.profile != profile:
-        raise config.ParamsError(f"{pfile}: key 'profile' is {params.profile!r}, "
-                                 f"but the file is in the {profile!r} profile folder")
+    overrides = dict(overrides or {})
+    if "profile" in overrides:
+        raise config.ParamsError("override 'profile': give the profile as run_notebook's profile argument")
+    # Fails here, before any work: the same checks the notebook's config cell runs.
+    config.notebook_params(notebook, {"profile": profile}, root=root, **overrides)
     out_dir = out_dir or (root / "runs" / profile / "notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{notebook}.ipynb"
     start = time.perf_counter()
     papermill.execute_notebook(
         str(root / "notebooks" / f"{notebook}.ipynb"), str(out),
-        parameters=config.params_to_dict(params), cwd=str(root / "notebooks"),
+        parameters={"profile": profile, **overrides}, cwd=str(root / "notebooks"),
         kernel_name=kernel, progress_bar=False, log_output=False)
     logger.info("%s done in %.1f s -> %s", notebook, time.perf_counter() - start, out)
     return out
@@ -79,11 +83,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbone(args: argparse.Namespace) -> int:
-    from fmr1lib import anchoring
+    from fmr1lib import stages
 
     p = config.load_params(config.BackboneParams, args.params)
     print(config.format_params(p))
-    _, _, info = anchoring.backbone_stage(p)
+    _, _, info = stages.backbone_stage(p)
     print(info)
     return 0
 
@@ -98,23 +102,23 @@ def _run_variants(args: argparse.Namespace, cls: type, stage: Any) -> int:
 
 
 def _cmd_anchor(args: argparse.Namespace) -> int:
-    from fmr1lib import anchoring
+    from fmr1lib import stages
 
-    return _run_variants(args, config.AnchorParams, anchoring.anchor_stage)
+    return _run_variants(args, config.AnchorParams, stages.anchor_stage)
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from fmr1lib import grpo
+    from fmr1lib import stages
 
-    return _run_variants(args, config.RLParams, grpo.rl_stage)
+    return _run_variants(args, config.RLParams, stages.rl_stage)
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from fmr1lib import ablation, anchoring
+    from fmr1lib import ablation, stages
 
     ep = config.load_params(config.EvalParams, args.params)
     print(config.format_params(ep))
-    dsd = anchoring.stage_data(ep)
+    dsd = stages.stage_data(ep)
     long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)
     out = Path(args.out) if args.out else run_dir(ep, "ablation")
     md, _ = ablation.write_table(long, ep.splits, out)

@@ -1,11 +1,13 @@
 """Typed parameters for every stage of the pipeline.
 
-One dataclass per notebook / stage; the defaults are the ``tiny`` profile, and
-``params/<profile>/NN_*.yaml`` override them. ``load_params`` is the single way
-parameters enter the code: it accepts a YAML file, a dict, or a notebook's
-namespace (the names papermill injects into the ``parameters`` cell), and it
-rejects unknown keys and values of the wrong type *before any work starts*,
-naming the file and the key.
+One dataclass per notebook / stage, and every parameter has exactly one default, documented
+here: the method's setting, which is also the ``tiny`` profile. ``params/<profile>/NN_*.yaml``
+hold only what a profile sets differently (plus ``profile`` and the pointers to the other
+stages' files), and a notebook's ``parameters`` cell names only the few knobs its text is about,
+set to ``None`` ("from the profile's file"). ``load_params`` builds a dataclass from a YAML file
+or a dict; ``notebook_params`` is what the notebooks call: the profile's file, then the values
+the notebook (or papermill) sets. Both reject unknown keys and values of the wrong type *before
+any work starts*, naming the file and the key.
 """
 
 from __future__ import annotations
@@ -42,17 +44,23 @@ class CommonParams:
     """Fields every stage shares."""
 
     profile: str = "tiny"
-    """Profile name: artifacts go to ``<run_root>/<profile>/``."""
+    """Profile name: artifacts go to ``<run_root>/<profile>/``, parameters come from ``params/<profile>/``."""
     run_root: str = "runs"
     """Root of all run artifacts, relative to the project root unless absolute."""
     figures_dir: str = "figures"
     """Where figures are written, relative to the project root unless absolute."""
+
+
+@dataclasses.dataclass
+class SeedParams:
+    """The seed of a stage that draws random numbers (data generation, training)."""
+
     seed: int = 0
     """Seed for python, numpy and torch."""
 
 
 @dataclasses.dataclass
-class DataParams(CommonParams):
+class DataParams(SeedParams, CommonParams):
     """FocusShapes generation (notebook 01, DESIGN.md section 6)."""
 
     image_size: int = 112
@@ -141,17 +149,24 @@ class DataParams(CommonParams):
 
 
 @dataclasses.dataclass
-class ModelParams:
-    """Which backbone, and how to build or load it."""
+class ModelLoadParams:
+    """How a saved model is loaded: every stage that trains or evaluates one reads these."""
 
-    model_name: str = "tiny"
-    """``tiny`` builds the stand-in locally; otherwise a hub id or a local checkpoint folder."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the model (capture works on top of sdpa; never switch to eager)."""
-    trust_remote_code: bool = False
-    """Allow code from the checkpoint folder (off unless you trust it)."""
+
+    def validate_load(self) -> None:
+        """Value checks of the loading settings."""
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"key 'dtype': {self.dtype!r} not in ['float32', 'bfloat16', 'float16']")
+
+
+@dataclasses.dataclass
+class BuildParams:
+    """How the backbone is made: the processor's image size, and the tiny stand-in's shape."""
+
     image_min_pixels: int = 3136
     """Smallest image area (pixels) after the processor's resize."""
     image_max_pixels: int = 12544
@@ -174,6 +189,23 @@ class ModelParams:
     """Tiny only: vision attention heads."""
     vocab_size: int = 1024
     """Tiny only: requested BPE vocabulary size (BPE may stop below it on a small corpus)."""
+
+    def validate_build(self) -> None:
+        """Value checks of the build settings."""
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("keys 'hidden_size'/'num_heads'/'num_kv_heads': hidden_size must divide "
+                             "by num_heads, and num_heads by num_kv_heads")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("key 'hidden_size': head_dim (hidden_size / num_heads) must be a "
+                             "multiple of 4 for the multimodal rope sections")
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError("keys 'image_min_pixels'/'image_max_pixels': min exceeds max")
+
+
+@dataclasses.dataclass
+class AdapterParams:
+    """What trains: LoRA adapters or the full model, with or without the vision tower."""
+
     lora: bool = False
     """Wrap the language model in LoRA adapters instead of full fine-tuning."""
     lora_r: int = 8
@@ -188,28 +220,41 @@ class ModelParams:
     freeze_vision: bool = False
     """Freeze the vision tower (and its merger) during training."""
 
+
+@dataclasses.dataclass
+class ModelParams(AdapterParams, BuildParams, ModelLoadParams):
+    """Which backbone, and how to build or load it (stage 0 builds it; later stages load it)."""
+
+    model_name: str = "tiny"
+    """``tiny`` builds the stand-in locally; otherwise a hub id or a local checkpoint folder."""
+    trust_remote_code: bool = False
+    """Allow code from the checkpoint folder (off unless you trust it)."""
+
     def validate_model(self) -> None:
-        """Value checks shared by every stage that builds a model."""
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"key 'dtype': {self.dtype!r} not in ['float32', 'bfloat16', 'float16']")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("keys 'hidden_size'/'num_heads'/'num_kv_heads': hidden_size must divide "
-                             "by num_heads, and num_heads by num_kv_heads")
-        if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError("key 'hidden_size': head_dim (hidden_size / num_heads) must be a "
-                             "multiple of 4 for the multimodal rope sections")
-        if self.image_min_pixels > self.image_max_pixels:
-            raise ValueError("keys 'image_min_pixels'/'image_max_pixels': min exceeds max")
+        """Value checks of the loading and build settings."""
+        self.validate_load()
+        self.validate_build()
 
 
 @dataclasses.dataclass
-class TrainParams:
-    """Optimisation settings shared by the supervised stages."""
+class EvalSettings:
+    """Greedy-decoding evaluation. Notebooks 03-05 evaluate with the same settings, so notebook 05
+    reuses the evaluations that 03 and 04 cached."""
+
+    eval_n: int = 200
+    """Examples per test split (0: all)."""
+    eval_batch_size: int = 50
+    """Examples per generation batch."""
+    max_new_tokens: int = 24
+    """Longest response generated (greedy evaluation; stage 2 also caps its rollouts with it)."""
+
+
+@dataclasses.dataclass
+class OptimParams(EvalSettings):
+    """Optimisation, logging and checkpointing of every training stage, and its quick evaluations."""
 
     steps: int = 300
     """Optimiser steps."""
-    batch_size: int = 16
-    """Examples per optimiser step (per process, before gradient accumulation)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimiser step."""
     lr: float = 0.002
@@ -232,26 +277,34 @@ class TrainParams:
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
     """Continue from the latest checkpoint of the run folder if there is one."""
-    eval_n: int = 200
-    """Examples per test split in the quick evaluations (0: all)."""
-    eval_batch_size: int = 50
-    """Batch size of greedy-decoding evaluation."""
-    max_new_tokens: int = 24
-    """Longest response generated in evaluation."""
 
-    def validate_train(self) -> None:
+    def validate_optim(self) -> None:
         """Value checks for the optimisation settings."""
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"key 'lr_schedule': {self.lr_schedule!r} not in constant/linear/cosine")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"key 'mixed_precision': {self.mixed_precision!r} not in no/bf16/fp16")
-        for key in ("steps", "batch_size", "grad_accum"):
+        for key in ("steps", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"key {key!r}: must be >= 1")
 
 
 @dataclasses.dataclass
-class BackboneParams(CommonParams, ModelParams, TrainParams):
+class TrainParams(OptimParams):
+    """The supervised stages (0 and 1): optimisation plus the size of a batch of examples."""
+
+    batch_size: int = 16
+    """Examples per optimiser step (per process, before gradient accumulation)."""
+
+    def validate_train(self) -> None:
+        """Value checks for the optimisation settings and the batch size."""
+        self.validate_optim()
+        if self.batch_size < 1:
+            raise ValueError("key 'batch_size': must be >= 1")
+
+
+@dataclasses.dataclass
+class BackboneParams(TrainParams, ModelParams, SeedParams, CommonParams):
     """The backbone (notebook 02): build or load it, add ``<Focus>``, warm up (tiny only)."""
 
     data_params_file: str = "params/tiny/01_data_construction.yaml"
@@ -266,8 +319,12 @@ class BackboneParams(CommonParams, ModelParams, TrainParams):
 
 
 @dataclasses.dataclass
-class AnchorParams(CommonParams, ModelParams, TrainParams):
-    """Stage 1, Anchoring (notebook 03): supervise the ``<Focus>`` attention with evidence boxes."""
+class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, SeedParams,
+                   CommonParams):
+    """Stage 1, Anchoring (notebook 03): supervise the ``<Focus>`` attention with evidence boxes.
+
+    The backbone comes from ``backbone_params_file`` (its ``model_name`` and the like are there).
+    """
 
     steps: int = 200
     """Optimiser steps per variant. Tiny: 200, what three seeds of every row allow within
@@ -296,7 +353,8 @@ class AnchorParams(CommonParams, ModelParams, TrainParams):
 
     def validate(self) -> None:
         """Value checks."""
-        self.validate_model()
+        self.validate_load()
+        self.validate_build()
         self.validate_train()
         bad = sorted(set(self.variants) - {"plain", "text_perception", "focus_anchor"})
         if bad:
@@ -311,8 +369,12 @@ class AnchorParams(CommonParams, ModelParams, TrainParams):
 
 
 @dataclasses.dataclass
-class RLParams(CommonParams, ModelParams, TrainParams):
-    """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward."""
+class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonParams):
+    """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward.
+
+    The start models come from stage 1 (``anchor_params_file``) or its backbone; a step's batch
+    is ``prompts_per_step`` x ``group_size`` completions.
+    """
 
     steps: int = 24
     """GRPO steps."""
@@ -389,8 +451,8 @@ class RLParams(CommonParams, ModelParams, TrainParams):
 
     def validate(self) -> None:
         """Value checks."""
-        self.validate_model()
-        self.validate_train()
+        self.validate_load()
+        self.validate_optim()
         known = {"grpo_backbone", "grpo", "faithful", "faithful_occlusion"}
         bad = sorted(set(self.variants) - known)
         if bad:
@@ -411,10 +473,10 @@ ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "a
 
 
 @dataclasses.dataclass
-class EvalParams(CommonParams):
+class EvalParams(EvalSettings, CommonParams):
     """Evaluation, the ablation over seeds and the data-efficiency curve (notebook 05).
 
-    ``seed`` is the bootstrap's seed; the training seeds are ``seeds``.
+    The training seeds of stages 1-2 are ``seeds``; the bootstrap intervals have a fixed seed.
     """
 
     data_params_file: str = "params/tiny/01_data_construction.yaml"
@@ -431,12 +493,6 @@ class EvalParams(CommonParams):
     """Ablation rows to build."""
     splits: list[str] = dataclasses.field(default_factory=lambda: ["test_id", "test_ood"])
     """Splits every row is evaluated on."""
-    eval_n: int = 200
-    """Examples per split (0: all)."""
-    eval_batch_size: int = 50
-    """Examples per generation batch."""
-    max_new_tokens: int = 24
-    """Greedy decoding length limit."""
     eval_layers: str | list[int] = "last_half"
     """Decoder layers whose attention the Focus and answer-token metrics average."""
     n_boot: int = 1000
@@ -482,7 +538,7 @@ PARAMS_BY_NOTEBOOK: dict[str, type] = {
     "04_counterfactual_rl": RLParams,
     "05_evaluation": EvalParams,
 }
-"""Which dataclass types each notebook's parameters cell."""
+"""The dataclass of each notebook's parameters (``notebook_params``, ``cli.run_notebook``)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -566,43 +622,13 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = None, *,
-                namespace: bool = False, **overrides: Any) -> T:
-    """Build ``cls`` from a YAML file, a dict, or a notebook namespace.
-
-    Args:
-        cls: a parameter dataclass, e.g. ``DataParams``.
-        source: path of a YAML file, or a mapping. ``None`` means the defaults.
-        namespace: if True, ``source`` is a namespace such as a notebook's ``globals()``:
-            only the dataclass's field names are taken from it (a notebook namespace
-            also holds imports and other names), and every field must be present.
-        **overrides: values applied last, checked like the rest.
-
-    Returns:
-        An instance of ``cls`` whose every field has the declared type.
-
-    Raises:
-        ParamsError: unknown key, wrong type, unreadable or invalid YAML; the message
-            names the file (or ``<dict>`` / ``<namespace>``) and the key.
-    """
+def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
+    """``cls(**values)`` after the key, type and value checks; errors start with ``origin``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    if source is None:
-        origin, values = "<defaults>", {}
-    elif isinstance(source, (str, Path)):
-        origin, values = str(source), _read_yaml(Path(source))
-    elif namespace:
-        origin = "<namespace>"
-        missing = [k for k in fields if k not in source]
-        if missing:
-            raise ParamsError(f"{origin}: missing parameters {missing} for {cls.__name__}")
-        values = {k: source[k] for k in fields}
-    else:
-        origin, values = "<dict>", dict(source)
-    values = {**values, **overrides}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise ParamsError(
             f"{origin}: unknown key(s) {unknown} for {cls.__name__}; "
@@ -619,6 +645,87 @@ def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
     return params
 
 
+def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
+                **overrides: Any) -> T:
+    """Build ``cls`` from a YAML file or a dict; every field it does not set keeps its default.
+
+    Args:
+        cls: a parameter dataclass, e.g. ``DataParams``.
+        source: path of a YAML file, or a mapping. ``None`` means the defaults.
+        **overrides: values applied last, checked like the rest.
+
+    Returns:
+        An instance of ``cls`` whose every field has the declared type.
+
+    Raises:
+        ParamsError: unknown key, wrong type, unreadable or invalid YAML; the message
+            names the file (or ``<dict>``) and the key.
+    """
+    if source is None:
+        origin, values = "<defaults>", {}
+    elif isinstance(source, (str, Path)):
+        origin, values = str(source), _read_yaml(Path(source))
+    else:
+        origin, values = "<dict>", dict(source)
+    return _build(cls, {**values, **overrides}, origin)
+
+
+PARAMS_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout holding ``fmr1lib/`` and ``params/``: where ``notebook_params`` looks by default."""
+
+
+def notebook_params_file(profile: str, notebook: str, root: str | Path | None = None) -> Path:
+    """``params/<profile>/<notebook>.yaml`` under ``root`` (default: ``PARAMS_ROOT``)."""
+    return Path(root if root is not None else PARAMS_ROOT) / "params" / profile / f"{notebook}.yaml"
+
+
+def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *,
+                    root: str | Path | None = None, **overrides: Any) -> Any:
+    """The parameters a notebook runs with: its profile's file, then the notebook's own values.
+
+    A notebook calls ``config.notebook_params("03_anchoring", globals())``. Its ``parameters``
+    cell sets ``profile`` and a few knobs to ``None``, meaning "from the profile's file"; papermill
+    (``-p``, or ``cli.run_notebook``'s overrides) injects values after that cell.
+
+    Args:
+        notebook: a key of ``PARAMS_BY_NOTEBOOK``, e.g. ``"03_anchoring"``.
+        namespace: the notebook's ``globals()``. ``profile`` selects
+            ``params/<profile>/<notebook>.yaml`` (default ``tiny``); every other name that is a
+            field of the notebook's dataclass and is not None overrides the file. Other names
+            (imports, variables) are ignored.
+        root: the folder holding ``params/`` (default: ``PARAMS_ROOT``).
+        **overrides: further values; unlike the namespace, each must be a field.
+
+    Returns:
+        The notebook's dataclass (``PARAMS_BY_NOTEBOOK[notebook]``), checked like ``load_params``.
+
+    Raises:
+        ParamsError: unknown notebook, missing file, a file whose ``profile`` is not its folder's,
+            or a value that does not fit the dataclass; the message names the file and the key.
+    """
+    if notebook not in PARAMS_BY_NOTEBOOK:
+        raise ParamsError(f"unknown notebook {notebook!r}; known: {list(PARAMS_BY_NOTEBOOK)}")
+    cls = PARAMS_BY_NOTEBOOK[notebook]
+    namespace = namespace or {}
+    profile = overrides.pop("profile", None) or namespace.get("profile") or CommonParams.profile
+    if not isinstance(profile, str):
+        raise ParamsError(f"<notebook {notebook}>: key 'profile': expected str, got {profile!r}")
+    path = notebook_params_file(profile, notebook, root)
+    if not path.exists():
+        raise ParamsError(f"{path}: no parameter file for notebook {notebook!r} "
+                          f"in profile {profile!r}")
+    params = load_params(cls, path)  # errors in the file name the file
+    if params.profile != profile:
+        raise ParamsError(f"{path}: key 'profile' is {params.profile!r}, but the file is in the "
+                          f"{profile!r} profile folder")
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "profile"]
+    set_here = {k: namespace[k] for k in fields if namespace.get(k) is not None}
+    set_here.update(overrides)
+    if not set_here:
+        return params
+    return _build(cls, {**_read_yaml(path), **set_here}, f"{path} (overrides)")
+
+
 def params_to_dict(params: Any) -> dict[str, Any]:
     """The resolved parameters as a plain dict (for printing and storing with artifacts)."""
     return dataclasses.asdict(params)
@@ -628,3 +735,45 @@ def format_params(params: Any) -> str:
     """A readable YAML dump of the resolved parameters, headed by the class name."""
     body = yaml.safe_dump(params_to_dict(params), sort_keys=False, default_flow_style=None)
     return f"# {type(params).__name__}\n{body}"
+
+
+def params_summary(params: Any, source: str | Path | None = None) -> str:
+    """A few lines on a notebook's parameters: the file, what differs from the defaults, a count.
+
+    Args:
+        params: a parameter dataclass.
+        source: the YAML file it was read from (default: ``params/<profile>/<notebook>.yaml``,
+            the file ``notebook_params`` reads for its class).
+
+    Returns:
+        One line naming the class, the file and how many fields differ from the defaults in
+        ``fmr1lib/config.py``, then one line per such field; a value that is not the file's
+        (a notebook override) is marked with what the file gives.
+    """
+    cls = type(params)
+    if source is None:
+        notebook = next((nb for nb, c in PARAMS_BY_NOTEBOOK.items() if c is cls), None)
+        source = notebook_params_file(params.profile, notebook) if notebook else None
+    values, defaults = params_to_dict(params), params_to_dict(cls())
+    from_file = params_to_dict(load_params(cls, source)) if source is not None else defaults
+    shown = [k for k in values if values[k] != defaults[k] or values[k] != from_file[k]]
+    where = "the defaults"
+    if source is not None:
+        where = Path(source).resolve()
+        if where.is_relative_to(PARAMS_ROOT):
+            where = where.relative_to(PARAMS_ROOT)
+    n_diff = sum(values[k] != defaults[k] for k in values)
+    lines = [f"{cls.__name__} from {where}: {len(values)} parameters, {n_diff} differ from the "
+             f"defaults in fmr1lib/config.py"]
+    for k in shown:
+        line = f"  {k}: {_flow(values[k])}"
+        if values[k] != from_file[k]:
+            line += f"  # override; the file gives {_flow(from_file[k])}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML flow style."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("...\n").strip()

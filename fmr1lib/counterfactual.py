@@ -5,7 +5,7 @@ an example is removed from the image, which shows where vision causally matters;
 intervention applied to a *control* region of equal size, away from the evidence, is the baseline
 that separates "the answer depends on the evidence" from "the answer breaks under any edit".
 ``05_evaluation`` uses both views for the faithfulness gap (evidence-intervened accuracy drop minus
-control-intervened drop), and the faithful reward of ``grpo.py`` uses the evidence view.
+control-intervened drop), and the faithful reward of ``faithful.py`` uses the evidence view.
 
 Boxes are ``(x0, y0, x1, y1)`` in original-pixel coordinates with the half-open pixel convention:
 a box covers pixel columns ``floor(x0) .. ceil(x1) - 1`` and rows ``floor(y0) .. ceil(y1) - 1``,

@@ -29,7 +29,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmr1lib import anchoring, attention, grpo, modeling, prompting, records, repro
+from fmr1lib import (
+    anchoring,
+    attention,
+    batching,
+    faithful,
+    modeling,
+    prompting,
+    records,
+    repro,
+    scoring,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +67,7 @@ def generate_greedy(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
     """
     if image_column != "image":
         rows = [{**r, "image": r[image_column]} for r in rows]
-    batch = anchoring.encode_batch(rows, processor, with_response=False)
+    batch = batching.encode_batch(rows, processor, with_response=False)
     ids, texts = modeling.generate(model, processor, _on_device(batch.inputs, model),
                                    max_new_tokens=max_new_tokens)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -83,7 +93,8 @@ def predict_answers(model: Any, processor: Any, ds: Any, n: int = 0, batch_size:
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])
             out.append({"id": r["id"], "response": text, "pred": pred, "answer": r["answer"],
-                        "correct": prompting.answers_match(pred, r["answer"], r["answer_type"]),
+                        "correct": scoring.answers_match(pred, r["answer"], r["answer_type"],
+                                                         r.get("choices")),
                         "well_formed": prompting.is_well_formed(text),
                         "cue": meta.get("shortcut_value")})
     return out
@@ -104,8 +115,10 @@ def answer_metrics(preds: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {
         "accuracy": float(np.mean([p["correct"] for p in preds])),
         "format_rate": float(np.mean([p["well_formed"] for p in preds])),
-        "cue_rate": float(np.mean([p["pred"] == p["cue"] for p in cued])) if cued else float("nan"),
-        "wrong_is_cue": float(np.mean([p["pred"] == p["cue"] for p in wrong])) if wrong else float("nan"),
+        "cue_rate": (float(np.mean([scoring.answers_match(p["pred"], p["cue"]) for p in cued]))
+                     if cued else float("nan")),
+        "wrong_is_cue": (float(np.mean([scoring.answers_match(p["pred"], p["cue"]) for p in wrong]))
+                         if wrong else float("nan")),
         "n": len(preds),
     }
 
@@ -120,12 +133,12 @@ def focus_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         the evidence boxes; zeros when there are none), ``id``.
     """
     model.eval()
-    idx = anchoring.resolve_layers(layers, anchoring.num_text_layers(model))
+    idx = attention.resolve_layers(layers, attention.num_text_layers(model))
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
-        batch = anchoring.encode_batch(chunk, processor, with_response=False)
+        batch = batching.encode_batch(chunk, processor, with_response=False)
         with attention.AttentionCapture(model, batch.focus_pos[:, None], layers=idx) as cap:
             model(**_on_device(batch.inputs, model))
         dists = anchoring.focus_distributions(cap.attentions, batch, image_token_id)
@@ -239,6 +252,10 @@ def example_metrics(ex: dict[str, Any]) -> dict[str, float]:
     nan = float("nan")
     correct = float(ex["correct"])
     cue = ex.get("cue")
+    is_cue = scoring.answers_match(ex["pred"], cue)
+    # Two missing answers are the same answer: removing the evidence changed nothing.
+    changed = (ex.get("pred_evidence") != ex["pred"]
+               and not scoring.answers_match(ex.get("pred_evidence"), ex["pred"]))
     has_views = ex.get("correct_evidence") is not None and ex.get("correct_control") is not None
     out = {
         "accuracy": correct,
@@ -252,11 +269,11 @@ def example_metrics(ex: dict[str, Any]) -> dict[str, float]:
         "faithfulness_gap": (float(ex["correct_control"]) - float(ex["correct_evidence"])
                              if has_views else nan),
         "answer_mass": _nan(ex.get("answer_mass")),
-        "consistency": (float(bool(ex["pointing"]) and ex["pred_evidence"] != ex["pred"])
+        "consistency": (float(bool(ex["pointing"]) and changed)
                         if has_views and ex.get("pointing") is not None else nan),
         "conflict_accuracy": correct if cue is not None and ex.get("cue_agrees") is False else nan,
-        "cue_rate": float(ex["pred"] == cue) if cue is not None else nan,
-        "wrong_is_cue": float(ex["pred"] == cue) if cue is not None and not ex["correct"] else nan,
+        "cue_rate": float(is_cue) if cue is not None else nan,
+        "wrong_is_cue": float(is_cue) if cue is not None and not ex["correct"] else nan,
     }
     return out
 
@@ -265,30 +282,19 @@ def summarise(examples: Sequence[dict[str, Any]], n_boot: int = 1000,
               seed: int = 0) -> dict[str, dict[str, float]]:
     """Mean and bootstrap 95% interval of every metric over ``examples``.
 
-    The examples are resampled jointly (one index draw per bootstrap replicate serves every
-    metric); a metric's mean in a replicate is over the examples where it applies.
+    The examples are resampled jointly (``scoring.bootstrap_cis``: one index draw per bootstrap
+    replicate serves every metric); a metric's mean in a replicate is over the examples where it
+    applies.
 
     Returns:
         ``{metric: {"mean", "lo", "hi", "n"}}`` (``n``: examples where the metric applies).
     """
     names = list(METRICS)
-    if not examples:
-        return {k: {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-                for k in names}
-    vals = np.array([[example_metrics(ex)[k] for k in names] for ex in examples], dtype=float)
-    valid = ~np.isnan(vals)
-    filled = np.where(valid, vals, 0.0)
-    idx = np.random.default_rng(seed).integers(0, len(examples), size=(n_boot, len(examples)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = filled[idx].sum(axis=1) / valid[idx].sum(axis=1)  # [n_boot, M]
-        means = filled.sum(0) / valid.sum(0)
-    out = {}
-    for j, k in enumerate(names):
-        b = boot[:, j][~np.isnan(boot[:, j])]
-        lo, hi = (np.quantile(b, [0.025, 0.975]) if b.size else (float("nan"), float("nan")))
-        out[k] = {"mean": float(means[j]), "lo": float(lo), "hi": float(hi),
-                  "n": int(valid[:, j].sum())}
-    return out
+    vals = np.array([[example_metrics(ex)[k] for k in names] for ex in examples],
+                    dtype=float).reshape(len(examples), len(names))
+    cis = scoring.bootstrap_cis(vals, n_boot=n_boot, seed=seed)
+    return {k: {"mean": ci.mean, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
+            for k, ci in zip(names, cis, strict=True)}
 
 
 @torch.no_grad()
@@ -308,33 +314,24 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
     tok = processor.tokenizer
     open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    spans: list[tuple[int, int] | None] = []
-    for toks in completions:
-        toks = list(toks)
-        ok = open_id in toks and close_id in toks[toks.index(open_id) + 1:]
-        if ok:
-            a = toks.index(open_id)
-            b = a + 1 + toks[a + 1:].index(close_id)
-            spans.append((a + 1, b) if b > a + 1 else None)
-        else:
-            spans.append(None)
+    spans = [batching.answer_span(toks, open_id, close_id) for toks in completions]
     out: list[float | None] = [None] * len(rows)
     keep = [i for i, (r, sp) in enumerate(zip(rows, spans, strict=True))
             if sp is not None and len(r["evidence_boxes"])]
     if not keep:
         return out
-    groups = [grpo.Group(row=rows[i], tokens=[list(completions[i])[: spans[i][1] + 1]], texts=[""],
-                         ok=[True], accuracy=[0.0], format=[0.0]) for i in keep]
-    batch = grpo.build_sequences(groups, processor).to(next(model.parameters()).device)
-    idx = anchoring.resolve_layers(layers, anchoring.num_text_layers(model))
+    batch = batching.build_sequences(
+        [rows[i] for i in keep], [[list(completions[i])[: spans[i][1] + 1]] for i in keep],
+        processor).to(next(model.parameters()).device)
+    idx = attention.resolve_layers(layers, attention.num_text_layers(model))
     model.eval()
     with attention.AttentionCapture(model, batch.query_positions, idx) as cap:
-        grpo.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
+        batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
     ids = batch.inputs["input_ids"]
-    region = grpo.region_token_mask(ids, batch.inputs["image_grid_thw"],
+    region = faithful.region_token_mask(ids, batch.inputs["image_grid_thw"],
                                     [rows[i]["evidence_boxes"] for i in keep],
                                     [rows[i]["image"].size for i in keep], image_id)
-    share = grpo.region_share(cap.attentions, region, attention.image_token_mask(ids, image_id))
+    share = faithful.region_share(cap.attentions, region, attention.image_token_mask(ids, image_id))
     for j, i in enumerate(keep):
         a, b = spans[i]
         out[i] = float(share[j, a:b].mean())
@@ -374,9 +371,9 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])
             mp = mass_and_pointing(maps[j])
-            kind = r.get("answer_type") or "word"
+            kind, options = r.get("answer_type") or "word", r.get("choices")
             ex = {"id": r["id"], "answer": r["answer"], "response": text, "pred": pred,
-                  "correct": prompting.answers_match(pred, r["answer"], kind),
+                  "correct": scoring.answers_match(pred, r["answer"], kind, options),
                   "well_formed": prompting.is_well_formed(text),
                   "cue": meta.get("shortcut_value"),
                   "cue_agrees": meta.get("shortcut_agrees"),
@@ -385,7 +382,8 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
                   "answer_mass": ans_mass[j]}
             for view, preds in view_preds.items():
                 ex[f"pred_{view}"] = preds[j]
-                ex[f"correct_{view}"] = prompting.answers_match(preds[j], r["answer"], kind)
+                ex[f"correct_{view}"] = scoring.answers_match(preds[j], r["answer"], kind,
+                                                              options)
             out.append(ex)
     return out
 

@@ -4,7 +4,8 @@ The assistant turn always *starts* with ``<Focus>``, forced as part of the promp
 Focus query sees the image and the question but no reasoning yet: perception before
 reasoning. The model then writes ``<think>...</think><answer>...</answer>``.
 
-Parsing never raises: a malformed response parses to ``None`` and scores 0.
+Parsing never raises: a malformed response parses to ``None`` and scores 0. Comparing a parsed
+answer with the ground truth is ``scoring.answers_match``'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def _strip_end(text: str) -> str:
 def parse_answer(text: Any) -> str | None:
     """The normalised content of the first ``<answer>`` tag, or ``None`` if absent/empty.
 
+    Args:
+        text: a response; anything that is not a string parses to None.
+
+    Returns:
+        The answer span in ``normalise``'s form, or None. Compare it with the ground truth
+        through ``scoring.answers_match``.
+
     >>> parse_answer("<think>x</think><answer> Red </answer>")
     'red'
     >>> parse_answer("<think>no answer</think>") is None
@@ -133,7 +141,16 @@ def parse_answer(text: Any) -> str | None:
 
 
 def normalise(text: str) -> str:
-    """Lower-case, collapse whitespace, drop a trailing period.
+    """Lower-case, collapse whitespace, drop trailing periods: the parsed answer's display form.
+
+    Answers are compared with ``scoring.answers_match``, which normalises further (punctuation,
+    articles, numbers); this lighter form is what ``parse_answer`` returns and logs show.
+
+    Args:
+        text: the raw answer span.
+
+    Returns:
+        The cleaned text (``""`` when nothing is left).
 
     >>> normalise("  Light  Blue. ")
     'light blue'
@@ -152,22 +169,3 @@ def is_well_formed(text: Any) -> bool:
     if not isinstance(text, str):
         return False
     return bool(_FORMAT_RE.match(_strip_end(text)))
-
-
-def answers_match(pred: str | None, gold: str, answer_type: str = "word") -> bool:
-    """Exact match after normalisation; numbers compare by value.
-
-    >>> answers_match("3.0", "3", "number")
-    True
-    >>> answers_match(None, "red")
-    False
-    """
-    if pred is None:
-        return False
-    p, g = normalise(pred), normalise(gold)
-    if answer_type == "number":
-        try:
-            return float(p) == float(g)
-        except ValueError:
-            return False
-    return p == g

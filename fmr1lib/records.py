@@ -555,18 +555,23 @@ def strip_visual_cot_instruction(question: str) -> str:
     return _VISUAL_COT_INSTRUCTION.sub("", question).strip()
 
 
-def normalise_answer(answer: str) -> str:
-    """Strip, lower-case and drop one trailing period.
+def clean_answer(answer: str) -> str:
+    """The stored form of a ground-truth answer: stripped, lower case, one trailing period dropped.
+
+    This is what a converted record keeps as ``answer`` (the supervised target), not what
+    answers are compared in: ``scoring.normalise_answer`` starts from this form and adds the
+    comparison rules (punctuation, articles, numbers), so storing it never changes a verdict.
+    A decimal point inside a number is kept.
 
     Args:
         answer: raw answer text.
 
     Returns:
-        The normalised answer.
+        The cleaned answer (``""`` when nothing is left, which ``validate_record`` rejects).
 
-    >>> normalise_answer("  Yes. ")
+    >>> clean_answer("  Yes. ")
     'yes'
-    >>> normalise_answer("3.5")
+    >>> clean_answer("3.5")
     '3.5'
     """
     answer = answer.strip().lower()
@@ -579,7 +584,7 @@ def infer_answer_type(answer: str) -> str:
     """``yesno`` for yes/no, ``number`` for a plain number, else ``word``.
 
     Args:
-        answer: a normalised answer.
+        answer: a cleaned answer (``clean_answer``) or a ``scoring.normalise_answer`` key.
 
     Returns:
         One of ``"yesno"``, ``"number"``, ``"word"``.
@@ -609,7 +614,7 @@ def visual_cot_to_record(src: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         A record with ``id = "vcot-<question_id>"``, the instruction stripped from the question,
-        the answer normalised, ``answer_type`` inferred, ``choices`` None and
+        the answer cleaned (``clean_answer``), ``answer_type`` inferred, ``choices`` None and
         ``meta = {"source": "visual_cot", "dataset": ..., "split": ...}``.
 
     Raises:
@@ -628,7 +633,7 @@ def visual_cot_to_record(src: dict[str, Any]) -> dict[str, Any]:
     for name in ("question", "answer"):
         if not isinstance(src[name], str):
             raise DataError(f"{name} = {src[name]!r}: must be a string", record_id=rid, field=name)
-    answer = normalise_answer(src["answer"])
+    answer = clean_answer(src["answer"])
     return {
         "id": rid,
         "image": src["image"],

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fmr1lib import anchoring, config, data, grpo, modeling, repro
+from fmr1lib import anchoring, config, data, grpo, modeling, repro, train
 
 GLOBAL_BATCH = 8
 """Examples per optimiser step over all processes (``batch_size`` is per process)."""
@@ -48,7 +48,7 @@ def main() -> None:
 
     # The library's own accelerator: under `accelerate launch` on a machine without GPUs it
     # joins the processes in a CPU (gloo) group.
-    acc = anchoring.make_accelerator(config.load_params(config.AnchorParams))
+    acc = train.make_accelerator(config.load_params(config.AnchorParams))
     world, rank = acc.num_processes, acc.process_index
     if GLOBAL_BATCH % world:
         raise SystemExit(f"global batch {GLOBAL_BATCH} does not split over {world} processes")
@@ -62,7 +62,7 @@ def main() -> None:
                             lr=1e-3, lr_warmup_steps=1, lr_schedule="cosine", log_every=1,
                             checkpoint_every=1, grad_clip=1.0)
     res = anchoring.train_supervised(model, processor, rows, ap, out / "anchor",
-                                     variant="focus_anchor", lambda_attn=1.0, accelerator=acc)
+                                     variant="focus_anchor", accelerator=acc)
     # Training updated ``model`` in place (``res`` holds the logs); DDP only wrapped it.
     assert res.steps == args.steps
     save_file(_params_state(model), str(out / f"rank{rank}_anchor.safetensors"))

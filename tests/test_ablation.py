@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fmr1lib import ablation, config, evaluation, repro
+from fmr1lib import ablation, config, evaluation, repro, stages
 
 
 def _summary(acc, gap=0.0):
@@ -61,17 +61,18 @@ def test_paired_difference_pairs_seeds(results):
 
 
 def test_run_names_and_rows():
-    assert ablation.run_name("backbone", 2) == "backbone"
-    assert ablation.run_name("faithful_mr1", 1, 8) == "faithful_mr1_seed1_n8"
-    assert ablation.row_name("rl", "faithful") == "faithful_mr1"
-    assert ablation.row_name("anchor", "plain") == "plain"
-    assert list(ablation.ROWS) == list(config.ABLATION_ROWS)
+    assert stages.eval_name("backbone", None, 2) == "backbone"
+    assert stages.eval_name("rl", "faithful", 1, 8) == "faithful_mr1_seed1_n8"
+    assert stages.eval_name("anchor", "focus_anchor", 0) == "anchoring_seed0"
+    assert stages.row_name("rl", "faithful") == "faithful_mr1"
+    assert stages.row_name("anchor", "plain") == "plain"
+    assert list(stages.ROWS) == list(config.ABLATION_ROWS)
 
 
 def test_stage_params_change_only_the_seed():
     ep = config.load_params(config.EvalParams)
-    _, a0, r0 = ablation.stage_params(ep, 0)
-    _, a2, r2 = ablation.stage_params(ep, 2, n_prompts=8)
+    _, a0, r0 = stages.seed_params(ep, 0)
+    _, a2, r2 = stages.seed_params(ep, 2, n_prompts=8)
     assert a2.seed == 2 and r2.seed == 2 and r2.n_prompts == 8
     d0, d2 = config.params_to_dict(a0), config.params_to_dict(a2)
     assert {k for k in d0 if d0[k] != d2[k]} == {"seed"}
@@ -84,24 +85,24 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
     trained = []
 
     def fake_anchor_stage(p, variant, dsd=None):
-        out = ablation.anchoring.anchor_dir(p, variant)
+        out = stages.run_folder(p, "anchor", variant)
         repro.save_params(p, out)
         (out / "model").mkdir(parents=True, exist_ok=True)
         (out / "model" / "config.json").write_text("{}")
         (out / "info.json").write_text("{}")
         trained.append((variant, p.seed))
 
-    monkeypatch.setattr(ablation.anchoring, "anchor_stage", fake_anchor_stage)
-    folder = ablation.ensure_trained(ep, "anchoring", 1, dsd=None)
+    monkeypatch.setattr(stages, "anchor_stage", fake_anchor_stage)
+    folder = stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert trained == [("focus_anchor", 1)] and folder.name == "model"
-    ablation.ensure_trained(ep, "anchoring", 1, dsd=None)
+    stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert len(trained) == 1  # complete and same params: reused
     # A run made with other params (here: other steps) is stale and trains again.
     stored = folder.parent / "params.json"
     blob = json.loads(stored.read_text())
     blob["params"]["steps"] += 1
     stored.write_text(json.dumps(blob))
-    ablation.ensure_trained(ep, "anchoring", 1, dsd=None)
+    stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert trained == [("focus_anchor", 1)] * 2
 
 

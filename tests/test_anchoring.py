@@ -7,7 +7,19 @@ import copy
 import pytest
 import torch
 
-from fmr1lib import anchoring, config, data, evaluation, modeling, prompting, records, repro
+from fmr1lib import (
+    anchoring,
+    attention,
+    batching,
+    config,
+    data,
+    evaluation,
+    modeling,
+    prompting,
+    records,
+    repro,
+)
+from fmr1lib import train as fmr1_train
 from fmr1lib.config import DataParams
 
 
@@ -68,7 +80,7 @@ def test_unknown_loss_kind():
 def test_encode_batch_labels_and_focus(tiny, rows):
     _, _, processor = tiny
     train, _ = rows
-    batch = anchoring.encode_batch([train[i] for i in range(4)], processor, "plain")
+    batch = batching.encode_batch([train[i] for i in range(4)], processor, "plain")
     tok = processor.tokenizer
     ids, labels = batch.inputs["input_ids"], batch.labels
     focus_id = tok.convert_tokens_to_ids(prompting.FOCUS)
@@ -89,7 +101,7 @@ def test_text_perception_describes_the_evidence(tiny, rows):
     train, _ = rows
     row = train[0]
     meta = records.decode_meta(row["meta"])
-    batch = anchoring.encode_batch([row], processor, "text_perception")
+    batch = batching.encode_batch([row], processor, "text_perception")
     labelled = batch.labels[0][batch.labels[0] != -100].tolist()
     text = processor.tokenizer.decode(labelled, skip_special_tokens=False)
     target = meta["objects"][meta["evidence_objects"][0]]
@@ -98,10 +110,10 @@ def test_text_perception_describes_the_evidence(tiny, rows):
 
 
 def test_resolve_layers():
-    assert anchoring.resolve_layers("all", 3) == [0, 1, 2]
-    assert anchoring.resolve_layers("last_half", 36) == list(range(18, 36))
+    assert attention.resolve_layers("all", 3) == [0, 1, 2]
+    assert attention.resolve_layers("last_half", 36) == list(range(18, 36))
     with pytest.raises(ValueError):
-        anchoring.resolve_layers([5], 2)
+        attention.resolve_layers([5], 2)
 
 
 # ---------------------------------------------------------------- training
@@ -120,8 +132,7 @@ def test_tiny_anchoring_run_raises_focus_mass(tiny, rows, tmp_path):
     p = config.load_params(config.AnchorParams, {
         "steps": 40, "batch_size": 8, "lr": 3e-3, "lambda_attn": 3.0, "log_every": 10,
         "checkpoint_every": 0, "lr_warmup_steps": 0, "lr_schedule": "constant"})
-    res = anchoring.train_supervised(model, processor, train, p, tmp_path, "focus_anchor",
-                                     lambda_attn=p.lambda_attn)
+    res = anchoring.train_supervised(model, processor, train, p, tmp_path, "focus_anchor")
     after = _held_out_mass(model, processor, test)
     assert after > before + 0.1, (before, after)
     assert all(r["attn_loss"] is not None for r in res.metrics)
@@ -137,15 +148,14 @@ def test_resume_matches_uninterrupted_run(tiny, rows, tmp_path):
     full = copy.deepcopy(model0)
     repro.seed_everything(0)
     res_full = anchoring.train_supervised(full, processor, train, p, tmp_path / "full",
-                                          "focus_anchor", lambda_attn=1.0)
+                                          "focus_anchor")
     part = copy.deepcopy(model0)
     repro.seed_everything(0)
-    anchoring.train_supervised(part, processor, train, p, tmp_path / "part", "focus_anchor",
-                               lambda_attn=1.0, stop_after=3)
+    anchoring.train_supervised(part, processor, train, p, tmp_path / "part", "focus_anchor", stop_after=3)
     resumed = copy.deepcopy(model0)  # a fresh process would rebuild the start model
     p_resume = config.load_params(config.AnchorParams, {**p.__dict__, "resume": True})
     res_resumed = anchoring.train_supervised(resumed, processor, train, p_resume, tmp_path / "part",
-                                             "focus_anchor", lambda_attn=1.0)
+                                             "focus_anchor")
     assert torch.allclose(_params_vector(full), _params_vector(resumed), atol=1e-6)
     drop = {"time_s"}
     strip = [{k: v for k, v in r.items() if k not in drop} for r in res_full.metrics]
@@ -162,7 +172,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, rows, tmp_path):
     train, _ = rows
     model = copy.deepcopy(model0)
     p2 = config.load_params(config.AnchorParams, {**p.__dict__, "checkpoint_every": 2})
-    with pytest.raises(anchoring.NonFiniteLossError, match="step 4.*step_0000004"):
+    with pytest.raises(fmr1_train.NonFiniteLossError, match="step 4.*step_0000004"):
         anchoring.train_supervised(model, processor, train, p2, tmp_path, "plain", fail_at_step=4)
     last = repro.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name == "step_0000004"
@@ -180,7 +190,7 @@ def test_full_and_lora_training_change_weights(tiny, rows, tmp_path, lora):
     if lora:
         model = modeling.wrap_lora(model, p2)
     before = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
-    anchoring.train_supervised(model, processor, train, p2, tmp_path, "focus_anchor", lambda_attn=1.0)
+    anchoring.train_supervised(model, processor, train, p2, tmp_path, "focus_anchor")
     changed = [n for n, q in model.named_parameters() if n in before and not torch.equal(q, before[n])]
     assert changed
     if lora:
@@ -189,7 +199,7 @@ def test_full_and_lora_training_change_weights(tiny, rows, tmp_path, lora):
 
         model.save_pretrained(tmp_path / "adapter")
         reloaded = PeftModel.from_pretrained(copy.deepcopy(model0), tmp_path / "adapter")
-        batch = anchoring.encode_batch([train[0]], processor, with_response=False)
+        batch = batching.encode_batch([train[0]], processor, with_response=False)
         model.eval()
         reloaded.eval()
         with torch.no_grad():

@@ -1,9 +1,12 @@
-"""Benchmark files: loading and its errors, exact match, scoring, bootstrap, evaluation, CLI."""
+"""Benchmark files: loading and its errors, matching, scoring, evaluation, CLI.
+
+The matcher and the bootstrap themselves are fmr1lib.scoring's (tests/test_scoring.py); here they
+are checked through the benchmark's own scoring path.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fmr1lib import anchoring, benchmark, config, modeling, prompting
+from fmr1lib import batching, benchmark, config, modeling, prompting, scoring
 from fmr1lib.records import DataError
 
 DATA = Path(__file__).parent / "data" / "benchmark_sample"
@@ -170,7 +173,8 @@ COLOURS = ["green", "blue", "red"]
     ("-2.50", rec("-2.5", "number"), True),
     ("0.5", rec(".5", "number"), True),
     ("4", rec("3", "number"), False),
-    ("three", rec("3", "number"), False),
+    ("three", rec("3", "number"), True),  # number words count as their digits
+    ("thirty", rec("3", "number"), False),
     ("12", rec("1,2", "word"), False),
     ("Red", rec("red"), True),
     ("  RED! ", rec("red"), True),
@@ -193,27 +197,34 @@ COLOURS = ["green", "blue", "red"]
     (None, rec("red"), False),
     ("", rec("red"), False),
 ])
-def test_exact_match(pred, record, expected):
-    assert benchmark.exact_match(pred, record) is expected
+def test_benchmark_scores_answers(pred, record, expected):
+    """The benchmark's verdict, from a response through parsing to ``score_predictions``."""
+    recs = [{"id": "q", **record}]
+    predictions = {} if pred is None else {"q": response(pred)}
+    assert benchmark.score_predictions(recs, predictions)["per_record"][0]["correct"] is expected
+    assert scoring.answers_match(pred, record["answer"], record["answer_type"],
+                                 record["choices"]) is expected
 
 
 @pytest.mark.parametrize(("pred", "gold", "answer_type"), [
     ("3.0", "3", "number"), ("Red.", "red", "word"), ("1e3", "1000", "number"),
     ("light  Blue", "light blue", "word"),
 ])
-def test_exact_match_accepts_whatever_answers_match_accepts(pred, gold, answer_type):
-    assert prompting.answers_match(pred, gold, answer_type)
-    assert benchmark.exact_match(pred, rec(gold, answer_type))
+def test_benchmark_accepts_whatever_the_reward_accepts(pred, gold, answer_type):
+    from fmr1lib import rewards
+
+    assert rewards.accuracy_reward([response(pred)], [gold], [answer_type]) == [1.0]
+    res = benchmark.score_predictions([{"id": "q", **rec(gold, answer_type)}],
+                                      {"q": response(pred)})
+    assert res["per_record"][0]["correct"]
 
 
-def test_normalise_for_match_letters_and_numbers():
-    assert benchmark.normalise_for_match("Blue", "choice", COLOURS) == "B"
-    assert benchmark.normalise_for_match("c", "choice", COLOURS) == "C"
-    assert benchmark.normalise_for_match("purple", "choice", COLOURS) == "purple"
-    # A numeric choice is found by value; the text wins over a letter of the same spelling.
-    assert benchmark.normalise_for_match("2.0", "choice", ["1", "2"]) == "B"
-    assert benchmark.normalise_for_match("A", "choice", ["B", "A"]) == "B"
-    assert benchmark.normalise_for_match("1,000", "word") == "1000"
+def test_loaded_choices_match_by_letter_and_text():
+    recs = {r["id"]: r for r in benchmark.load_benchmark(SAMPLE, load_images=False)}
+    scene = recs["scene-3"]  # the file gives the letter "A"; the record keeps the text
+    for pred in ("A", "(a)", "left", "A. left"):
+        assert scoring.answers_match(pred, scene["answer"], "choice", scene["choices"]), pred
+    assert not scoring.answers_match("B", scene["answer"], "choice", scene["choices"])
 
 
 def test_question_text_lists_choices():
@@ -272,33 +283,13 @@ def test_score_predictions_by_category():
 # ------------------------------------------------------------------------- bootstrap
 
 
-def test_bootstrap_ci_properties():
-    assert benchmark.bootstrap_ci([1.0] * 20) == (1.0, 1.0)
-    assert benchmark.bootstrap_ci(np.zeros(5)) == (0.0, 0.0)
-    values = np.random.default_rng(1).integers(0, 2, 60).astype(float)
-    lo, hi = benchmark.bootstrap_ci(values)
-    assert lo < values.mean() < hi
-    assert benchmark.bootstrap_ci(values, seed=3) == benchmark.bootstrap_ci(values, seed=3)
-    assert benchmark.bootstrap_ci(list(values)) == (lo, hi)
-    lo99, hi99 = benchmark.bootstrap_ci(values, alpha=0.01)
-    assert lo99 <= lo and hi <= hi99
-    # The interval does not depend on how the resamples are chunked (large n).
-    big = np.random.default_rng(2).random(5000)
-    blo, bhi = benchmark.bootstrap_ci(big, n_boot=500)
-    assert blo < big.mean() < bhi and bhi - blo < 0.05
-
-
-def test_bootstrap_ci_nan_and_bad_input():
-    lo, hi = benchmark.bootstrap_ci([])
-    assert math.isnan(lo) and math.isnan(hi)
-    assert all(map(math.isnan, benchmark.bootstrap_ci([float("nan")])))
-    assert benchmark.bootstrap_ci([1.0, float("nan"), 1.0]) == (1.0, 1.0)
-    with pytest.raises(ValueError, match="1-D"):
-        benchmark.bootstrap_ci([[1.0, 0.0]])
-    with pytest.raises(ValueError, match="n_boot"):
-        benchmark.bootstrap_ci([1.0], n_boot=0)
-    with pytest.raises(ValueError, match="alpha"):
-        benchmark.bootstrap_ci([1.0], alpha=1.0)
+def test_accuracy_ci_is_the_scoring_bootstrap():
+    recs = [{"id": f"r{i}", "answer": "red", "answer_type": "word"} for i in range(40)]
+    preds = {r["id"]: response("red" if i % 3 else "blue") for i, r in enumerate(recs)}
+    res = benchmark.score_predictions(recs, preds)
+    ci = scoring.bootstrap_ci(np.array([r["correct"] for r in res["per_record"]], dtype=float))
+    assert res["accuracy_ci"] == [ci.lo, ci.hi]
+    assert ci.lo < res["accuracy"] == ci.mean < ci.hi
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -329,7 +320,7 @@ def test_evaluate_asks_choices_and_scores_right_answers(tiny, monkeypatch):
     model, processor = tiny
     recs = {r["id"]: r for r in benchmark.load_benchmark(SAMPLE, load_images=False)}
     asked: list[dict] = []
-    encode = anchoring.encode_batch
+    encode = batching.encode_batch
 
     def spy_encode(rows, processor, **kw):
         asked.extend(rows)
@@ -342,7 +333,7 @@ def test_evaluate_asks_choices_and_scores_right_answers(tiny, monkeypatch):
             response(recs[r["id"]]["answer_letter"] or recs[r["id"]]["answer"]) for r in rows]
 
     # The benchmark generates through evaluation.generate_greedy, which calls these two.
-    monkeypatch.setattr(anchoring, "encode_batch", spy_encode)
+    monkeypatch.setattr(batching, "encode_batch", spy_encode)
     monkeypatch.setattr(modeling, "generate", fake_generate)
     res = benchmark.evaluate_benchmark(model, processor, SAMPLE, batch_size=5)
     assert res["accuracy"] == 1.0 and res["format_rate"] == 1.0

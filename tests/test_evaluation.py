@@ -113,6 +113,19 @@ def test_summarise_intervals_contain_the_mean_and_count_applicable_examples():
     assert evaluation.summarise([])["accuracy"]["n"] == 0
 
 
+def test_cue_and_consistency_compare_answers_like_the_accuracy():
+    # "Equals the cue" and "the answer changed" use scoring.answers_match, as accuracy does.
+    preds = [{"correct": False, "well_formed": True, "pred": "the blue", "cue": "blue"},
+             {"correct": False, "well_formed": True, "pred": None, "cue": "blue"}]
+    res = evaluation.answer_metrics(preds)
+    assert res["cue_rate"] == 0.5 and res["wrong_is_cue"] == 0.5
+    m = evaluation.example_metrics(_ex(correct=False, pred="blue!", pred_ev="Blue"))
+    assert m["cue_rate"] == 1.0 and m["wrong_is_cue"] == 1.0
+    assert m["consistency"] == 0.0  # the same answer on the evidence-removed view
+    assert evaluation.example_metrics(_ex(pred=None, pred_ev=None))["consistency"] == 0.0
+    assert evaluation.example_metrics(_ex(pred="red", pred_ev=None))["consistency"] == 1.0
+
+
 def test_format_ci():
     assert evaluation.format_ci({"mean": 0.5, "lo": 0.25, "hi": 0.75}) == "0.50 [0.25, 0.75]"
     assert evaluation.format_ci({"mean": float("nan"), "lo": 0, "hi": 0}) == "–"

@@ -11,13 +11,16 @@ import torch
 from fmr1lib import (
     anchoring,
     attention,
+    batching,
     config,
     counterfactual,
     data,
+    faithful,
     grpo,
     modeling,
     prompting,
     repro,
+    train,
 )
 
 # --------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def test_k3_kl_to_reference():
 
 def test_token_logprobs_and_entropy():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
-    lp = grpo.token_logprobs(logits, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
+    lp = batching.token_logprobs(logits, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
     assert torch.allclose(lp, torch.tensor([[math.log(0.25), 0.0]]))
     ent = grpo.token_entropy(logits)
     assert float(ent[0, 0]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
@@ -139,7 +142,7 @@ def test_token_logprobs_and_entropy():
 def test_visual_dependency_pure():
     a = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
     b = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
-    s = grpo.visual_dependency(a, b, torch.tensor([[1, 1]]))
+    s = faithful.visual_dependency(a, b, torch.tensor([[1, 1]]))
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
     assert torch.allclose(s, torch.tensor([[0.0, kl]]), atol=1e-6)
 
@@ -149,18 +152,18 @@ def test_region_share_renormalises_over_image_tokens_and_averages_layers():
     rows = torch.tensor([[[[0.4, 0.3, 0.2, 0.1, 0.0]], [[0.1, 0.1, 0.1, 0.2, 0.5]]]])
     image = torch.tensor([[False, True, True, True, False]])
     region = torch.tensor([[False, True, False, False, True]])  # a text token in C is ignored
-    share = grpo.region_share(rows, region, image)
+    share = faithful.region_share(rows, region, image)
     assert share.shape == (1, 1)
     assert float(share) == pytest.approx((0.3 / 0.6 + 0.1 / 0.4) / 2)
-    flat = grpo.region_share(rows[:, 0], region, image)
+    flat = faithful.region_share(rows[:, 0], region, image)
     assert float(flat) == pytest.approx(0.5)
-    none = grpo.region_share(torch.tensor([[[1.0, 0, 0, 0, 0]]]), region, image)
+    none = faithful.region_share(torch.tensor([[[1.0, 0, 0, 0, 0]]]), region, image)
     assert float(none) == 0.0
 
 
 def test_completion_tokens_cut_at_eos_and_vision_tokens():
     ids = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 10, 11], [5, 251, 6, 2, 0]])
-    toks, ok = grpo.completion_tokens(ids, eos_id=2, forbidden_ids=[251])
+    toks, ok = batching.completion_tokens(ids, eos_id=2, forbidden_ids=[251])
     assert toks == [[5, 6, 2], [7, 8, 9, 10, 11], [5]]
     assert ok == [True, True, False]
 
@@ -168,14 +171,14 @@ def test_completion_tokens_cut_at_eos_and_vision_tokens():
 def test_repeat_image_inputs_repeats_blocks_not_rows():
     thw = torch.tensor([[1, 2, 2], [1, 2, 4]])  # 4 and 8 patch rows
     pv = torch.cat([torch.zeros(4, 3), torch.ones(8, 3)])
-    out, thw_out = grpo.repeat_image_inputs(pv, thw, 3)
+    out, thw_out = batching.repeat_image_inputs(pv, thw, 3)
     assert out.shape == (36, 3)
     assert out[:12].sum() == 0 and out[12:].min() == 1
     assert thw_out.tolist() == [[1, 2, 2]] * 3 + [[1, 2, 4]] * 3
 
 
 def test_cell_boxes_scale_back_to_the_original_image():
-    boxes = grpo.cell_boxes((100, 50), (1, 8, 4))  # 4 rows x 2 cols of merged cells
+    boxes = faithful.cell_boxes((100, 50), (1, 8, 4))  # 4 rows x 2 cols of merged cells
     assert len(boxes) == 8
     assert boxes[0] == [0.0, 0.0, 50.0, 12.5]
     assert boxes[-1] == [50.0, 37.5, 100.0, 50.0]
@@ -255,31 +258,31 @@ def _low_ids(vocab_size):
     return reward
 
 
-def _responses(rows, processor):
-    groups = []
+def _response_sequences(rows, processor):
+    """Per row: the reference response and its first four tokens, as two completions."""
+    completions = []
     for r in rows:
         text = prompting.response_text(r["answer"], prompting.think_text(r["question"])) + "<|im_end|>"
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        groups.append(grpo.Group(row=r, tokens=[ids, ids[:4]], texts=[text, ""], ok=[True, True],
-                                 accuracy=[1.0, 0.0], format=[1.0, 0.0]))
-    return groups
+        completions.append([ids, ids[:4]])
+    return batching.build_sequences(rows, completions, processor)
 
 
 def test_visual_dependency_zero_on_same_image_positive_without_evidence(tiny, rows):
     model, processor = tiny
-    batch = grpo.build_sequences(_responses(rows, processor), processor)
+    batch = _response_sequences(rows, processor)
     t = batch.completion_ids.shape[1]
     mask = batch.completion_mask
     with torch.no_grad():
-        logits = grpo.completion_logits(model, batch.inputs, t)
-        again = grpo.completion_logits(model, batch.inputs, t)
+        logits = batching.completion_logits(model, batch.inputs, t)
+        again = batching.completion_logits(model, batch.inputs, t)
         groups_rows = [r for r in rows for _ in range(2)]
-        pv, thw = grpo.counterfactual_pixels(groups_rows, [r["evidence_boxes"] for r in groups_rows],
+        pv, thw = faithful.counterfactual_pixels(groups_rows, [r["evidence_boxes"] for r in groups_rows],
                                              processor, "background")
         cf = dict(batch.inputs, pixel_values=pv, image_grid_thw=thw)
-        logits_cf = grpo.completion_logits(model, cf, t)
-    same = grpo.visual_dependency(logits, again, mask)
-    removed = grpo.visual_dependency(logits, logits_cf, mask)
+        logits_cf = batching.completion_logits(model, cf, t)
+    same = faithful.visual_dependency(logits, again, mask)
+    removed = faithful.visual_dependency(logits, logits_cf, mask)
     assert float(same.max()) < 1e-6
     assert float(removed.max()) > 1e-7 and float(removed.max()) > 100 * float(same.max())
     assert float(removed[mask == 0].abs().max()) == 0.0
@@ -287,7 +290,7 @@ def test_visual_dependency_zero_on_same_image_positive_without_evidence(tiny, ro
 
 def test_teacher_forced_logprobs_match_the_sampler(tiny, rows):
     model, processor = tiny
-    enc = anchoring.encode_batch(rows[:2], processor, "plain", with_response=False)
+    enc = batching.encode_batch(rows[:2], processor, "plain", with_response=False)
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**enc.inputs, do_sample=True, max_new_tokens=10, num_return_sequences=3,
@@ -295,13 +298,13 @@ def test_teacher_forced_logprobs_match_the_sampler(tiny, rows):
                              output_logits=True, return_dict_in_generate=True)
     comp = out.sequences[:, enc.inputs["input_ids"].shape[1]:]
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    tokens, ok = grpo.completion_tokens(comp, eos, modeling.vision_token_ids(processor))
+    tokens, ok = batching.completion_tokens(comp, eos, modeling.vision_token_ids(processor))
     groups = [grpo.Group(row=r, tokens=tokens[3 * i:3 * i + 3], texts=[""] * 3, ok=ok[3 * i:3 * i + 3],
                          accuracy=[0.0] * 3, format=[0.0] * 3) for i, r in enumerate(rows[:2])]
-    batch = grpo.build_sequences(groups, processor)
+    batch = batching.build_sequences([g.row for g in groups], [g.tokens for g in groups], processor)
     with torch.no_grad():
-        logits = grpo.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
-    lp = grpo.token_logprobs(logits, batch.completion_ids, batch.completion_mask)
+        logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
+    lp = batching.token_logprobs(logits, batch.completion_ids, batch.completion_mask)
     t = batch.completion_ids.shape[1]
     sampler = torch.log_softmax(torch.stack(out.logits, 1)[:, :t].float(), -1)
     ref = sampler.gather(-1, comp[:, :t, None])[..., 0] * batch.completion_mask
@@ -310,7 +313,7 @@ def test_teacher_forced_logprobs_match_the_sampler(tiny, rows):
 
 def test_captured_rows_are_those_that_predict_each_completion_token(tiny, rows):
     model, processor = tiny
-    batch = grpo.build_sequences(_responses(rows[:2], processor), processor)
+    batch = _response_sequences(rows[:2], processor)
     s, t = batch.prompt_len, batch.completion_ids.shape[1]
     with torch.no_grad(), attention.AttentionCapture(model, batch.query_positions, layers=[-1]) as cap:
         model(**batch.inputs, logits_to_keep=t + 1)
@@ -326,9 +329,9 @@ def test_occlusion_region_matches_a_direct_search(tiny, rows):
     model, processor = tiny
     row = dict(rows[0], image=rows[0]["image"].resize((100, 100)),
                evidence_boxes=[[b * 100 / 112 for b in rows[0]["evidence_boxes"][0]]])
-    regions = grpo.occlusion_region(model, processor, [row, rows[1]], n_cells=3, chunk_size=7)
+    regions = faithful.occlusion_region(model, processor, [row, rows[1]], n_cells=3, chunk_size=7)
     assert [len(r) for r in regions] == [3, 3]
-    cells = grpo.cell_boxes((100, 100), (1, 8, 8))
+    cells = faithful.cell_boxes((100, 100), (1, 8, 8))
     assert all(box in cells for box in regions[0])
     assert len({tuple(b) for b in regions[0]}) == 3
     # direct search: teacher-force the reference response on each occluded copy, one by one
@@ -353,14 +356,14 @@ def test_occlusion_region_matches_a_direct_search(tiny, rows):
 
 def test_region_token_mask_marks_the_cells_of_the_boxes(tiny, rows):
     _, processor = tiny
-    batch = grpo.build_sequences(_responses(rows[:1], processor), processor)
+    batch = _response_sequences(rows[:1], processor)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     ids = batch.inputs["input_ids"][:1]
-    mask = grpo.region_token_mask(ids, batch.grid_thw, [[[28.0, 56.0, 56.0, 84.0]]], [(112, 112)],
+    mask = faithful.region_token_mask(ids, batch.grid_thw, [[[28.0, 56.0, 56.0, 84.0]]], [(112, 112)],
                                   image_id)
     pos, cells = modeling.image_token_cells(ids, batch.grid_thw, 0, image_id)
     assert mask.sum() == 1 and mask[0, pos[cells.tolist().index([2, 1])]]
-    assert grpo.region_token_mask(ids, batch.grid_thw, [[]], [(112, 112)], image_id).sum() == 0
+    assert faithful.region_token_mask(ids, batch.grid_thw, [[]], [(112, 112)], image_id).sum() == 0
 
 
 def test_grpo_run_changes_parameters_and_raises_reward(backbone_params, rows, tmp_path):
@@ -497,7 +500,7 @@ def test_resume_matches_an_uninterrupted_run(backbone_params, sft_state, rows, t
 def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(backbone_params, rows, tmp_path):
     model, processor = _fresh(backbone_params)
     p = _rl(steps=4, checkpoint_every=1, max_new_tokens=6)
-    with pytest.raises(anchoring.NonFiniteLossError, match="step 2"):
+    with pytest.raises(train.NonFiniteLossError, match="step 2"):
         grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo", fail_at_step=2)
     last = repro.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name.endswith("0000002")

@@ -1,4 +1,7 @@
-"""Tests of fmr1lib.prompting: parsing, format checks, think/response texts and the prompt."""
+"""Tests of fmr1lib.prompting: parsing, format checks, think/response texts and the prompt.
+
+Comparing answers is fmr1lib.scoring's job; its table of cases is in tests/test_scoring.py.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ import re
 
 import pytest
 
-from fmr1lib import config, data, modeling, prompting
+from fmr1lib import config, data, modeling, prompting, scoring
 from fmr1lib.prompting import (
-    answers_match,
     is_well_formed,
     normalise,
     parse_answer,
@@ -86,7 +88,7 @@ def test_parse_answer_non_str_never_raises(value):
 def test_parse_answer_wrong_answer_is_parsed_not_matched():
     pred = parse_answer("<think>x</think><answer>blue</answer>")
     assert pred == "blue"
-    assert not answers_match(pred, "red")
+    assert not scoring.answers_match(pred, "red")
 
 
 # --------------------------------------------------------------------------------------
@@ -134,32 +136,8 @@ def test_is_well_formed_rejects(text):
 
 
 # --------------------------------------------------------------------------------------
-# answers_match
+# normalise (the parsed answer's display form)
 # --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "pred, gold, answer_type, expected",
-    [
-        ("3", "3", "number", True),
-        ("3.0", "3", "number", True),
-        ("03", "3", "number", True),
-        (" 3. ", "3", "number", True),
-        ("4", "3", "number", False),
-        ("three", "3", "number", False),
-        ("", "3", "number", False),
-        (None, "3", "number", False),
-        ("red", "red", "word", True),
-        ("Red.", "red", "word", True),
-        ("  light  blue ", "Light Blue", "word", True),
-        ("reddish", "red", "word", False),
-        ("yes", "no", "word", False),
-        (None, "red", "word", False),
-        ("3.0", "3", "word", False),  # words compare as text
-    ],
-)
-def test_answers_match(pred, gold, answer_type, expected):
-    assert answers_match(pred, gold, answer_type) is expected
 
 
 def test_normalise():
@@ -227,7 +205,8 @@ def test_response_round_trips_every_example(examples):
         resp = response_text(e["answer"], think_text(e["question"]))
         assert is_well_formed(resp + "<|im_end|>")
         assert parse_answer(resp) == normalise(e["answer"])
-        assert answers_match(parse_answer(resp), e["answer"], e["answer_type"])
+        assert scoring.answers_match(parse_answer(resp), e["answer"], e["answer_type"],
+                                     e["choices"])
 
 
 # --------------------------------------------------------------------------------------

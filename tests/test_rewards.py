@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmr1lib import rewards
+from fmr1lib import faithful, rewards
 
 GOOD = "<think>look at the circle</think><answer>red</answer>"
 WRONG = "<think>look at the circle</think><answer>blue</answer>"
@@ -27,9 +27,21 @@ def test_accuracy_reward_values():
 
 def test_accuracy_reward_normalises_and_compares_numbers():
     comps = ["<think>a</think><answer> RED. </answer>", "<think>a</think><answer>3.0</answer>",
-             "<think>a</think><answer>three</answer>"]
-    out = rewards.accuracy_reward(comps, ["red", "3", "3"], ["word", "number", "number"])
-    assert out == [1.0, 1.0, 0.0]
+             "<think>a</think><answer>three</answer>", "<think>a</think><answer>four</answer>",
+             "<think>a</think><answer>many</answer>"]
+    out = rewards.accuracy_reward(comps, ["red", "3", "3", "3", "3"], ["word"] + ["number"] * 4)
+    # Number words count as their digits (scoring.normalise_answer); other words never match.
+    assert out == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_accuracy_reward_maps_choice_letters_with_the_choices():
+    comps = ["<answer>B</answer>", "<answer>(b)</answer>", "<answer>blue</answer>",
+             "<answer>A</answer>"]
+    choices = [["green", "blue"]] * 4
+    out = rewards.accuracy_reward(comps, ["blue"] * 4, ["choice"] * 4, choices)
+    assert out == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="lengths differ"):
+        rewards.accuracy_reward(comps, ["blue"] * 4, ["choice"] * 4, choices[:3])
 
 
 def test_accuracy_reward_never_raises_on_odd_input():
@@ -48,10 +60,10 @@ def test_format_reward_values():
 def test_concentration_top_kappa():
     s = [0.1, 0.9, 0.5, 0.0, 0.7]
     share = [0.2, 0.8, 0.4, 1.0, 0.6]
-    assert rewards.concentration(s, share, kappa=1) == pytest.approx(0.8)
-    assert rewards.concentration(s, share, kappa=3) == pytest.approx((0.8 + 0.6 + 0.4) / 3)
+    assert faithful.concentration(s, share, kappa=1) == pytest.approx(0.8)
+    assert faithful.concentration(s, share, kappa=3) == pytest.approx((0.8 + 0.6 + 0.4) / 3)
     # kappa beyond the number of tokens averages all of them
-    assert rewards.concentration(s, share, kappa=10) == pytest.approx(np.mean(share))
+    assert faithful.concentration(s, share, kappa=10) == pytest.approx(np.mean(share))
 
 
 def test_concentration_respects_mask_and_accepts_tensors():
@@ -59,40 +71,40 @@ def test_concentration_respects_mask_and_accepts_tensors():
     share = torch.tensor([0.2, 0.8, 0.4, 0.6])
     mask = torch.tensor([1, 0, 1, 1])
     # token 1 has the largest s_t but is masked out
-    assert rewards.concentration(s, share, mask, kappa=2) == pytest.approx((0.4 + 0.6) / 2)
-    assert rewards.concentration(s, share, torch.zeros(4), kappa=2) == 0.0
+    assert faithful.concentration(s, share, mask, kappa=2) == pytest.approx((0.4 + 0.6) / 2)
+    assert faithful.concentration(s, share, torch.zeros(4), kappa=2) == 0.0
     with pytest.raises(ValueError):
-        rewards.concentration([0.1], [0.1, 0.2])
+        faithful.concentration([0.1], [0.1, 0.2])
     with pytest.raises(ValueError):
-        rewards.concentration([0.1], [0.1], kappa=0)
+        faithful.concentration([0.1], [0.1], kappa=0)
 
 
 def test_concentration_ties_take_earlier_token():
-    assert rewards.concentration([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], kappa=1) == pytest.approx(0.1)
+    assert faithful.concentration([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], kappa=1) == pytest.approx(0.1)
 
 
 def test_faithful_incorrect_trajectories_get_zero():
     c = [0.9, 0.1, 0.5, 0.7]
     correct = [True, False, True, False]
-    raw = rewards.faithful_from_concentration(c, correct, "raw")
+    raw = faithful.faithful_from_concentration(c, correct, "raw")
     assert raw == [0.9, 0.0, 0.5, 0.0]
-    tanh = rewards.faithful_from_concentration(c, correct, "group_tanh")
+    tanh = faithful.faithful_from_concentration(c, correct, "group_tanh")
     assert tanh[1] == 0.0 and tanh[3] == 0.0
 
 
 def test_faithful_group_tanh_neutral_below_two_correct():
-    assert rewards.faithful_from_concentration([0.9, 0.1, 0.5], [True, False, False]) == [0.0] * 3
-    assert rewards.faithful_from_concentration([0.9, 0.1], [False, False]) == [0.0, 0.0]
+    assert faithful.faithful_from_concentration([0.9, 0.1, 0.5], [True, False, False]) == [0.0] * 3
+    assert faithful.faithful_from_concentration([0.9, 0.1], [False, False]) == [0.0, 0.0]
     # equal concentrations carry no signal either
-    assert rewards.faithful_from_concentration([0.4, 0.4], [True, True]) == [0.0, 0.0]
+    assert faithful.faithful_from_concentration([0.4, 0.4], [True, True]) == [0.0, 0.0]
     # raw is not neutral with a single correct trajectory
-    assert rewards.faithful_from_concentration([0.9, 0.1], [True, False], "raw") == [0.9, 0.0]
+    assert faithful.faithful_from_concentration([0.9, 0.1], [True, False], "raw") == [0.9, 0.0]
 
 
 def test_faithful_group_tanh_values():
     c = [0.8, 0.2, 0.5, 0.9]
     correct = [True, True, True, False]
-    out = rewards.faithful_from_concentration(c, correct, "group_tanh", eps=0.0)
+    out = faithful.faithful_from_concentration(c, correct, "group_tanh", eps=0.0)
     chosen = np.array([0.8, 0.2, 0.5])
     z = (chosen - chosen.mean()) / chosen.std()
     assert out[:3] == pytest.approx(list(0.5 * np.tanh(z)))
@@ -103,20 +115,20 @@ def test_faithful_group_tanh_values():
 
 def test_faithful_rejects_bad_form_and_lengths():
     with pytest.raises(ValueError, match="form"):
-        rewards.faithful_from_concentration([0.1], [True], "softmax")
+        faithful.faithful_from_concentration([0.1], [True], "softmax")
     with pytest.raises(ValueError):
-        rewards.faithful_from_concentration([0.1, 0.2], [True])
+        faithful.faithful_from_concentration([0.1, 0.2], [True])
 
 
 def test_faithful_non_finite_concentration_is_zero():
-    out = rewards.faithful_from_concentration([math.nan, 0.5], [True, True], "raw")
+    out = faithful.faithful_from_concentration([math.nan, 0.5], [True, True], "raw")
     assert out == [0.0, 0.5]
 
 
 def test_combine_rewards_weights_and_components():
     acc, fmt, faith = [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.3, 0.0, -0.2]
     out = rewards.combine_rewards(acc, fmt, faith, w_acc=1.0, w_fmt=0.5, w_faith=2.0)
-    assert set(out) == {"overall", "accuracy", "format", "faithful"}
+    assert set(out) == {"overall", "accuracy", "format", "faithful", "extra"}
     assert out["overall"] == pytest.approx([2.1, 0.5, 0.6])
     assert out["accuracy"] == acc and out["format"] == fmt and out["faithful"] == faith
     plain = rewards.combine_rewards(acc, fmt, None, 1.0, 0.5, 2.0)

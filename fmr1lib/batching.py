@@ -1,0 +1,380 @@
+"""Records and completions into model inputs: the one collator every stage and metric uses.
+
+* ``encode_batch``: prompt (+ reference response) and image of each record, left-padded, with
+  the response labels, the ``<Focus>`` position and the anchoring target of each sample
+  (stages 0-1, the evaluation, the occlusion search);
+* ``build_sequences``: prompts + sampled completions (``G`` per prompt, the prompt's image
+  repeated ``G`` times) for the teacher-forced forwards of stage 2 and the answer-attention
+  metric;
+* ``completion_logits`` / ``answer_token_mask``: the logits that predict a completion, and its
+  answer span;
+* ``batch_indices``: which records a training step reads (seeded, resumable, sharded).
+
+Nothing here trains or scores: the stages and metrics above build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmr1lib import modeling, prompting, records
+
+STAGE_VARIANTS = ("plain", "focus_anchor", "text_perception")
+"""Response templates: ``text_perception`` describes the evidence in words after ``<Focus>``."""
+
+
+# --------------------------------------------------------------------------------------
+# The text-perception response (the baseline of stage 1)
+# --------------------------------------------------------------------------------------
+
+_POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left",
+              (1, 1): "center", (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom",
+              (2, 2): "bottom right"}
+
+
+def position_words(box: Sequence[float], image_size: tuple[int, int]) -> str:
+    """Coarse position of a box in a 3x3 split of the image.
+
+    >>> position_words([0, 0, 10, 10], (112, 112))
+    'top left'
+    """
+    w, h = image_size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return _POSITIONS[(min(2, int(3 * cy / h)), min(2, int(3 * cx / w)))]
+
+
+def perception_text(meta: dict[str, Any], image_size: tuple[int, int]) -> str:
+    """Words for the evidence of a FocusShapes record ("the red triangle, top left")."""
+    objs = [meta["objects"][i] for i in meta.get("evidence_objects", [])]
+    if not objs:
+        return "nothing"
+    parts = []
+    for o in objs:
+        color = o["color"] or "grey"
+        parts.append(f"the {color} {o['shape']}, {position_words(o['box'], image_size)}")
+    return " and ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Records -> inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what the losses need."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    focus_pos: torch.Tensor
+    targets: list[torch.Tensor | None]
+    ids: list[str] = field(default_factory=list)
+
+
+def _reference_response(row: dict[str, Any], image: Any, variant: str) -> str:
+    perception = None
+    if variant == "text_perception":
+        perception = perception_text(records.decode_meta(row["meta"]), image.size)
+    think = prompting.think_text(row["question"], prompting.think_variant(str(row.get("id", ""))))
+    return prompting.response_text(row["answer"], think, perception) + "<|im_end|>"
+
+
+def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = "plain",
+                 with_response: bool = True, smooth_sigma: float = 0.0) -> Batch:
+    """Tokenise prompt (+ response) and image for each record.
+
+    The response tokens (and the closing ``<|im_end|>``) are the only labelled ones; the
+    ``<Focus>`` token is the last prompt token. Relies on left padding.
+
+    Returns:
+        ``Batch`` with ``labels [B, S]`` (-100 outside responses), ``focus_pos [B]`` and, per
+        sample, the target ``q`` over its image tokens (None when it has no evidence boxes).
+    """
+    if variant not in STAGE_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {STAGE_VARIANTS}")
+    tok = processor.tokenizer
+    images = [r["image"].convert("RGB") for r in rows]
+    prompts = [prompting.prompt_text(processor, r["question"]) for r in rows]
+    responses = [_reference_response(r, im, variant) if with_response else ""
+                 for r, im in zip(rows, images, strict=True)]
+    enc = processor(text=[p + s for p, s in zip(prompts, responses, strict=True)], images=images,
+                    return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    seq = ids.shape[1]
+    labels = torch.full_like(ids, -100)
+    focus_id = tok.convert_tokens_to_ids(prompting.FOCUS)
+    focus_pos = torch.empty(len(rows), dtype=torch.long)
+    image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    targets: list[torch.Tensor | None] = []
+    for b, resp in enumerate(responses):
+        n_resp = len(tok(resp, add_special_tokens=False)["input_ids"]) if resp else 0
+        if n_resp:
+            labels[b, seq - n_resp:] = ids[b, seq - n_resp:]
+        focus_pos[b] = seq - n_resp - 1
+        if int(ids[b, focus_pos[b]]) != focus_id:
+            raise ValueError(f"record {rows[b].get('id')}: <Focus> not at the end of the prompt "
+                             f"(tokenisation of prompt + response is not additive)")
+        boxes = [list(bx) for bx in rows[b]["evidence_boxes"]]
+        if boxes:
+            grid = modeling.boxes_to_grid(boxes, images[b].size, enc["image_grid_thw"][b],
+                                          smooth_sigma)
+            n_img = int((ids[b] == image_token_id).sum())
+            q = grid.flatten()
+            targets.append(q if q.sum() > 0 and q.numel() == n_img else None)
+        else:
+            targets.append(None)
+    return Batch(inputs=dict(enc), labels=labels, focus_pos=focus_pos, targets=targets,
+                 ids=[r.get("id", "") for r in rows])
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
+                  world: int = 1) -> list[int]:
+    """The example indices of optimiser step ``step``: seeded epoch permutations, sharded.
+
+    Deterministic in ``(n, batch_size, step, seed)``, so a resumed run sees the same data.
+
+    >>> batch_indices(10, 4, 0, seed=0) == batch_indices(10, 4, 0, seed=0)
+    True
+    """
+    global_bs = batch_size * world
+    per_epoch = max(1, n // global_bs)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    chunk = order[k * global_bs:(k + 1) * global_bs]
+    return [int(i) for i in chunk[rank::world]]
+
+
+# --------------------------------------------------------------------------------------
+# Prompts + completions -> sequences
+# --------------------------------------------------------------------------------------
+
+
+def repeat_image_inputs(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                        repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat each image ``repeats`` times, keeping images of a prompt consecutive.
+
+    ``pixel_values`` concatenates the patches of all images (``t * h * w`` rows per image), so
+    it is repeated per image block, not per row.
+
+    Args:
+        pixel_values: ``[sum_i t_i h_i w_i, D]``.
+        image_grid_thw: ``[n_images, 3]``.
+        repeats: copies per image.
+
+    Returns:
+        ``(pixel_values, image_grid_thw)`` for ``n_images * repeats`` images.
+
+    >>> pv, thw = repeat_image_inputs(torch.arange(3.)[:, None], torch.tensor([[1, 1, 1], [1, 1, 2]]), 2)
+    >>> pv[:, 0].tolist(), thw[:, 2].tolist()
+    ([0.0, 0.0, 1.0, 2.0, 1.0, 2.0], [1, 1, 2, 2])
+    """
+    counts = image_grid_thw.prod(-1).tolist()
+    blocks = torch.split(pixel_values, counts)
+    pv = torch.cat([blk for blk in blocks for _ in range(repeats)])
+    return pv, image_grid_thw.repeat_interleave(repeats, dim=0)
+
+
+def completion_tokens(completion_ids: torch.Tensor, eos_id: int,
+                      forbidden_ids: Sequence[int] = ()) -> tuple[list[list[int]], list[bool]]:
+    """Cut sampled completions to their valid tokens.
+
+    A completion keeps its tokens up to and including the first ``eos_id`` (all of them when it
+    was truncated). A completion that sampled a forbidden (vision) token is cut before it and
+    flagged: it gets reward 0, and re-processing it never sees a vision token.
+
+    Args:
+        completion_ids: ``[N, T]`` as returned by ``modeling.generate``.
+        eos_id: id of ``<|im_end|>``.
+        forbidden_ids: ids that must not appear (vision tokens).
+
+    Returns:
+        ``(tokens, ok)``: per completion its valid token ids, and False where a forbidden
+        token was sampled.
+
+    >>> completion_tokens(torch.tensor([[5, 6, 2, 0], [5, 9, 7, 7]]), eos_id=2, forbidden_ids=[9])
+    ([[5, 6, 2], [5]], [True, False])
+    """
+    forbidden = set(int(i) for i in forbidden_ids)
+    out, ok = [], []
+    for row in completion_ids.tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        bad = next((k for k, t in enumerate(row) if t in forbidden), None)
+        ok.append(bad is None)
+        out.append(row if bad is None else row[:bad])
+    return out, ok
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + completion sequences of some prompts, ready for a forward."""
+
+    inputs: dict[str, torch.Tensor]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_len: int
+    group_size: int
+    image_sizes: list[tuple[int, int]]
+    grid_thw: torch.Tensor
+    focus_targets: list[torch.Tensor | None]
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """``[N, T]``: the position whose logits predict completion token ``t`` (``S - 1 + t``).
+
+        Its attention row is the token's query row for the faithful reward.
+        """
+        n, t = self.completion_ids.shape
+        return (self.prompt_len - 1 + torch.arange(t)).expand(n, t)
+
+    def to(self, device: Any) -> SequenceBatch:
+        """The batch on ``device``."""
+        moved = {k: v.to(device) for k, v in self.inputs.items()}
+        return SequenceBatch(moved, self.completion_ids.to(device),
+                             self.completion_mask.to(device), self.prompt_len, self.group_size,
+                             self.image_sizes, self.grid_thw, self.focus_targets)
+
+
+def build_sequences(rows: Sequence[dict[str, Any]], completions: Sequence[Sequence[Sequence[int]]],
+                    processor: Any) -> SequenceBatch:
+    """Left-padded prompts + right-padded completions: ``G`` completions per record.
+
+    Args:
+        rows: the records (image, question, evidence boxes).
+        completions: per record, ``G`` completions as token-id lists (the same ``G`` for all).
+        processor: the model's processor.
+
+    Returns:
+        A ``SequenceBatch`` of ``len(rows) * G`` sequences; the image inputs of each prompt
+        are repeated ``G`` times.
+    """
+    if len(rows) != len(completions):
+        raise ValueError(f"{len(rows)} records but {len(completions)} completion lists")
+    g_size = len(completions[0])
+    if any(len(c) != g_size for c in completions):
+        raise ValueError("every record must have the same number of completions")
+    batch = encode_batch(rows, processor, "plain", with_response=False)
+    enc = batch.inputs
+    pad_id = processor.tokenizer.pad_token_id
+    flat = [list(c) for per_row in completions for c in per_row]
+    n = len(flat)
+    t = max(1, max(len(c) for c in flat))
+    comp = torch.full((n, t), pad_id, dtype=torch.long)
+    cmask = torch.zeros((n, t), dtype=torch.long)
+    for i, toks in enumerate(flat):
+        if toks:
+            comp[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            cmask[i, : len(toks)] = 1
+    inputs = {
+        "input_ids": torch.cat([enc["input_ids"].repeat_interleave(g_size, dim=0), comp], dim=1),
+        "attention_mask": torch.cat([enc["attention_mask"].repeat_interleave(g_size, dim=0),
+                                     cmask], dim=1),
+    }
+    inputs["pixel_values"], inputs["image_grid_thw"] = repeat_image_inputs(
+        enc["pixel_values"], enc["image_grid_thw"], g_size)
+    if "mm_token_type_ids" in enc:  # kept when the encoder provides it (3D rope positions)
+        inputs["mm_token_type_ids"] = torch.cat(
+            [enc["mm_token_type_ids"].repeat_interleave(g_size, dim=0),
+             torch.zeros_like(comp, dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+    return SequenceBatch(inputs=inputs, completion_ids=comp, completion_mask=cmask,
+                         prompt_len=enc["input_ids"].shape[1], group_size=g_size,
+                         image_sizes=[r["image"].size for r in rows],
+                         grid_thw=enc["image_grid_thw"], focus_targets=batch.targets)
+
+
+def completion_logits(model: Any, inputs: dict[str, torch.Tensor], n_completion: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict the last ``n_completion`` tokens of each sequence, fp32.
+
+    Only the needed positions go through the LM head (``logits_to_keep``).
+
+    Returns:
+        ``[N, n_completion, V]``; row ``t`` predicts token ``seq - n_completion + t``.
+    """
+    out = model(**inputs, logits_to_keep=n_completion + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probability of each target token under ``logits`` (fp32), zero where masked.
+
+    Args:
+        logits: ``[N, T, V]``: row ``t`` is the distribution that predicts ``target_ids[:, t]``.
+        target_ids: ``[N, T]``.
+        mask: ``[N, T]`` valid tokens (default: all).
+
+    Returns:
+        ``[N, T]``.
+
+    >>> token_logprobs(torch.zeros(1, 2, 4), torch.tensor([[0, 3]])).exp().tolist()
+    [[0.25, 0.25]]
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids[..., None])[..., 0]
+    if mask is not None:
+        logp = logp * mask.to(logp.dtype)
+    return logp
+
+
+def answer_span(tokens: Sequence[int], open_id: int, close_id: int) -> tuple[int, int] | None:
+    """``(start, end)`` of the tokens strictly inside the first ``<answer>...</answer>``.
+
+    Returns None when either tag is missing or the span is empty.
+
+    >>> answer_span([7, 1, 5, 6, 2, 9], open_id=1, close_id=2)
+    (2, 4)
+    >>> answer_span([7, 1, 2], open_id=1, close_id=2) is None
+    True
+    """
+    toks = list(tokens)
+    if open_id not in toks:
+        return None
+    a = toks.index(open_id)
+    if close_id not in toks[a + 1:]:
+        return None
+    b = a + 1 + toks[a + 1:].index(close_id)
+    return (a + 1, b) if b > a + 1 else None
+
+
+def answer_token_mask(labels: torch.Tensor, open_id: int, close_id: int) -> torch.Tensor:
+    """Labelled tokens of each row inside its answer span (all labelled ones if it has none).
+
+    Args:
+        labels: ``[B, T]`` token ids, -100 outside the response.
+        open_id: id of ``<answer>``.
+        close_id: id of ``</answer>``.
+
+    Returns:
+        BoolTensor ``[B, T]``.
+
+    >>> answer_token_mask(torch.tensor([[-100, 7, 1, 5, 6, 2, 9]]), 1, 2).tolist()
+    [[False, False, False, True, True, False, False]]
+    """
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    for b, row in enumerate(labels.tolist()):
+        idx = [k for k, v in enumerate(row) if v != -100]
+        span = answer_span([row[k] for k in idx], open_id, close_id)
+        if span is None:
+            out[b, idx] = True
+        else:
+            out[b, idx[span[0]]:idx[span[1] - 1] + 1] = True
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """No-grad, eval-mode block (no dropout, no gradient checkpointing), restoring the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,538 @@
+"""The paper's contribution in one file: the counterfactual faithful reward (docs/design.md §6).
+
+For an answer-correct trajectory ``y`` of a prompt with image ``I``:
+
+1. **Causal region** ``C``: the record's evidence boxes (``boxes``), or, without annotation, the
+   cells whose occlusion most lowers the reference answer's log-probability (``occlusion``,
+   ``occlusion_region``).
+2. **Counterfactual image** ``I'``: ``I`` with ``C`` removed (``counterfactual_pixels``, one of
+   ``counterfactual.METHODS``).
+3. **Visual dependency** of each response token, from one teacher-forced forward on ``I'``:
+   ``s_t = KL(pi(.|I, y<t) || pi(.|I', y<t))`` (``visual_dependency``).
+4. **Concentration** ``c``: the mean, over the top-``kappa`` tokens by ``s_t``, of the share of
+   the token's image attention that lies inside ``C`` (``region_share``, ``concentration``).
+   The attention rows are those of the *sampled* tokens, captured in the training forward that
+   also gives the log-probabilities (a reward built on the ``<Focus>`` row would be the same for
+   every sample of a group).
+5. **Reward**: ``c`` (``raw``) or ``0.5 tanh(z)`` of ``c`` standardised among the group's
+   correct trajectories (``group_tanh``); 0 for incorrect ones (``faithful_from_concentration``).
+
+``counterfactual_view`` and ``faithful_rewards`` are the two calls ``grpo.grpo_step`` makes;
+``explain_trajectories`` computes every ingredient for hand-picked completions (notebook 04).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmr1lib import attention, batching, counterfactual, modeling, prompting, records, rewards
+
+REGIONS = ("boxes", "occlusion")
+"""Where the causal region ``C`` comes from."""
+FAITHFUL_FORMS = ("raw", "group_tanh")
+REGION_EPS = 1e-6
+"""Cells whose box-overlap weight is below this count as outside the region (float slivers)."""
+
+
+# --------------------------------------------------------------------------------------
+# Visual dependency and attention share (tensors)
+# --------------------------------------------------------------------------------------
+
+
+def visual_dependency(logits_I: torch.Tensor, logits_I_cf: torch.Tensor,  # noqa: N803
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token visual dependency ``s_t = KL(pi(.|I, y<t) || pi(.|I', y<t))``.
+
+    Args:
+        logits_I: ``[N, T, V]`` logits on the real image (row ``t`` predicts token ``t``).
+        logits_I_cf: ``[N, T, V]`` logits of the same tokens on the counterfactual image.
+        mask: ``[N, T]`` valid tokens (default: all).
+
+    Returns:
+        ``[N, T]`` non-negative, zero where masked.
+
+    >>> x = torch.randn(2, 3, 5)
+    >>> float(visual_dependency(x, x).abs().max()) < 1e-6
+    True
+    """
+    lp = torch.log_softmax(logits_I.float(), dim=-1)
+    lq = torch.log_softmax(logits_I_cf.float(), dim=-1)
+    s = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+    if mask is not None:
+        s = s * mask.to(s.dtype)
+    return s
+
+
+def region_share(attn_rows: torch.Tensor, region_token_mask: torch.Tensor,
+                 image_token_mask: torch.Tensor) -> torch.Tensor:
+    """Share of each query row's image attention that lies on image tokens inside the region.
+
+    Each row is restricted to the sample's image tokens and renormalised, the mass on the
+    region's tokens is summed, and (for per-layer rows) averaged over layers.
+
+    Args:
+        attn_rows: ``[N, n_layers, T, seq]`` or ``[N, T, seq]`` attention rows.
+        region_token_mask: ``[N, seq]`` image tokens inside the causal region ``C``.
+        image_token_mask: ``[N, seq]`` all image tokens of the sample.
+
+    Returns:
+        ``[N, T]`` in ``[0, 1]`` (0 for a row with no mass on the image).
+
+    >>> rows = torch.tensor([[[0.5, 0.3, 0.1, 0.1]]])
+    >>> img = torch.tensor([[False, True, True, True]])
+    >>> reg = torch.tensor([[False, True, False, False]])
+    >>> region_share(rows, reg, img).tolist()
+    [[0.6000000238418579]]
+    """
+    if attn_rows.ndim not in (3, 4):
+        raise ValueError(f"attn_rows must be [N, L, T, seq] or [N, T, seq], got {tuple(attn_rows.shape)}")
+    a = attn_rows.float()
+    img = image_token_mask.to(a.device, a.dtype)
+    reg = (region_token_mask.bool() & image_token_mask.bool()).to(a.device, a.dtype)
+    shape = (a.shape[0],) + (1,) * (a.ndim - 2) + (a.shape[-1],)
+    total = (a * img.view(shape)).sum(-1)
+    inside = (a * reg.view(shape)).sum(-1)
+    share = torch.where(total > 0, inside / total.clamp_min(torch.finfo(a.dtype).tiny),
+                        torch.zeros_like(total))
+    return share.mean(dim=1) if a.ndim == 4 else share
+
+
+# --------------------------------------------------------------------------------------
+# Concentration and the reward (numbers)
+# --------------------------------------------------------------------------------------
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensors
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int = 4) -> float:
+    """Mean attention share inside the causal region over the top-``kappa`` tokens by ``s_t``.
+
+    Args:
+        s_t: ``[T]`` visual dependency of each response token.
+        share_in_region: ``[T]`` share of each token's image attention inside the region.
+        mask: ``[T]`` valid response tokens (default: all); at most ``kappa`` valid tokens
+            with the largest ``s_t`` enter the mean (ties: the earlier token).
+        kappa: number of tokens averaged.
+
+    Returns:
+        The concentration ``c`` in ``[0, 1]``; 0.0 when no token is valid.
+
+    >>> round(concentration([0.1, 0.9, 0.5, 0.0], [0.2, 0.8, 0.4, 1.0], kappa=2), 6)
+    0.6
+    >>> concentration([0.1, 0.9], [0.2, 0.8], mask=[1, 0], kappa=2)
+    0.2
+    """
+    if kappa < 1:
+        raise ValueError(f"kappa must be >= 1, got {kappa}")
+    s = _as_array(s_t)
+    share = _as_array(share_in_region)
+    if s.shape != share.shape:
+        raise ValueError(f"s_t {s.shape} and share_in_region {share.shape} differ in shape")
+    valid = np.ones_like(s, dtype=bool) if mask is None else _as_array(mask) > 0
+    idx = np.flatnonzero(valid & np.isfinite(s) & np.isfinite(share))
+    if idx.size == 0:
+        return 0.0
+    order = idx[np.argsort(-s[idx], kind="stable")][:kappa]
+    return float(share[order].mean())
+
+
+def faithful_from_concentration(c: Sequence[float], correct: Sequence[bool],
+                                form: str = "group_tanh", eps: float = 1e-6) -> list[float]:
+    """Faithful reward of ONE group of trajectories from their concentrations.
+
+    Args:
+        c: concentration of each trajectory of the group (ignored where incorrect).
+        correct: whether each trajectory's answer is correct.
+        form: ``raw`` (reward = c) or ``group_tanh`` (reward = 0.5 * tanh(z), z = (c - mean) /
+            std over the group's correct trajectories, population std; neutral 0 when fewer
+            than two trajectories are correct or their concentrations are all equal).
+        eps: added to the std.
+
+    Returns:
+        One reward per trajectory; 0.0 for incorrect ones.
+
+    >>> faithful_from_concentration([0.9, 0.1, 0.5], [True, True, False], "raw")
+    [0.9, 0.1, 0.0]
+    >>> [round(r, 3) for r in faithful_from_concentration([0.9, 0.1, 0.5], [True, True, False])]
+    [0.381, -0.381, 0.0]
+    >>> faithful_from_concentration([0.9, 0.1], [True, False])
+    [0.0, 0.0]
+    """
+    if form not in FAITHFUL_FORMS:
+        raise ValueError(f"unknown faithful form {form!r}; use one of {FAITHFUL_FORMS}")
+    if len(c) != len(correct):
+        raise ValueError(f"{len(c)} concentrations but {len(correct)} correctness flags")
+    ok = [bool(k) for k in correct]
+    vals = [float(v) if math.isfinite(float(v)) else 0.0 for v in c]
+    if form == "raw":
+        return [v if k else 0.0 for v, k in zip(vals, ok, strict=True)]
+    chosen = np.array([v for v, k in zip(vals, ok, strict=True) if k], dtype=np.float64)
+    if chosen.size < 2:
+        return [0.0] * len(vals)
+    mean, std = chosen.mean(), chosen.std()
+    if chosen.max() == chosen.min():
+        return [0.0] * len(vals)
+    return [float(0.5 * math.tanh((v - mean) / (std + eps))) if k else 0.0
+            for v, k in zip(vals, ok, strict=True)]
+
+
+# --------------------------------------------------------------------------------------
+# Causal regions and counterfactual images
+# --------------------------------------------------------------------------------------
+
+
+def cell_boxes(image_size: tuple[int, int], grid_thw: Sequence[int]) -> list[list[float]]:
+    """The merged image-token cells of an image as boxes in original-pixel coordinates.
+
+    Cell ``(r, c)`` covers resized pixels ``[28c, 28c+28) x [28r, 28r+28)``; scaled back to the
+    original size it is ``[c W/cols, r H/rows, (c+1) W/cols, (r+1) H/rows]``. Listed row-major,
+    the order of the image tokens.
+
+    >>> cell_boxes((112, 56), (1, 4, 8))[:2]
+    [[0.0, 0.0, 28.0, 28.0], [28.0, 0.0, 56.0, 28.0]]
+    """
+    w0, h0 = image_size
+    _, gh, gw = (int(v) for v in grid_thw)
+    rows, cols = gh // modeling.MERGE, gw // modeling.MERGE
+    return [[c * w0 / cols, r * h0 / rows, (c + 1) * w0 / cols, (r + 1) * h0 / rows]
+            for r in range(rows) for c in range(cols)]
+
+
+def intervention_kwargs(row: dict[str, Any]) -> dict[str, Any]:
+    """The seed and background fill of a record's interventions (from its meta)."""
+    meta = records.decode_meta(row.get("meta"))
+    kw: dict[str, Any] = {"seed": int(meta.get("seed", 0))}
+    if meta.get("background") is not None:
+        kw["fill"] = tuple(int(v) for v in meta["background"])
+    return kw
+
+
+def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
+                     method: str = "background", chunk_size: int = 64) -> list[list[list[float]]]:
+    """Annotation-free causal regions: the cells whose occlusion most lowers the answer.
+
+    For each prompt, every merged 28-px cell of the resized image is occluded in turn
+    (``counterfactual.intervene`` on the cell's box, no padding), and the reference response
+    (``<think>`` from the question, the ground-truth answer, ``<|im_end|>``) is teacher-forced on
+    all copies in batched forwards. The ``n_cells`` cells with the lowest log-probability of the
+    answer tokens are the region.
+
+    Args:
+        model: the policy (run in eval mode, no grad).
+        processor: its processor.
+        rows: records with image, question, answer (and meta for the intervention seed/fill).
+        n_cells: cells kept per prompt.
+        method: intervention method (``counterfactual.METHODS``).
+        chunk_size: occluded copies per forward.
+
+    Returns:
+        Per prompt, ``n_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels, most
+        damaging cell first.
+    """
+    if not rows:
+        return []
+    tok = processor.tokenizer
+    open_id = tok.convert_tokens_to_ids(prompting.ANSWER_OPEN)
+    close_id = tok.convert_tokens_to_ids(prompting.ANSWER_CLOSE)
+    images = [r["image"].convert("RGB") for r in rows]
+    grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+    copies: list[dict[str, Any]] = []
+    owner: list[tuple[int, int]] = []
+    all_cells = []
+    for i, (row, image) in enumerate(zip(rows, images, strict=True)):
+        cells = cell_boxes(image.size, grids[i])
+        all_cells.append(cells)
+        kw = intervention_kwargs(row)
+        for k, box in enumerate(cells):
+            occluded = counterfactual.intervene(image, [box], method, pad=0, **kw)
+            copies.append({"image": occluded, "question": row["question"], "answer": row["answer"],
+                           "evidence_boxes": [], "meta": row.get("meta")})
+            owner.append((i, k))
+    device = next(model.parameters()).device
+    scores = torch.empty(len(copies))
+    with batching.eval_mode(model):
+        for start in range(0, len(copies), chunk_size):
+            part = copies[start:start + chunk_size]
+            batch = batching.encode_batch(part, processor, "plain", with_response=True)
+            labels = batch.labels
+            n_resp = int((labels != -100).sum(1).max())
+            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+            logits = batching.completion_logits(model, inputs, n_resp)
+            targets = labels[:, -n_resp:].clamp_min(0).to(device)
+            keep = batching.answer_token_mask(labels, open_id, close_id)[:, -n_resp:].to(device)
+            logp = batching.token_logprobs(logits, targets, keep)
+            scores[start:start + len(part)] = logp.sum(1).cpu()
+    regions: list[list[list[float]]] = []
+    for i in range(len(rows)):
+        idx = [j for j, (o, _) in enumerate(owner) if o == i]
+        order = sorted(range(len(idx)), key=lambda k: (float(scores[idx[k]]), k))[:n_cells]
+        regions.append([list(all_cells[i][owner[idx[k]][1]]) for k in order])
+    return regions
+
+
+def region_token_mask(input_ids: torch.Tensor, grid_thw: torch.Tensor,
+                      regions: Sequence[Sequence[Sequence[float]]],
+                      image_sizes: Sequence[tuple[int, int]], image_token_id: int) -> torch.Tensor:
+    """Image tokens whose cell overlaps the sample's region.
+
+    Args:
+        input_ids: ``[B, seq]``.
+        grid_thw: ``[B, 3]`` one image per sample.
+        regions: per sample, boxes in original pixels (empty: no token).
+        image_sizes: per sample, original ``(width, height)``.
+        image_token_id: id of ``<|image_pad|>``.
+
+    Returns:
+        BoolTensor ``[B, seq]``.
+    """
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    ids_cpu = input_ids.cpu()
+    for b, boxes in enumerate(regions):
+        if not boxes:
+            continue
+        positions, cells = modeling.image_token_cells(ids_cpu, grid_thw.cpu(), b, image_token_id)
+        grid = modeling.boxes_to_grid([list(bx) for bx in boxes], image_sizes[b], grid_thw[b])
+        inside = grid[cells[:, 0], cells[:, 1]] > REGION_EPS
+        mask[b, positions[inside].to(mask.device)] = True
+    return mask
+
+
+def counterfactual_pixels(rows: Sequence[dict[str, Any]], regions: Sequence[Sequence[Sequence[float]]],
+                          processor: Any, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image inputs of the counterfactual views ``I'`` (regions removed, 1 px padding).
+
+    Returns:
+        ``(pixel_values, image_grid_thw)`` for one image per row.
+    """
+    images = [counterfactual.intervene(r["image"], [list(b) for b in reg], method, pad=1,
+                                       **intervention_kwargs(r))
+              for r, reg in zip(rows, regions, strict=True)]
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    return enc["pixel_values"], enc["image_grid_thw"]
+
+
+def causal_regions(model: Any, processor: Any, rows: Sequence[dict[str, Any]], region: str,
+                   occlusion_cells: int = 2,
+                   method: str = "background") -> list[list[list[float]]]:
+    """The causal region ``C`` of each record: its evidence boxes, or the occlusion search's cells."""
+    if region not in REGIONS:
+        raise ValueError(f"unknown causal region {region!r}; use one of {REGIONS}")
+    if region == "occlusion":
+        return occlusion_region(model, processor, rows, occlusion_cells, method)
+    return [[list(b) for b in r["evidence_boxes"]] for r in rows]
+
+
+# --------------------------------------------------------------------------------------
+# The reward of a batch of groups
+# --------------------------------------------------------------------------------------
+
+
+def distinct_correct(tokens: Sequence[Sequence[int]], correct: Sequence[bool]) -> list[list[int]]:
+    """Indices of the correct completions of a group, grouped by identical token sequence.
+
+    Identical trajectories get identical attention, ``s_t`` and concentration, so the
+    faithful reward is computed once per distinct sequence.
+
+    >>> distinct_correct([[1, 2], [3], [1, 2]], [True, True, True])
+    [[0, 2], [1]]
+    """
+    seen: dict[tuple[int, ...], list[int]] = {}
+    for k, (toks, ok) in enumerate(zip(tokens, correct, strict=True)):
+        if ok:
+            seen.setdefault(tuple(toks), []).append(k)
+    return list(seen.values())
+
+
+def faithful_eligible(row: dict[str, Any], distinct: Sequence[Sequence[int]], region: str,
+                      form: str) -> bool:
+    """Whether the faithful reward of a group can be non-zero.
+
+    It needs a causal region (evidence boxes unless ``region`` is ``occlusion``), and a correct
+    trajectory (``raw``) or two distinct correct trajectories (``group_tanh``: identical ones
+    have equal concentrations, so z = 0).
+    """
+    if region != "occlusion" and not row["evidence_boxes"]:
+        return False
+    return len(distinct) >= (2 if form == "group_tanh" else 1)
+
+
+@dataclass
+class CounterfactualView:
+    """What the faithful reward needs besides the training forward."""
+
+    selected: torch.Tensor          # [n_sel] one trajectory per distinct correct sequence
+    copies: list[list[int]]         # per selected one, all batch trajectories it stands for
+    logits_cf: torch.Tensor         # [n_sel, T, V] on I'
+    region_mask: torch.Tensor       # [n_sel, seq] image tokens inside C
+    image_mask: torch.Tensor        # [n_sel, seq] all image tokens
+
+
+def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatch,
+                        rows: Sequence[dict[str, Any]], distinct: Sequence[Sequence[Sequence[int]]],
+                        region: str = "boxes", occlusion_cells: int = 2,
+                        method: str = "background",
+                        temperature: float = 1.0) -> CounterfactualView | None:
+    """Regions, counterfactual images and the teacher-forced forward on ``I'`` (eval, no grad).
+
+    Args:
+        model: the policy (unwrapped).
+        processor: its processor.
+        batch: the sequences of ``len(rows)`` groups of ``G`` trajectories.
+        rows: the groups' records.
+        distinct: per group, its distinct correct trajectories (``distinct_correct``); empty for
+            a group that is not to be scored.
+        region: ``boxes`` or ``occlusion``.
+        occlusion_cells: cells of an occlusion region.
+        method: intervention (``counterfactual.METHODS``).
+        temperature: the sampling temperature (the logits are divided by it, as in the loss).
+
+    Returns:
+        The view, or None when no group is scored.
+    """
+    eligible = [i for i, d in enumerate(distinct) if d]
+    if not eligible:
+        return None
+    g_size = batch.group_size
+    regions = causal_regions(model, processor, [rows[i] for i in eligible], region,
+                             occlusion_cells, method)
+    pv_cf, thw_cf = counterfactual_pixels([rows[i] for i in eligible], regions, processor, method)
+    blocks = torch.split(pv_cf, thw_cf.prod(-1).tolist())
+    ids = batch.inputs["input_ids"]
+    sel, copies, pv_parts, thw_parts, reg_per_sel = [], [], [], [], []
+    grid_per_sel, size_per_sel = [], []
+    for e, gi in enumerate(eligible):
+        for same in distinct[gi]:
+            sel.append(gi * g_size + same[0])
+            copies.append([gi * g_size + k for k in same])
+            pv_parts.append(blocks[e])
+            thw_parts.append(thw_cf[e])
+            reg_per_sel.append(regions[e])
+            grid_per_sel.append(batch.grid_thw[gi])
+            size_per_sel.append(batch.image_sizes[gi])
+    selected = torch.tensor(sel, dtype=torch.long, device=ids.device)
+    cf_inputs = {k: v.index_select(0, selected) for k, v in batch.inputs.items()
+                 if k not in ("pixel_values", "image_grid_thw")}
+    cf_inputs["pixel_values"] = torch.cat(pv_parts).to(ids.device, batch.inputs["pixel_values"].dtype)
+    cf_inputs["image_grid_thw"] = torch.stack(thw_parts).to(ids.device)
+    with batching.eval_mode(model):
+        logits_cf = batching.completion_logits(model, cf_inputs, batch.completion_ids.shape[1],
+                                               temperature)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    sel_ids = cf_inputs["input_ids"]
+    region_mask = region_token_mask(sel_ids, torch.stack(grid_per_sel), reg_per_sel, size_per_sel,
+                                    image_id).to(ids.device)
+    return CounterfactualView(selected=selected, copies=copies, logits_cf=logits_cf,
+                              region_mask=region_mask,
+                              image_mask=attention.image_token_mask(sel_ids, image_id))
+
+
+def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBatch,
+                     logits: torch.Tensor, attn: torch.Tensor | None, kappa: int = 4,
+                     form: str = "group_tanh",
+                     stats: dict[str, list[float]] | None = None) -> list[float]:
+    """Faithful reward of every trajectory of ``batch`` (0 where not scored).
+
+    Args:
+        view: from ``counterfactual_view`` (None: nothing scored, all rewards 0).
+        batch: the sequences (groups of ``batch.group_size``).
+        logits: ``[N, T, V]`` the training forward's completion logits on ``I``.
+        attn: ``[N, n_layers, T, seq]`` the sampled tokens' captured attention rows.
+        kappa: tokens averaged in the concentration.
+        form: ``raw`` or ``group_tanh``.
+        stats: optional lists to append ``concentration``, ``s_t``, ``share`` (per scored
+            trajectory) and ``distinct`` (per distinct sequence) to.
+
+    Returns:
+        ``N`` rewards.
+    """
+    g_size = batch.group_size
+    n = batch.completion_ids.shape[0]
+    conc = [0.0] * n
+    scored = [False] * n
+    if view is not None and attn is not None:
+        sel = view.selected
+        mask = batch.completion_mask.index_select(0, sel)
+        s_t = visual_dependency(logits.detach().index_select(0, sel), view.logits_cf, mask)
+        share = region_share(attn.detach().index_select(0, sel), view.region_mask, view.image_mask)
+        for j, same in enumerate(view.copies):
+            c = concentration(s_t[j], share[j], mask[j], kappa)
+            m = mask[j].bool()
+            for i in same:
+                conc[i], scored[i] = c, True
+                if stats is not None:
+                    stats["concentration"].append(c)
+                    stats["s_t"].append(float(s_t[j][m].mean()) if m.any() else 0.0)
+                    stats["share"].append(float(share[j][m].mean()) if m.any() else 0.0)
+            if stats is not None:
+                stats["distinct"].append(1.0)
+    out: list[float] = []
+    for start in range(0, n, g_size):
+        sl = slice(start, start + g_size)
+        out += faithful_from_concentration(conc[sl], scored[sl], form)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The worked example (notebook 04)
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], completions: Sequence[str],
+                         region: Sequence[Sequence[float]] | None = None,
+                         method: str = "background", layers: Any = "last_half",
+                         kappa: int = 4) -> list[dict[str, Any]]:
+    """The faithful reward's ingredients for hand-picked completions of one prompt.
+
+    For each completion (teacher-forced): its tokens, the visual dependency ``s_t`` of every
+    token (KL between the policy on ``I`` and on ``I'`` with the region removed), the share of
+    each token's image attention inside the region, and the concentration ``c`` over the
+    top-``kappa`` tokens. ``region`` defaults to the record's evidence boxes.
+
+    Returns:
+        One dict per completion: ``tokens``, ``s_t``, ``share``, ``concentration``, ``correct``.
+    """
+    tok = processor.tokenizer
+    region = [list(b) for b in (row["evidence_boxes"] if region is None else region)]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    token_lists = [tok(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+    acc_r = rewards.accuracy_reward(list(completions), [row["answer"]] * len(completions),
+                                    [row.get("answer_type") or "word"] * len(completions))
+    batch = batching.build_sequences([row], [token_lists], processor)
+    t = batch.completion_ids.shape[1]
+    idx = attention.resolve_layers(layers, attention.num_text_layers(model))
+    with batching.eval_mode(model), attention.AttentionCapture(model, batch.query_positions, idx) as cap:
+        logits = batching.completion_logits(model, batch.inputs, t)
+    pv_cf, thw_cf = counterfactual_pixels([row], [region], processor, method)
+    cf_inputs = dict(batch.inputs)
+    cf_inputs["pixel_values"], cf_inputs["image_grid_thw"] = batching.repeat_image_inputs(
+        pv_cf, thw_cf, len(completions))
+    with batching.eval_mode(model):
+        logits_cf = batching.completion_logits(model, cf_inputs, t)
+    s_t = visual_dependency(logits, logits_cf, batch.completion_mask)
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    ids = batch.inputs["input_ids"]
+    reg_mask = region_token_mask(ids, batch.inputs["image_grid_thw"], [region] * len(completions),
+                                 [row["image"].size] * len(completions), image_id)
+    share = region_share(cap.attentions, reg_mask, attention.image_token_mask(ids, image_id))
+    out = []
+    for j, toks in enumerate(token_lists):
+        n = len(toks)
+        out.append({
+            "completion": completions[j],
+            "tokens": [tok.decode([x], skip_special_tokens=False) for x in toks],
+            "s_t": s_t[j, :n].tolist(), "share": share[j, :n].tolist(),
+            "concentration": concentration(s_t[j], share[j], batch.completion_mask[j], kappa),
+            "correct": bool(acc_r[j]),
+        })
+    return out

@@ -1,0 +1,345 @@
+"""The stage layer: where each stage's run lives, how its params chain, build-if-missing.
+
+The pipeline (docs/design.md §2):
+
+    data (01) -> backbone (02, stage 0) -> anchor/<variant> (03, stage 1) -> rl/<variant> (04, stage 2)
+
+Every run folder is ``runs/<profile>/<stage>[/<variant>[_seed<k>][_n<prompts>]]`` and holds the
+``params.json`` it was made with, ``metrics.jsonl``, ``checkpoints/``, ``info.json`` and the
+trained ``model/``. A stage's params name the params files of the stages before it
+(``data_params_file``, ``backbone_params_file``, ``anchor_params_file``); ``upstream_params``
+follows those pointers, so a stage-2 run of seed ``k`` starts from stage 1 of seed ``k``. Only
+this module names run folders: the notebooks, the CLI and the ablation call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fmr1lib import anchoring, config, data, grpo, modeling, repro, train
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("backbone", "anchor", "rl")
+"""Stages that train a model (the data stage builds the dataset)."""
+
+ROWS: dict[str, tuple[str, str | None]] = {
+    "backbone": ("backbone", None),
+    "text_perception": ("anchor", "text_perception"),
+    "anchoring": ("anchor", "focus_anchor"),
+    "grpo_backbone": ("rl", "grpo_backbone"),
+    "anchoring_grpo": ("rl", "grpo"),
+    "faithful_mr1": ("rl", "faithful"),
+    "faithful_mr1_occlusion": ("rl", "faithful_occlusion"),
+}
+"""Ablation row -> (stage, variant of that stage)."""
+
+assert set(ROWS) == set(config.ABLATION_ROWS)
+
+_POINTERS = {"data": ("data_params_file", config.DataParams),
+             "backbone": ("backbone_params_file", config.BackboneParams),
+             "anchor": ("anchor_params_file", config.AnchorParams)}
+
+
+# --------------------------------------------------------------------------------------
+# Params chaining and run folders
+# --------------------------------------------------------------------------------------
+
+
+def upstream_params(p: Any, stage: str) -> Any:
+    """The params of an earlier ``stage`` (``data``, ``backbone``, ``anchor``) that ``p`` points at.
+
+    The run root and profile are ``p``'s; the seed too for stage 1 (a seed's stage 2 starts from
+    the same seed's stage 1; the backbone is one model for every seed). The pointers to data
+    and backbone files travel with the chain, so every stage of a run reads the files ``p``
+    names. RL params reach the backbone through their anchor params.
+    """
+    key, cls = _POINTERS[stage]
+    if not hasattr(p, key):
+        if stage == "backbone" and hasattr(p, "anchor_params_file"):
+            return upstream_params(upstream_params(p, "anchor"), "backbone")
+        raise ValueError(f"{type(p).__name__} has no {key!r}: it does not follow stage {stage!r}")
+    overrides: dict[str, Any] = {"run_root": p.run_root, "profile": p.profile}
+    if stage != "data" and hasattr(p, "data_params_file"):
+        overrides["data_params_file"] = p.data_params_file
+    if stage == "anchor":
+        overrides["seed"] = getattr(p, "seed", 0)
+        if hasattr(p, "backbone_params_file"):
+            overrides["backbone_params_file"] = p.backbone_params_file
+    return config.load_params(cls, repro.resolve_path(getattr(p, key)), **overrides)
+
+
+def run_folder(p: Any, stage: str, variant: str | None = None, create: bool = True) -> Path:
+    """``runs/<profile>/backbone`` or ``runs/<profile>/<stage>/<variant>[_seed<k>][_n<prompts>]``.
+
+    Seed 0 and the full prompt set keep the plain name. ``p`` are the params of ``stage``.
+    """
+    if stage == "backbone":
+        return repro.run_dir(p, "backbone", create=create)
+    if stage not in STAGES or variant is None:
+        raise ValueError(f"run folder of stage {stage!r}, variant {variant!r}: use one of "
+                         f"{STAGES} with a variant (backbone: none)")
+    name = variant if p.seed == 0 else f"{variant}_seed{p.seed}"
+    if stage == "rl" and p.n_prompts:
+        name += f"_n{p.n_prompts}"
+    return repro.run_dir(p, stage, name, create=create)
+
+
+def model_folder(p: Any, stage: str, variant: str | None = None) -> Path:
+    """The trained model of a run (``run_folder(...) / "model"``); ``p`` may be any later
+    stage's params (the chain is followed)."""
+    if stage == "backbone" and not isinstance(p, config.BackboneParams):
+        p = upstream_params(p, "backbone")
+    elif stage == "anchor" and not isinstance(p, config.AnchorParams):
+        p = upstream_params(p, "anchor")
+    return run_folder(p, stage, variant, create=False) / "model"
+
+
+def row_name(stage: str, variant: str | None) -> str:
+    """The ablation row of a stage's variant (the variant itself if it is not a row, e.g. ``plain``)."""
+    return next((r for r, sv in ROWS.items() if sv == (stage, variant)), variant or stage)
+
+
+def eval_name(stage: str, variant: str | None, seed: int, n_prompts: int = 0) -> str:
+    """File stem of a model's cached evaluation (``backbone``, ``anchoring_seed1``,
+    ``faithful_mr1_seed0_n8``), shared by notebooks 03-05."""
+    row = row_name(stage, variant)
+    if row == "backbone":
+        return "backbone"
+    return f"{row}_seed{seed}" + (f"_n{n_prompts}" if n_prompts else "")
+
+
+def eval_path(p: Any, name: str) -> Path:
+    """``runs/<profile>/eval/<name>.json``."""
+    return repro.run_dir(p, "eval") / f"{name}.json"
+
+
+def is_complete(folder: Path, params: Any) -> bool:
+    """A finished run (``info.json`` and a saved model) made with exactly ``params``."""
+    return ((folder / "info.json").exists() and (folder / "model" / "config.json").exists()
+            and repro.saved_params_equal(folder, params))
+
+
+# --------------------------------------------------------------------------------------
+# Inputs of a stage: data and start models, built if missing
+# --------------------------------------------------------------------------------------
+
+
+def stage_data(p: Any, acc: Any = None, dsd: Any = None) -> Any:
+    """``dsd``, or the FocusShapes ``DatasetDict`` named by ``p.data_params_file`` (built if
+    missing; under accelerate the main process builds it first)."""
+    if dsd is not None:
+        return dsd
+    with acc.main_process_first() if acc is not None else contextlib.nullcontext():
+        return data.load_or_make(upstream_params(p, "data"))
+
+
+def load_model(folder: Path, p: Any, made_by: str) -> tuple[Any, Any]:
+    """The model saved in ``folder`` (clear error naming the notebook ``made_by`` if missing)."""
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no model at {folder}: run notebooks/{made_by}.ipynb")
+    return modeling.load_saved_backbone(folder, p)
+
+
+def ensure_backbone(p: Any) -> tuple[Any, Any]:
+    """The profile's saved stage-0 backbone, built (notebook 02's step) if it is missing."""
+    folder = model_folder(p, "backbone")
+    if not (folder / "config.json").exists():
+        logger.info("no backbone at %s: building it (notebook 02)", folder)
+        backbone_stage(upstream_params(p, "backbone"))
+    return modeling.load_saved_backbone(folder, p)
+
+
+def start_model(p: Any, variant: str) -> tuple[Any, Any]:
+    """The start policy of a stage-2 variant: the stage-0 backbone for ``grpo_backbone``, else
+    the same seed's stage-1 ``focus_anchor`` model (each built by its notebook's step if missing)."""
+    ap = upstream_params(p, "anchor")
+    if variant == "grpo_backbone":
+        return ensure_backbone(ap)
+    folder = model_folder(ap, "anchor", "focus_anchor")
+    if not (folder / "config.json").exists():
+        logger.info("no stage-1 model at %s: training it (notebook 03)", folder)
+        anchor_stage(ap, "focus_anchor")
+    return modeling.load_saved_backbone(folder, p)
+
+
+def prepare_trainable(model: Any, p: Any) -> Any:
+    """LoRA-wrap the model (``p.lora``) or freeze its vision tower (``p.freeze_vision``)."""
+    if p.lora:
+        return modeling.wrap_lora(model, p)
+    if p.freeze_vision:
+        modeling.freeze_vision(model)
+    return model
+
+
+def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant: str,
+               result: train.TrainResult) -> Any:
+    """Save a trained stage under ``out``: the adapter (LoRA), the merged model in ``model/``
+    and ``info.json``; the main process writes, every process waits for it.
+
+    Returns:
+        The model in eval mode (merged when LoRA was used).
+    """
+    if p.lora:
+        if acc.is_main_process:
+            model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
+        model = model.merge_and_unload()
+    model.eval()
+    if acc.is_main_process:
+        modeling.save_backbone(model, processor, out / "model")
+        repro.atomic_write_json(out / "info.json", {"variant": variant,
+                                                    "wall_time_s": result.wall_time_s,
+                                                    "steps": result.steps})
+    acc.wait_for_everyone()  # the next stage loads this folder on every process
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------
+
+
+def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Stage 0: build (tiny) or load (real) the backbone, warm it up (tiny), and save it.
+
+    The tiny backbone stands in for an Instruct checkpoint: plain SFT on the ``warmup``
+    split, which teaches the format and vocabulary without the shortcut cue.
+
+    Args:
+        p: ``BackboneParams``.
+        dsd: the FocusShapes ``DatasetDict`` (loaded or built from ``p.data_params_file``
+            when None).
+
+    Returns:
+        ``(model, processor, info)``; the backbone is saved under ``runs/<profile>/backbone/``.
+    """
+    # Under ``accelerate launch`` every process runs this; only the main one writes.
+    acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
+    out = run_folder(p, "backbone")
+    if acc.is_main_process:
+        repro.save_params(p, out)
+    repro.seed_everything(p.seed)
+    info: dict[str, Any] = {"model_name": p.model_name}
+    t0 = time.perf_counter()
+    if p.model_name == "tiny":
+        data_p = config.load_params(config.DataParams, repro.resolve_path(p.data_params_file))
+        if dsd is None:
+            with acc.main_process_first():
+                dsd = data.load_or_make(data_p)
+        model, processor = modeling.build_tiny_backbone(p, data_p.colors, data_p.shapes, p.seed)
+        if p.warmup:
+            res = anchoring.train_supervised(model, processor, dsd["warmup"], p, out / "warmup",
+                                             variant="plain", accelerator=acc)
+            info["warmup_wall_time_s"] = res.wall_time_s
+            info["warmup_final_ce"] = res.metrics[-1]["ce"] if res.metrics else None
+    else:
+        model, processor = modeling.load_backbone(p.model_name, p)
+    model.eval()
+    info["parameters"] = modeling.count_parameters(model)
+    info["vocab_size"] = len(processor.tokenizer)
+    if acc.is_main_process:
+        modeling.save_backbone(model, processor, out / "model")
+        info["total_time_s"] = time.perf_counter() - t0
+        repro.atomic_write_json(out / "info.json", info)
+    acc.wait_for_everyone()  # no process reads the folder before it is complete
+    return model, processor, info
+
+
+def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
+    """Stage 1: train one variant from the saved backbone and save it under ``run_folder``.
+
+    Args:
+        p: ``AnchorParams``.
+        variant: ``plain``, ``text_perception`` or ``focus_anchor``.
+        dsd: the FocusShapes ``DatasetDict`` (loaded from the profile when None).
+
+    Returns:
+        ``(model, processor, result)``; the model is saved under ``run_folder(p, "anchor",
+        variant)/model`` (merged weights when LoRA was used, so later stages load one folder).
+    """
+    acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
+    dsd = stage_data(p, acc, dsd)
+    out = run_folder(p, "anchor", variant)
+    if acc.is_main_process:
+        repro.save_params(p, out)
+    repro.seed_everything(p.seed)
+    model, processor = ensure_backbone(p)
+    model = prepare_trainable(model, p)
+    result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
+                                        variant=variant, accelerator=acc)
+    model = save_stage(model, processor, p, acc, out, variant, result)
+    return model, processor, result
+
+
+def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
+    """Stage 2: train one variant from its start point and save it under ``run_folder``."""
+    acc = train.make_accelerator(p)
+    dsd = stage_data(p, acc, dsd)
+    out = run_folder(p, "rl", variant)
+    if acc.is_main_process:
+        repro.save_params(p, out)
+    repro.seed_everything(p.seed)
+    model, processor = start_model(p, variant)
+    model = prepare_trainable(model, p)
+    result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant, accelerator=acc)
+    model = save_stage(model, processor, p, acc, out, variant, result)
+    return model, processor, result
+
+
+# --------------------------------------------------------------------------------------
+# Runs of the ablation: one seed's params, trained if missing
+# --------------------------------------------------------------------------------------
+
+
+def seed_params(ep: config.EvalParams, seed: int, n_prompts: int = 0) -> tuple[Any, Any, Any]:
+    """``(BackboneParams, AnchorParams, RLParams)`` of one seed, from the evaluation's params files.
+
+    The anchor and RL params get the seed; they point at ``ep``'s data, backbone and anchor
+    files, so every stage of a seed reads the files this evaluation names, and a seed's stage 2
+    starts from the same seed's stage 1.
+    """
+    common = {"run_root": ep.run_root, "profile": ep.profile, "data_params_file": ep.data_params_file}
+    bp = config.load_params(config.BackboneParams, repro.resolve_path(ep.backbone_params_file),
+                            **common)
+    ap = config.load_params(config.AnchorParams, repro.resolve_path(ep.anchor_params_file),
+                            seed=seed, backbone_params_file=ep.backbone_params_file, **common)
+    rp = config.load_params(config.RLParams, repro.resolve_path(ep.rl_params_file), seed=seed,
+                            n_prompts=n_prompts, anchor_params_file=ep.anchor_params_file, **common)
+    return bp, ap, rp
+
+
+def row_params(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Any:
+    """The params of the stage that trains ablation ``row`` for ``seed``."""
+    bp, ap, rp = seed_params(ep, seed, n_prompts)
+    return {"backbone": bp, "anchor": ap, "rl": rp}[ROWS[row][0]]
+
+
+def row_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Path:
+    """Run folder of ablation ``row`` for ``seed`` (its trained model is in ``<folder>/model``)."""
+    stage, variant = ROWS[row]
+    return run_folder(row_params(ep, row, seed, n_prompts), stage, variant, create=False)
+
+
+def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
+                   n_prompts: int = 0) -> Path:
+    """Train ``row`` for ``seed`` unless a complete run with the same params exists.
+
+    Returns:
+        The folder of the trained model.
+    """
+    stage, variant = ROWS[row]
+    params = row_params(ep, row, seed, n_prompts)
+    folder = row_folder(ep, row, seed, n_prompts)
+    if stage == "backbone":
+        ensure_backbone(row_params(ep, "anchoring", seed))
+        return folder / "model"
+    if stage == "rl" and variant != "grpo_backbone":
+        ensure_trained(ep, "anchoring", seed, dsd)  # the start point, same seed
+    if not is_complete(folder, params):
+        logger.info("training %s (seed %d%s)", row, seed, f", {n_prompts} prompts" if n_prompts else "")
+        (anchor_stage if stage == "anchor" else rl_stage)(params, variant, dsd)
+    return folder / "model"

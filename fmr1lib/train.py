@@ -1,0 +1,288 @@
+"""The one training skeleton every stage runs in.
+
+A stage is a step function and a loss; this module owns everything around them:
+
+* ``setup_training``: gradient checkpointing, AdamW over the trainable parameters, the learning-
+  rate schedule, resume from the latest checkpoint (weights, optimiser, schedule, RNG), and the
+  accelerate wrapping;
+* ``TrainState.backward``: the non-finite guard (a NaN/inf loss stops the run, naming the step and
+  the last good checkpoint) in front of ``accelerator.backward``;
+* ``fit``: the loop: log truncation on resume, the step function, the metrics logs, the
+  checkpoint cadence and the final save.
+
+A step function has the signature ``step_fn(state, step) -> (stats, extra_logs)``: ``stats`` is
+the row to append to ``metrics.jsonl`` (None: nothing to log this step) and ``extra_logs`` maps a
+log name (e.g. ``samples``) to rows for ``<name>.jsonl``. The stage's own modules
+(``anchoring.supervised_step``, ``grpo.grpo_step``) never loop, checkpoint or save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fmr1lib import attention, repro
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[["TrainState", int], tuple[dict[str, Any] | None, dict[str, list[dict[str, Any]]]]]
+"""``step_fn(state, step) -> (metrics row or None, {log name: rows})``."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind."""
+
+    out_dir: Path
+    metrics: list[dict[str, Any]]
+    wall_time_s: float
+    steps: int
+
+
+def make_accelerator(params: Any, **kwargs: Any) -> Any:
+    """The ``accelerate.Accelerator`` of a training stage (mixed precision from ``params``).
+
+    On a machine without an accelerator device, processes started by ``accelerate launch``
+    (``WORLD_SIZE > 1``) form a CPU process group (gloo) only when the CPU is asked for
+    explicitly; otherwise each would train alone on its own copy of the data.
+
+    Args:
+        params: stage parameters with ``mixed_precision``.
+        **kwargs: further ``Accelerator`` arguments (e.g. ``gradient_accumulation_steps``).
+    """
+    from accelerate import Accelerator
+
+    cpu_group = (int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 and not torch.accelerator.is_available())
+    return Accelerator(mixed_precision=params.mixed_precision, cpu=True if cpu_group else None,
+                       **kwargs)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
+                total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then ``constant``, ``linear`` or ``cosine`` decay."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_training(acc: Any, model: Any, optimizer: Any, scheduler: Any,
+                     micro_batch: int = 1) -> tuple[Any, Any, Any]:
+    """Wrap model and optimiser with accelerate; the schedule steps once per optimiser step.
+
+    A scheduler handed to ``accelerate.prepare`` steps ``num_processes`` times per call (unless
+    the accelerator splits batches). Here batch sizes are per process, so the schedule must
+    advance once per optimiser step on every process: a run on N processes then follows the
+    learning-rate curve of a single-process run with the same global batch.
+
+    Args:
+        micro_batch: sequences per backward pass on one process; DeepSpeed needs it and, with
+            no DataLoader to prepare, accelerate cannot infer it.
+
+    Returns:
+        ``(model, optimizer, scheduler)``.
+    """
+    from accelerate.scheduler import AcceleratedScheduler
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(1, micro_batch)
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, AcceleratedScheduler(scheduler, optimizer, split_batches=True)
+
+
+@dataclass
+class TrainState:
+    """The model being trained and everything the loop and a step function share."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    trainable: list[torch.nn.Parameter]
+    checkpoint_dir: Path | None = None
+    start_step: int = 0
+    """Steps already done (from the checkpoint loaded by ``setup_training``)."""
+    resumed_from: Path | None = None
+    step: int = 0
+    """The step being run (set by ``fit``)."""
+    fail_at_step: int | None = field(default=None, repr=False)
+    """Test hook: the loss of this step is made NaN inside ``backward``."""
+
+    def backward(self, loss: torch.Tensor, what: str = "loss") -> None:
+        """``accelerator.backward(loss)`` behind the non-finite guard.
+
+        Raises:
+            NonFiniteLossError: ``loss`` is NaN/inf; names the step (1-based, as in the logs)
+                and the last good checkpoint, which stays on disk.
+        """
+        if self.fail_at_step is not None and self.step == self.fail_at_step:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            last = repro.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+            raise NonFiniteLossError(
+                f"non-finite {what} {float(loss.detach())} at step {self.step} (0-based); last "
+                f"good checkpoint: {last or 'none'}. Lower the learning rate or check the data.")
+        self.accelerator.backward(loss)
+
+    def clip_and_step(self, grad_clip: float) -> float | None:
+        """Clip the gradient norm (``grad_clip > 0``), step the optimiser, clear gradients.
+
+        Returns:
+            The gradient norm before clipping, or None when not clipped.
+        """
+        norm = None
+        if grad_clip > 0 and self.accelerator.sync_gradients:
+            norm = float(self.accelerator.clip_grad_norm_(self.trainable, grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelerator: Any,
+                   micro_batch: int, resume: bool | None = None,
+                   resume_from: str | Path | None = None) -> TrainState:
+    """Optimiser, schedule, resume and accelerate wrapping for one training run.
+
+    Args:
+        model: the model to train; only parameters with ``requires_grad`` are optimised.
+        params: stage parameters (``lr``, ``weight_decay``, ``lr_schedule``, ``lr_warmup_steps``,
+            ``steps``, ``gradient_checkpointing``, ``resume``).
+        out_dir: run folder; checkpoints go to ``out_dir/checkpoints`` (None: no checkpoints).
+        accelerator: the stage's ``accelerate.Accelerator``.
+        micro_batch: sequences per backward pass on one process (see ``prepare_training``).
+        resume: resume from the latest checkpoint in ``out_dir`` (default: ``params.resume``).
+        resume_from: an explicit checkpoint folder to load instead.
+
+    Returns:
+        The ``TrainState``; ``start_step`` is the loaded checkpoint's step, else 0.
+    """
+    if params.gradient_checkpointing:
+        attention.unwrap_model(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = lr_schedule(optimizer, params.lr_schedule, params.lr_warmup_steps, params.steps)
+    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
+    resume = params.resume if resume is None else resume
+    ck = Path(resume_from) if resume_from is not None else (
+        repro.latest_checkpoint(ckpt_dir) if resume and ckpt_dir is not None else None)
+    start = 0
+    if ck is not None:
+        meta = repro.load_checkpoint(ck, model, optimizer, scheduler)
+        start = int(meta["step"])
+        logger.info("resumed from %s (step %d)", ck, start)
+    model.train()
+    model, optimizer, scheduler = prepare_training(accelerator, model, optimizer, scheduler,
+                                                   micro_batch)
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler,
+                      accelerator=accelerator, trainable=trainable, checkpoint_dir=ckpt_dir,
+                      start_step=start, resumed_from=ck)
+
+
+def _open_logs(state: TrainState, out_dir: Path, names: Sequence[str]) -> dict[str, repro.MetricsLog]:
+    """The run's JSONL logs: truncated to the checkpoint's step on resume, else started anew."""
+    acc = state.accelerator
+    logs = {}
+    for name in names:
+        path = out_dir / f"{name}.jsonl"
+        if state.resumed_from is not None:
+            log = repro.MetricsLog(path)
+            # Rows written after the checkpoint go, so the log matches an uninterrupted run.
+            kept = [r for r in log.read() if r["step"] <= state.start_step]
+            if acc.is_main_process:
+                repro.write_jsonl(path, kept)
+        else:
+            log = repro.MetricsLog(path, reset=acc.is_main_process)
+        logs[name] = log
+    return logs
+
+
+def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
+    acc = state.accelerator
+    if acc.is_main_process and state.checkpoint_dir is not None:
+        repro.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
+                              state.optimizer, state.scheduler, extra=extra)
+
+
+def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, desc: str,
+        logs: Sequence[str] = ("metrics",), checkpoint_extra: dict[str, Any] | None = None,
+        stop_after: int | None = None, fail_at_step: int | None = None,
+        postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> TrainResult:
+    """Run ``step_fn`` from ``state.start_step`` to ``params.steps``, with logs and checkpoints.
+
+    Every step's ``stats`` row goes to ``metrics.jsonl`` with ``time_s`` (seconds since this
+    process started training); rows of the other logs go to their own files. A checkpoint is
+    written every ``params.checkpoint_every`` steps and after the last step.
+
+    Args:
+        state: from ``setup_training``.
+        params: stage parameters (``steps``, ``checkpoint_every``).
+        out_dir: run folder.
+        step_fn: the stage's step (see the module docstring).
+        desc: progress-bar label.
+        logs: JSONL logs of the run; the first is the metrics log returned.
+        checkpoint_extra: metadata stored with every checkpoint.
+        stop_after: test hook: return after this many steps, as if the run were killed.
+        fail_at_step: test hook: make the loss of this step NaN.
+        postfix: the progress bar's postfix from a stats row.
+
+    Returns:
+        ``TrainResult``; the model (``state.model`` unwrapped) is left in eval mode.
+
+    Raises:
+        NonFiniteLossError: a loss became NaN/inf; the last good checkpoint stays on disk.
+    """
+    out_dir = Path(out_dir)
+    acc = state.accelerator
+    state.fail_at_step = fail_at_step
+    open_logs = _open_logs(state, out_dir, logs)
+    metrics_log = open_logs[logs[0]]
+    extra = checkpoint_extra or {}
+    start = state.start_step
+    t0 = time.perf_counter()
+    final = start
+    bar = tqdm(range(start, params.steps), desc=desc, initial=start, total=params.steps,
+               disable=not acc.is_main_process)
+    for step in bar:
+        state.step = step
+        stats, extra_rows = step_fn(state, step)
+        done = final = step + 1
+        if acc.is_main_process:
+            if stats is not None:
+                metrics_log.log(done, **stats, time_s=time.perf_counter() - t0)
+                if postfix is not None:
+                    bar.set_postfix(postfix(stats))
+            for name, rows in extra_rows.items():
+                for row in rows:
+                    open_logs[name].log(done, **row)
+        if params.checkpoint_every and done % params.checkpoint_every == 0 and done < params.steps:
+            _save(state, done, extra)
+            acc.wait_for_everyone()
+        if stop_after is not None and done >= stop_after:
+            break
+    wall = time.perf_counter() - t0
+    if final >= params.steps:
+        _save(state, final, extra)
+    model = acc.unwrap_model(state.model)
+    model.eval()
+    return TrainResult(out_dir=out_dir, metrics=metrics_log.read(), wall_time_s=wall, steps=final)
