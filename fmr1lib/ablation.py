@@ -1,4 +1,4 @@
-"""The ablation table over seeds and the data-efficiency curve (notebook 05, DESIGN.md section 8).
+"""The ablation table over seeds and the data-efficiency curve (notebook 05, docs/design.md §8.2-8.3).
 
 Every row of the table is one trained model per seed, made by the stage functions of notebooks
 02-04 with the parameter files those notebooks use; only ``seed`` (and, for the data-efficiency

@@ -1,10 +1,10 @@
 """Capture the softmax attention of chosen query tokens over the sequence, from one normal forward.
 
-This gives the prediction ``p^l`` of DESIGN §7 (the Focus query's attention at layer ``l``,
+This gives the prediction ``p^l`` of docs/design.md §5.3 (the Focus query's attention at layer ``l``,
 averaged over heads, restricted to image keys and renormalised) and the attention shares used by
 the faithful reward, without switching the model to eager attention.
 
-Mechanism (DESIGN §9, §11). A custom attention function is registered with transformers'
+Mechanism (docs/design.md §10.1, §10.3). A custom attention function is registered with transformers'
 ``AttentionInterface`` under :data:`CAPTURE_IMPLEMENTATION`, together with the SDPA mask function
 under the same name in ``AttentionMaskInterface`` (without it the decoder layers silently get
 ``attention_mask=None`` and left-padded samples attend to padding). While an
@@ -489,7 +489,7 @@ def to_grid(
     grid_thw: torch.Tensor | Sequence[int],
     spatial_merge_size: int = 2,
 ) -> torch.Tensor:
-    """Lay one image's token weights out on its merged patch grid (DESIGN §7, Geometry).
+    """Lay one image's token weights out on its merged patch grid (docs/design.md §4).
 
     The k-th image token is merged cell ``(k // cols, k % cols)``.
 

@@ -61,7 +61,7 @@ class SeedParams:
 
 @dataclasses.dataclass
 class DataParams(SeedParams, CommonParams):
-    """FocusShapes generation (notebook 01, DESIGN.md section 6)."""
+    """FocusShapes generation (notebook 01, docs/design.md §3.2)."""
 
     image_size: int = 112
     """Side of the square scene in pixels; a multiple of 28 (one merged image token per 28 px cell)."""
@@ -469,7 +469,7 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
 
 ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
                  "faithful_mr1", "faithful_mr1_occlusion")
-"""Rows of the ablation table, in order (``fmr1lib.ablation.ROWS`` says what trains each)."""
+"""Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
 
 
 @dataclasses.dataclass

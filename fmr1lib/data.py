@@ -1,7 +1,7 @@
 """FocusShapes: procedural, region-annotated reasoning data with a built-in shortcut.
 
 This is the tiny profile's stand-in for the paper's region-annotated perception data
-(DESIGN.md sections 5-6). Every scene is drawn from a per-example seed; every question
+(docs/design.md §3). Every scene is drawn from a per-example seed; every question
 has a verifiable short answer and known evidence boxes; a *shortcut cue* (a saturated
 square in a fixed corner cell that holds no object) agrees with the answer with
 probability ``shortcut_p`` in ``train`` / ``test_id`` and contradicts it (or is at
@@ -266,7 +266,7 @@ def _cue_value(split: str, answer: str, vocab: list[str], rng: np.random.Generat
 
 
 def make_example(p: DataParams, split: str, index: int) -> dict[str, Any]:
-    """One FocusShapes record (schema of DESIGN.md section 5), fully determined by its seed."""
+    """One FocusShapes record (schema of docs/design.md §3.1), fully determined by its seed."""
     ex_seed = example_seed(p.seed, split, index)
     rng = np.random.default_rng(ex_seed)
     names = list(p.tasks)

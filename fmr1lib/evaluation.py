@@ -1,4 +1,4 @@
-"""Accuracy and faithfulness metrics (DESIGN.md section 8).
+"""Accuracy and faithfulness metrics (docs/design.md §8).
 
 * answers: greedy decoding, accuracy, format rate, and how often the answer equals the
   shortcut cue (``cue_rate``) or, among wrong answers, equals it (``wrong_is_cue``);

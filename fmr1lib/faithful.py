@@ -506,8 +506,9 @@ def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], comple
     region = [list(b) for b in (row["evidence_boxes"] if region is None else region)]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     token_lists = [tok(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
-    acc_r = rewards.accuracy_reward(list(completions), [row["answer"]] * len(completions),
-                                    [row.get("answer_type") or "word"] * len(completions))
+    n = len(completions)
+    acc_r = rewards.accuracy_reward(list(completions), [row["answer"]] * n,
+                                    [row.get("answer_type") or "word"] * n, [row.get("choices")] * n)
     batch = batching.build_sequences([row], [token_lists], processor)
     t = batch.completion_ids.shape[1]
     idx = attention.resolve_layers(layers, attention.num_text_layers(model))

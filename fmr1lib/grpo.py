@@ -312,7 +312,8 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     for i, row in enumerate(rows):
         sl = slice(i * g, (i + 1) * g)
         t_i, ok_i, x_i = tokens[sl], ok[sl], texts[sl]
-        a = rewards.accuracy_reward(x_i, [row["answer"]] * g, [row.get("answer_type") or "word"] * g)
+        a = rewards.accuracy_reward(x_i, [row["answer"]] * g, [row.get("answer_type") or "word"] * g,
+                                    [row.get("choices")] * g)
         f = rewards.format_reward(x_i)
         a = [v if k else 0.0 for v, k in zip(a, ok_i, strict=True)]
         f = [v if k else 0.0 for v, k in zip(f, ok_i, strict=True)]

@@ -6,7 +6,7 @@
   as the real 3B/7B models, with no network at all.
 * ``load_backbone``: the real path (hub id or local folder) through ``from_pretrained``,
   then ``add_focus_token``.
-* Geometry (DESIGN.md section 7): Qwen2.5-VL resizes an image so both sides are multiples of
+* Geometry (docs/design.md §4): Qwen2.5-VL resizes an image so both sides are multiples of
   28 (patch 14 x merge 2); ``image_grid_thw = (1, Hr/14, Wr/14)`` and the k-th
   ``<|image_pad|>`` of an image is the merged cell ``(k // (Wr/28), k % (Wr/28))``.
 """
@@ -96,7 +96,7 @@ def build_tokenizer(corpus: Sequence[str], vocab_size: int = 1024) -> PreTrained
 
     Args:
         corpus: training texts.
-        vocab_size: requested size; BPE on a small corpus stops below it (DESIGN.md 11).
+        vocab_size: requested size; BPE on a small corpus stops below it (docs/design.md §10.3).
 
     Returns:
         A left-padding ``PreTrainedTokenizerFast`` with the chat template set.

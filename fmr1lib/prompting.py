@@ -1,4 +1,4 @@
-"""Chat formatting, response templates and answer parsing (DESIGN.md section 7, Prompt).
+"""Chat formatting, response templates and answer parsing (docs/design.md §5.1; answer parsing: §9).
 
 The assistant turn always *starts* with ``<Focus>``, forced as part of the prompt, so the
 Focus query sees the image and the question but no reasoning yet: perception before

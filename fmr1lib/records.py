@@ -7,7 +7,7 @@ record therefore passes ``validate_record`` before use, and a bad one is reporte
 the line, the record id and the field (``DataError``); ``on_bad_record="skip"`` skips it and
 reports the count instead. Nothing is dropped silently.
 
-One record (one dict per example; see DESIGN.md section 5):
+One record (one dict per example; see docs/design.md §3.1):
 
 =================  ==========================================================================
 ``id``             str, unique, non-empty

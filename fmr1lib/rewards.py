@@ -1,4 +1,4 @@
-"""Reward functions of stage 2, Reinforcing (DESIGN.md section 7): pure, model-free, never raising.
+"""Reward functions of stage 2, Reinforcing (docs/design.md §6.2): pure, model-free, never raising.
 
 Each function maps a batch of completions (plus the dataset columns it needs) to one float per
 completion, in the style of TRL / EasyR1 reward functions:

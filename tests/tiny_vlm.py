@@ -3,7 +3,7 @@
 No tokenizer or processor is involved: token ids are chosen directly and images are given as
 already-patchified `pixel_values`, laid out the way `Qwen2VLImageProcessor` lays them out
 (one row per 14x14 patch, `3 * temporal_patch_size * 14 * 14` values, patches of a 2x2 merge
-group consecutive). Geometry follows DESIGN §7: an image of `H x W` pixels (multiples of 28) has
+group consecutive). Geometry follows docs/design.md §4: an image of `H x W` pixels (multiples of 28) has
 `image_grid_thw = (1, H/14, W/14)` and contributes `(H/28) * (W/28)` image tokens.
 """
 
@@ -48,7 +48,7 @@ def tiny_config(
     """
     head_dim = hidden_size // num_heads
     # mrope_section splits the rotary half-dimension into (temporal, height, width) parts, so it
-    # must sum to head_dim / 2 (DESIGN §11).
+    # must sum to head_dim / 2 (docs/design.md §10.3).
     half = head_dim // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]
     text_config = {
