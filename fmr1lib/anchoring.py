@@ -153,7 +153,8 @@ def anchoring_settings(params: Any, variant: str) -> dict[str, Any]:
 
 
 def supervised_step(state: train.TrainState, step: int, *, processor: Any, dataset: Any,
-                    params: Any, variant: str, layers: list[int]) -> tuple[dict[str, Any] | None, dict]:
+                    params: Any, variant: str, settings: dict[str, Any],
+                    layers: list[int]) -> tuple[dict[str, Any] | None, dict]:
     """One optimiser step of SFT (+ anchoring), over ``grad_accum`` micro-batches.
 
     Args:
@@ -162,15 +163,16 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
         processor: the model's processor.
         dataset: rows with image, question, answer, evidence_boxes, meta.
         params: the stage's params (``batch_size``, ``grad_accum``, ``grad_clip``, ``seed``,
-            ``log_every`` and the anchoring fields of ``anchoring_settings``).
+            ``log_every``).
         variant: ``plain``, ``focus_anchor`` or ``text_perception``.
+        settings: the variant's anchoring settings (``anchoring_settings``).
         layers: resolved anchor layers.
 
     Returns:
         ``(stats, {})``: ``ce``, ``lr``, ``grad_norm``, ``focus_mass``, ``attn_loss`` on logging
         steps (every ``log_every``), else ``(None, {})``.
     """
-    cfg = anchoring_settings(params, variant)
+    cfg = settings
     acc, model = state.accelerator, state.model
     anchoring = cfg["lambda_attn"] > 0
     log_now = bool(params.log_every) and (step + 1) % params.log_every == 0
@@ -258,7 +260,7 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
                                  micro_batch=params.batch_size // params.grad_accum)
     layers = attention.resolve_layers(cfg["anchor_layers"], attention.num_text_layers(model))
     step_fn = functools.partial(supervised_step, processor=processor, dataset=dataset,
-                                params=params, variant=variant, layers=layers)
+                                params=params, variant=variant, settings=cfg, layers=layers)
 
     def postfix(row: dict[str, Any]) -> dict[str, str]:
         mass = row["focus_mass"]

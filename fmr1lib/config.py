@@ -714,7 +714,8 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *
     if not path.exists():
         raise ParamsError(f"{path}: no parameter file for notebook {notebook!r} "
                           f"in profile {profile!r}")
-    params = load_params(cls, path)  # errors in the file name the file
+    values = _read_yaml(path)
+    params = _build(cls, values, str(path))  # errors in the file name the file
     if params.profile != profile:
         raise ParamsError(f"{path}: key 'profile' is {params.profile!r}, but the file is in the "
                           f"{profile!r} profile folder")
@@ -723,7 +724,7 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *
     set_here.update(overrides)
     if not set_here:
         return params
-    return _build(cls, {**_read_yaml(path), **set_here}, f"{path} (overrides)")
+    return _build(cls, {**values, **set_here}, f"{path} (overrides)")
 
 
 def params_to_dict(params: Any) -> dict[str, Any]:

@@ -244,8 +244,8 @@ def _is_peft(model: Any) -> bool:
 
 
 def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerator: Any = None,
-               extra_reward: ExtraReward | None = None, out_dir: str | Path | None = None,
-               resume_from: str | Path | None = None) -> GRPOContext:
+               extra_reward: ExtraReward | None = None,
+               out_dir: str | Path | None = None) -> GRPOContext:
     """Reference policy, then optimiser, schedule, resume and accelerate (``train.setup_training``).
 
     Args:
@@ -257,7 +257,6 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
             ``params.mixed_precision``).
         extra_reward: optional reward added to the total (see ``ExtraReward``).
         out_dir: run folder (checkpoints; ``params.resume`` resumes from its latest).
-        resume_from: an explicit checkpoint folder to load instead.
 
     Returns:
         A ``GRPOContext``.
@@ -273,8 +272,7 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     state = train.setup_training(
         model, params, out_dir, acc,
-        micro_batch=params.prompts_per_step * params.group_size // max(1, params.grad_accum),
-        resume=params.resume if out_dir is not None else False, resume_from=resume_from)
+        micro_batch=params.prompts_per_step * params.group_size // max(1, params.grad_accum))
     if ref_model is not None:
         ref_model = ref_model.to(acc.device)
     tok = processor.tokenizer

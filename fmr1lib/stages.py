@@ -226,10 +226,8 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     info: dict[str, Any] = {"model_name": p.model_name}
     t0 = time.perf_counter()
     if p.model_name == "tiny":
-        data_p = config.load_params(config.DataParams, repro.resolve_path(p.data_params_file))
-        if dsd is None:
-            with acc.main_process_first():
-                dsd = data.load_or_make(data_p)
+        data_p = upstream_params(p, "data")
+        dsd = stage_data(p, acc, dsd)
         model, processor = modeling.build_tiny_backbone(p, data_p.colors, data_p.shapes, p.seed)
         if p.warmup:
             res = anchoring.train_supervised(model, processor, dsd["warmup"], p, out / "warmup",
@@ -332,10 +330,11 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
         The folder of the trained model.
     """
     stage, variant = ROWS[row]
-    params = row_params(ep, row, seed, n_prompts)
-    folder = row_folder(ep, row, seed, n_prompts)
+    bp, ap, rp = seed_params(ep, seed, n_prompts)
+    params = {"backbone": bp, "anchor": ap, "rl": rp}[stage]
+    folder = run_folder(params, stage, variant, create=False)
     if stage == "backbone":
-        ensure_backbone(row_params(ep, "anchoring", seed))
+        ensure_backbone(ap)
         return folder / "model"
     if stage == "rl" and variant != "grpo_backbone":
         ensure_trained(ep, "anchoring", seed, dsd)  # the start point, same seed

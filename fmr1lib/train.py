@@ -159,19 +159,17 @@ class TrainState:
 
 
 def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelerator: Any,
-                   micro_batch: int, resume: bool | None = None,
-                   resume_from: str | Path | None = None) -> TrainState:
+                   micro_batch: int) -> TrainState:
     """Optimiser, schedule, resume and accelerate wrapping for one training run.
 
     Args:
         model: the model to train; only parameters with ``requires_grad`` are optimised.
         params: stage parameters (``lr``, ``weight_decay``, ``lr_schedule``, ``lr_warmup_steps``,
             ``steps``, ``gradient_checkpointing``, ``resume``).
-        out_dir: run folder; checkpoints go to ``out_dir/checkpoints`` (None: no checkpoints).
+        out_dir: run folder; checkpoints go to ``out_dir/checkpoints`` (None: no checkpoints,
+            no resume). With ``params.resume`` the latest checkpoint there is loaded.
         accelerator: the stage's ``accelerate.Accelerator``.
         micro_batch: sequences per backward pass on one process (see ``prepare_training``).
-        resume: resume from the latest checkpoint in ``out_dir`` (default: ``params.resume``).
-        resume_from: an explicit checkpoint folder to load instead.
 
     Returns:
         The ``TrainState``; ``start_step`` is the loaded checkpoint's step, else 0.
@@ -183,9 +181,7 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = lr_schedule(optimizer, params.lr_schedule, params.lr_warmup_steps, params.steps)
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    resume = params.resume if resume is None else resume
-    ck = Path(resume_from) if resume_from is not None else (
-        repro.latest_checkpoint(ckpt_dir) if resume and ckpt_dir is not None else None)
+    ck = repro.latest_checkpoint(ckpt_dir) if params.resume and ckpt_dir is not None else None
     start = 0
     if ck is not None:
         meta = repro.load_checkpoint(ck, model, optimizer, scheduler)
