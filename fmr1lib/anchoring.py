@@ -48,13 +48,21 @@ EPS = 1e-8
 # --------------------------------------------------------------------------------------
 
 
-def anchoring_loss(p: torch.Tensor, q: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+def anchoring_loss(p: torch.Tensor, q: torch.Tensor, kind: str = "kl",
+                   support: torch.Tensor | None = None) -> torch.Tensor:
     """Attention loss between a predicted distribution ``p`` and a target ``q``.
+
+    When ``q`` is one cell (every FocusShapes record without smoothing) the two kinds are the
+    same number, ``-log p[cell]``; they differ only for targets wider than one token (several
+    cells, or ``smooth_sigma`` > 0), where ``kl`` asks for ``q``'s shape and ``mass`` only for
+    the mass inside the boxes.
 
     Args:
         p: ``[..., N]`` attention over one sample's image tokens (sums to 1 on the last axis).
         q: ``[N]`` target over the same tokens (sums to 1).
-        kind: ``kl`` for KL(q || p), ``mass`` for -log of p's mass where q > 0.
+        kind: ``kl`` for KL(q || p), ``mass`` for -log of p's mass inside the boxes.
+        support: ``[N]`` bool, the tokens inside the boxes (``Batch.supports``); default
+            ``q > 0``, which a smoothed ``q`` would make every token.
 
     Returns:
         ``[...]`` per-row loss (zero when p == q for ``kl``; zero when all mass is in the box
@@ -73,7 +81,8 @@ def anchoring_loss(p: torch.Tensor, q: torch.Tensor, kind: str = "kl") -> torch.
                             torch.zeros_like(p))
         return terms.sum(-1)
     if kind == "mass":
-        mass = (p * (q > 0).to(p.dtype)).sum(-1)
+        inside = (q > 0) if support is None else support.to(p.device)
+        mass = (p * inside.to(p.dtype)).sum(-1)
         return -torch.log(mass.clamp_min(EPS))
     raise ValueError(f"unknown attention loss {kind!r}; use one of {ATTN_LOSSES}")
 
@@ -86,15 +95,19 @@ def focus_distributions(attn: torch.Tensor, batch: Batch, image_token_id: int) -
 
 
 def batch_attention_loss(dists: list[torch.Tensor], targets: list[torch.Tensor | None],
-                         kind: str) -> tuple[torch.Tensor | None, float]:
-    """Mean over samples with a target of (mean over layers of L_attn), and their Focus mass."""
+                         kind: str, supports: list[torch.Tensor | None] | None = None,
+                         ) -> tuple[torch.Tensor | None, float]:
+    """Mean over samples with a target of (mean over layers of L_attn), and their Focus mass
+    inside the boxes (``supports``; default ``q > 0``)."""
     losses, masses = [], []
-    for p, q in zip(dists, targets, strict=True):
+    supports = supports or [None] * len(targets)
+    for p, q, sup in zip(dists, targets, supports, strict=True):
         if q is None:
             continue
         q = q.to(p.device, p.dtype)
-        losses.append(anchoring_loss(p, q, kind).mean())
-        masses.append(float((p.detach() * (q > 0)).sum(-1).mean()))
+        inside = (q > 0) if sup is None else sup.to(p.device)
+        losses.append(anchoring_loss(p, q, kind, inside).mean())
+        masses.append(float((p.detach() * inside).sum(-1).mean()))
     if not losses:
         return None, float("nan")
     return torch.stack(losses).mean(), float(np.mean(masses))
@@ -199,7 +212,8 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
             attn_l, mass = None, float("nan")
             if capture:
                 dists = focus_distributions(cap.attentions, batch, image_token_id)
-                attn_l, mass = batch_attention_loss(dists, batch.targets, cfg["attn_loss"])
+                attn_l, mass = batch_attention_loss(dists, batch.targets, cfg["attn_loss"],
+                                                   batch.supports)
             ce_v = float(out.loss.detach())
             attn_v = float(attn_l.detach()) if attn_l is not None else None
             ce_w = attn_w = 1.0

@@ -75,6 +75,8 @@ class Batch:
     focus_pos: torch.Tensor
     targets: list[torch.Tensor | None]
     ids: list[str] = field(default_factory=list)
+    supports: list[torch.Tensor | None] = field(default_factory=list)
+    """Per sample, the image tokens the boxes overlap (``q > 0`` before any smoothing)."""
 
 
 def _reference_response(row: dict[str, Any], image: Any, variant: str) -> str:
@@ -112,6 +114,7 @@ def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = 
     focus_pos = torch.empty(len(rows), dtype=torch.long)
     image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
     targets: list[torch.Tensor | None] = []
+    supports: list[torch.Tensor | None] = []
     for b, resp in enumerate(responses):
         n_resp = len(tok(resp, add_special_tokens=False)["input_ids"]) if resp else 0
         if n_resp:
@@ -121,16 +124,18 @@ def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = 
             raise ValueError(f"record {rows[b].get('id')}: <Focus> not at the end of the prompt "
                              f"(tokenisation of prompt + response is not additive)")
         boxes = [list(bx) for bx in rows[b]["evidence_boxes"]]
+        q = support = None
         if boxes:
-            grid = modeling.boxes_to_grid(boxes, images[b].size, enc["image_grid_thw"][b],
-                                          smooth_sigma)
-            n_img = int((ids[b] == image_token_id).sum())
-            q = grid.flatten()
-            targets.append(q if q.sum() > 0 and q.numel() == n_img else None)
-        else:
-            targets.append(None)
+            thw = enc["image_grid_thw"][b]
+            box_q = modeling.boxes_to_grid(boxes, images[b].size, thw).flatten()
+            if box_q.sum() > 0 and box_q.numel() == int((ids[b] == image_token_id).sum()):
+                support = box_q > 0
+                q = (modeling.boxes_to_grid(boxes, images[b].size, thw, smooth_sigma).flatten()
+                     if smooth_sigma > 0 else box_q)
+        targets.append(q)
+        supports.append(support)
     return Batch(inputs=dict(enc), labels=labels, focus_pos=focus_pos, targets=targets,
-                 ids=[r.get("id", "") for r in rows])
+                 ids=[r.get("id", "") for r in rows], supports=supports)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,

@@ -76,8 +76,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     p = config.load_params(config.DataParams, args.params)
     print(config.format_params(p))
-    dsd = data.make_focus_shapes(p)
-    folder = data.save_dataset(dsd, data.data_dir(p), p)
+    dsd, info = data.make_dataset(p)  # FocusShapes or the JSONL records the params name
+    folder = data.save_dataset(dsd, data.data_dir(p), p, info)
     print(f"saved {dict(dsd.num_rows)} to {folder}")
     return 0
 

@@ -61,8 +61,30 @@ class SeedParams:
 
 @dataclasses.dataclass
 class DataParams(SeedParams, CommonParams):
-    """FocusShapes generation (notebook 01, docs/design.md §3.2)."""
+    """The dataset of notebook 01: FocusShapes generation (docs/design.md §3.2), or region-annotated
+    JSONL records (``source: jsonl``, §3.1)."""
 
+    JSONL_SPLITS: typing.ClassVar[tuple[str, ...]] = ("train", "test_id", "test_ood")
+    """Splits every ``jsonl_files`` must name (``warmup`` is optional)."""
+    FOCUSSHAPES_ONLY: typing.ClassVar[tuple[str, ...]] = (
+        "image_size", "n_train", "n_warmup", "n_test_id", "n_test_ood", "tasks", "target_shapes",
+        "n_distractors", "n_blobs", "object_size", "cue_size", "cue_corner", "shortcut_p",
+        "ood_cue", "warmup_cue", "background")
+    """Keys of the generator: with ``source: jsonl`` they must keep their defaults."""
+
+    source: str = "focusshapes"
+    """Where the records come from: ``focusshapes`` (generated from the keys below) or ``jsonl``
+    (records files in the schema of docs/design.md §3.1, named by ``jsonl_files``)."""
+    jsonl_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    """``source: jsonl``: the records file of each split, ``{train: ..., test_id: ..., test_ood: ...}``
+    and optionally ``warmup`` (absent: an empty warm-up split); relative to the project root
+    unless absolute."""
+    image_root: str | None = None
+    """``source: jsonl``: the folder the records' image paths are relative to (project root unless
+    absolute); None: each records file's own folder."""
+    on_bad_record: str = "error"
+    """``source: jsonl``: ``error`` stops at the first bad record (``records.DataError`` naming the
+    file, line, record id and field); ``skip`` leaves bad records out, logging each and the count."""
     image_size: int = 112
     """Side of the square scene in pixels; a multiple of 28 (one merged image token per 28 px cell)."""
     n_train: int = 3000
@@ -115,6 +137,7 @@ class DataParams(SeedParams, CommonParams):
 
     def validate(self) -> None:
         """Check value ranges that types alone cannot express."""
+        self._validate_source()
         if self.image_size % 28 or self.image_size < 56:
             raise ValueError(f"key 'image_size': {self.image_size} must be a multiple of 28 >= 56")
         families = {"color", "shape", "count", "relation", "exists"}
@@ -146,6 +169,48 @@ class DataParams(SeedParams, CommonParams):
             raise ValueError(f"key 'target_shapes': {self.target_shapes} not all in shapes {self.shapes}")
         if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
             raise ValueError(f"key 'background': {self.background} must be 3 values in [0, 255]")
+
+    @staticmethod
+    def resolve(path: str) -> Path:
+        """A path of ``jsonl_files`` / ``image_root``: as is if absolute, else under the project
+        root (``PARAMS_ROOT``)."""
+        out = Path(path)
+        return out if out.is_absolute() else PARAMS_ROOT / out
+
+    def _validate_source(self) -> None:
+        """The source keys: a known source, and for JSONL every split's file present on disk."""
+        sources = ("focusshapes", "jsonl")
+        if self.source not in sources:
+            raise ValueError(f"key 'source': {self.source!r} not in {list(sources)}")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"key 'on_bad_record': {self.on_bad_record!r} not in ['error', 'skip']")
+        if self.source == "focusshapes":
+            for key in ("jsonl_files", "image_root"):
+                if getattr(self, key):
+                    raise ValueError(f"key {key!r}: set, but source is 'focusshapes' "
+                                     f"(set source: jsonl to read records files)")
+            return
+        defaults = DataParams()
+        changed = [k for k in self.FOCUSSHAPES_ONLY if getattr(self, k) != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"key {changed[0]!r}: a FocusShapes setting, but source is 'jsonl' "
+                             f"(remove {changed} or set source: focusshapes)")
+        known = (*self.JSONL_SPLITS, "warmup")
+        unknown = sorted(set(self.jsonl_files) - set(known))
+        if unknown:
+            raise ValueError(f"key 'jsonl_files': unknown split(s) {unknown}; known: {list(known)}")
+        missing = [s for s in self.JSONL_SPLITS if not self.jsonl_files.get(s)]
+        if missing:
+            raise ValueError(f"key 'jsonl_files': no file for split(s) {missing} "
+                             f"(source 'jsonl' needs {list(self.JSONL_SPLITS)}; warmup is optional)")
+        for split, name in self.jsonl_files.items():
+            path = self.resolve(name)
+            if not path.is_file():
+                raise ValueError(f"key 'jsonl_files': the {split} file {name!r} does not exist "
+                                 f"(looked for {path})")
+        if self.image_root is not None and not self.resolve(self.image_root).is_dir():
+            raise ValueError(f"key 'image_root': {self.image_root!r} is not a folder "
+                             f"(looked for {self.resolve(self.image_root)})")
 
 
 @dataclasses.dataclass
@@ -412,6 +477,9 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """Sampling temperature of rollouts."""
     top_p: float = 1.0
     """Nucleus sampling of rollouts."""
+    top_k: int = 0
+    """Top-k sampling of rollouts (0: off). Nothing else is inherited from the checkpoint's
+    generation config (``modeling.decoding_kwargs``)."""
     num_iterations: int = 1
     """Policy updates per rollout batch (ratios differ from 1 only when > 1)."""
     clip_low: float = 0.2
@@ -436,8 +504,14 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """Weight of the faithful reward (faithful variants only)."""
     faithful_form: str = "group_tanh"
     """``raw``: concentration c; ``group_tanh``: 0.5 * tanh(z) of c within the group."""
+    faithful_std_floor: float = 0.01
+    """``group_tanh``: concentrations within this of each other count as equal (reward 0) and the
+    group std is floored at it (``faithful.faithful_from_concentration``)."""
     kappa: int = 4
     """Top-kappa response tokens by visual dependency s_t enter the concentration."""
+    faithful_focus_row: bool = False
+    """Whether the ``<Focus>`` row (it predicts the first response token; the same for every
+    trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
     occlusion_cells: int = 2
     """Cells kept as the causal region by the occlusion search."""
     intervention: str = "background"
@@ -463,6 +537,13 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
             raise ValueError(f"key 'faithful_form': {self.faithful_form!r} not in raw/group_tanh")
         if self.group_size < 2:
             raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
+        if self.faithful_std_floor < 0:
+            raise ValueError(f"key 'faithful_std_floor': must be >= 0, got {self.faithful_std_floor}")
+        if self.top_k < 0:
+            raise ValueError(f"key 'top_k': must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1 or not self.temperature > 0:
+            raise ValueError(f"keys 'top_p', 'temperature': need 0 < top_p <= 1 and "
+                             f"temperature > 0, got {self.top_p}, {self.temperature}")
         if self.intervention not in ("mask", "background", "blur", "noise"):
             raise ValueError(f"key 'intervention': {self.intervention!r} unknown")
 

@@ -1,4 +1,6 @@
-"""FocusShapes: procedural, region-annotated reasoning data with a built-in shortcut.
+"""The dataset of every stage: FocusShapes (generated here), or region-annotated JSONL records.
+
+FocusShapes: procedural, region-annotated reasoning data with a built-in shortcut.
 
 This is the tiny profile's stand-in for the paper's region-annotated perception data
 (docs/design.md §3). Every scene is drawn from a per-example seed; every question
@@ -12,12 +14,21 @@ Splits: ``train`` (cue-laden), ``warmup`` (for the stage-0 backbone: cue absent 
 uninformative), ``test_id`` and ``test_ood``. The test splits also carry their
 counterfactual views: the evidence intervened (answer no longer supported) and a
 control region of the same size intervened (answer unchanged).
+
+JSONL (``DataParams.source: jsonl``, docs/design.md §3.1): the same four splits and columns
+from records files (``records.load_jsonl``, every record validated before any training);
+the test splits' counterfactual views are made from each record's evidence boxes. A record
+without boxes gets no views (its ``control_boxes`` are empty): accuracy counts it, the
+box-based metrics skip it. ``make_dataset`` picks the source; ``load_or_make`` caches the
+result per profile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -357,32 +368,86 @@ def make_split(p: DataParams, split: str, n: int) -> datasets.Dataset:
     return records.records_to_dataset(rows)
 
 
+def _focus_shapes_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, Any],
+                        p: DataParams) -> tuple[Image.Image, Image.Image, list[list[float]]]:
+    """The two views of a FocusShapes scene: controls avoid every object and the cue cell."""
+    rng = np.random.default_rng(meta["seed"])
+    cue_box = cell_box(*meta["cue_cell"])
+    # Controls avoid the other objects too, so that a control never erases an
+    # object some question could depend on.
+    # Both boxes get padded by ``pad`` when intervened, hence the 2 * pad margin.
+    m = 2 * p.intervention_pad
+    others = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m]
+              for b in [cue_box, *(o["box"] for o in meta["objects"])]]
+    ctrl = counterfactual.control_boxes(image.size, boxes, rng, avoid=others)
+    kw = {"seed": meta["seed"], "pad": p.intervention_pad, "fill": tuple(p.background)}
+    return (counterfactual.intervene(image, boxes, p.intervention, **kw),
+            counterfactual.intervene(image, ctrl, p.intervention, **kw),
+            [[float(v) for v in b] for b in ctrl])
+
+
+def record_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, Any],
+                 p: DataParams, record_id: str = "") -> tuple[Image.Image, Image.Image,
+                                                              list[list[float]]]:
+    """The two views of a JSONL record, from its evidence boxes alone.
+
+    Nothing else in a real image is known, so the control regions avoid only the (padded)
+    evidence. The seed is ``meta["seed"]``; the fill is ``meta["background"]`` when the record
+    has one, else each image's border colour (``counterfactual.estimate_background``), as in
+    the faithful reward (``faithful.intervention_kwargs``).
+
+    Returns:
+        ``(evidence view, control view, control boxes)``. A record without evidence boxes, or
+        whose boxes leave no room for same-sized controls, has no views: both images are the
+        original and the control boxes are empty (the evaluation skips it, ``row_has_views``).
+    """
+    if not boxes:
+        return image, image, []
+    seed = int(meta.get("seed", 0))
+    m = 2 * p.intervention_pad
+    padded = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m] for b in boxes]
+    try:
+        ctrl = counterfactual.control_boxes(image.size, boxes, np.random.default_rng(seed),
+                                            avoid=padded)
+    except ValueError as exc:
+        logger.warning("record %r: no counterfactual views (%s)", record_id, exc)
+        return image, image, []
+    kw: dict[str, Any] = {"seed": seed, "pad": p.intervention_pad}
+    if meta.get("background") is not None:
+        kw["fill"] = tuple(int(v) for v in meta["background"])
+    return (counterfactual.intervene(image, boxes, p.intervention, **kw),
+            counterfactual.intervene(image, ctrl, p.intervention, **kw),
+            [[float(v) for v in b] for b in ctrl])
+
+
+def row_has_views(row: dict[str, Any]) -> bool:
+    """Whether a test row has real counterfactual views: evidence boxes and one control box
+    per evidence box (a record without boxes has neither)."""
+    boxes = row.get("evidence_boxes") or []
+    return bool(len(boxes)) and len(row.get("control_boxes") or []) == len(boxes)
+
+
 def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Dataset:
     """Add ``image_cf_evidence``, ``image_cf_control`` and ``control_boxes`` columns.
 
     The evidence view intervenes on the evidence boxes (the answer is no longer
     supported); the control view intervenes on regions of the same sizes that overlap
-    neither the evidence nor the cue cell (the answer and the shortcut are unchanged).
-    The intervention seed is the example's seed, stored in ``meta``.
+    neither the evidence nor (FocusShapes) the other objects and the cue cell (the answer
+    and the shortcut are unchanged). The intervention seed is the example's seed, stored in
+    ``meta``. JSONL records get theirs from ``record_views``.
     """
     ev_imgs, ctl_imgs, ctl_boxes = [], [], []
     for row in tqdm(ds, desc="counterfactual views", leave=False):
         meta = records.decode_meta(row["meta"])
         image = row["image"].convert("RGB")
         boxes = [list(b) for b in row["evidence_boxes"]]
-        rng = np.random.default_rng(meta["seed"])
-        cue_box = cell_box(*meta["cue_cell"])
-        # Controls avoid the other objects too, so that a control never erases an
-        # object some question could depend on.
-        # Both boxes get padded by ``pad`` when intervened, hence the 2 * pad margin.
-        m = 2 * p.intervention_pad
-        others = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m]
-                  for b in [cue_box, *(o["box"] for o in meta["objects"])]]
-        ctrl = counterfactual.control_boxes(image.size, boxes, rng, avoid=others)
-        kw = {"seed": meta["seed"], "pad": p.intervention_pad, "fill": tuple(p.background)}
-        ev_imgs.append(counterfactual.intervene(image, boxes, p.intervention, **kw))
-        ctl_imgs.append(counterfactual.intervene(image, ctrl, p.intervention, **kw))
-        ctl_boxes.append([[float(v) for v in b] for b in ctrl])
+        if p.source == "jsonl":
+            ev, ctl, ctrl = record_views(image, boxes, meta, p, row["id"])
+        else:
+            ev, ctl, ctrl = _focus_shapes_views(image, boxes, meta, p)
+        ev_imgs.append(ev)
+        ctl_imgs.append(ctl)
+        ctl_boxes.append(ctrl)
     enc = datasets.Image().encode_example
     ds = ds.add_column("image_cf_evidence", [enc(im) for im in ev_imgs], feature=datasets.Image())
     ds = ds.add_column("image_cf_control", [enc(im) for im in ctl_imgs], feature=datasets.Image())
@@ -393,6 +458,9 @@ def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Da
 
 def make_focus_shapes(p: DataParams) -> datasets.DatasetDict:
     """Generate all FocusShapes splits; test splits carry their counterfactual views."""
+    if p.source != "focusshapes":
+        raise ValueError(f"make_focus_shapes: the data params name source {p.source!r}; "
+                         f"build the dataset with data.make_dataset")
     sizes = {"train": p.n_train, "warmup": p.n_warmup, "test_id": p.n_test_id,
              "test_ood": p.n_test_ood}
     out = {}
@@ -404,15 +472,145 @@ def make_focus_shapes(p: DataParams) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
+# --------------------------------------------------------------------------------------
+# JSONL records (source: jsonl)
+# --------------------------------------------------------------------------------------
+
+
+def record_seed(seed: int, split: str, record_id: str) -> int:
+    """The intervention seed of a JSONL record, from the run seed, the split and its id (not
+    its line, so reordering a file changes no view)."""
+    ss = np.random.SeedSequence([seed, _SPLIT_CODE[split], zlib.crc32(record_id.encode())])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def load_jsonl_split(p: DataParams, split: str) -> tuple[datasets.Dataset, int]:
+    """One split from its records file (``p.jsonl_files[split]``), validated before use.
+
+    Every record passes ``records.load_jsonl`` (each image decoded once; in error mode the
+    first bad record raises ``records.DataError`` naming the file, line, record id and
+    field). ``meta`` gains ``split`` and the intervention ``seed`` (``record_seed``) where the
+    record does not set them. The images stay files until ``save_dataset`` embeds them. A
+    split without a file (only ``warmup`` may lack one) is empty.
+
+    Returns:
+        ``(dataset, number of bad records skipped)``; test splits carry their views.
+
+    Raises:
+        records.DataError: a bad record (error mode), or a required split with no record left.
+    """
+    name = p.jsonl_files.get(split)
+    if not name:
+        return records.records_to_dataset([]), 0
+    path = p.resolve(name)
+    root = p.resolve(p.image_root) if p.image_root is not None else None
+    recs, skipped = records.load_jsonl(path, root, p.on_bad_record, load_images=False,
+                                       verify_images=True)
+    if not recs:
+        raise records.DataError(f"no valid record for split {split!r} ({skipped} skipped)",
+                                path=path)
+    for rec in recs:
+        rec["meta"] = {"split": split, "seed": record_seed(p.seed, split, rec["id"]),
+                       **rec["meta"]}
+    ds = records.records_to_dataset(recs)
+    if split.startswith("test"):
+        ds = add_counterfactual_views(ds, p)
+    return ds, skipped
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_files(p: DataParams) -> dict[str, str]:
+    """``{split: sha256}`` of the records files of ``p`` (empty for FocusShapes): the part of
+    a JSONL dataset's identity that its params do not hold. Images are not hashed: replace
+    an image in place and delete ``runs/<profile>/data`` to rebuild."""
+    if p.source != "jsonl":
+        return {}
+    return {split: file_sha256(p.resolve(name)) for split, name in sorted(p.jsonl_files.items())}
+
+
+def make_jsonl_dataset(p: DataParams) -> tuple[datasets.DatasetDict, dict[str, int]]:
+    """All four splits from the records files of ``p`` (``load_jsonl_split``).
+
+    Returns:
+        ``(DatasetDict, {split: bad records skipped})``.
+    """
+    if p.source != "jsonl":
+        raise ValueError(f"make_jsonl_dataset: the data params name source {p.source!r}")
+    out, skipped = {}, {}
+    for split in tqdm(SPLITS, desc="JSONL splits"):
+        out[split], skipped[split] = load_jsonl_split(p, split)
+    train_ids = set(out["train"]["id"])
+    for split in ("test_id", "test_ood"):
+        shared = len(train_ids & set(out[split]["id"]))
+        if shared:
+            logger.warning("%d record id(s) of %s are also in train", shared, split)
+    return datasets.DatasetDict(out), skipped
+
+
+def dataset_counts(dsd: datasets.DatasetDict) -> dict[str, dict[str, int]]:
+    """Per split: ``records``, ``with_boxes`` / ``without_boxes`` and, on splits that carry
+    views, ``with_views`` / ``without_views`` (``row_has_views``).
+
+    The box-based parts of both stages and of the evaluation skip the records without boxes
+    (anchoring's attention loss, the faithful reward, Focus mass, the faithfulness gap).
+    """
+    out = {}
+    for split, ds in dsd.items():
+        boxes = ds["evidence_boxes"] if len(ds) else []
+        n_boxes = sum(bool(len(b)) for b in boxes)
+        counts = {"records": len(ds), "with_boxes": n_boxes, "without_boxes": len(ds) - n_boxes}
+        if "control_boxes" in ds.column_names:
+            views = sum(row_has_views({"evidence_boxes": b, "control_boxes": c})
+                        for b, c in zip(boxes, ds["control_boxes"], strict=True))
+            counts.update(with_views=views, without_views=len(ds) - views)
+        out[split] = counts
+    return out
+
+
+def make_dataset(p: DataParams) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """The dataset ``p`` names: FocusShapes (``make_focus_shapes``) or JSONL records
+    (``make_jsonl_dataset``), the four splits with the same columns either way.
+
+    Returns:
+        ``(DatasetDict, info)``; ``info`` holds ``source``, ``counts`` (``dataset_counts``),
+        and for JSONL ``skipped`` (bad records per split) and ``files`` (``source_files``).
+    """
+    if p.source == "jsonl":
+        dsd, skipped = make_jsonl_dataset(p)
+        extra: dict[str, Any] = {"skipped": skipped, "files": source_files(p)}
+    else:
+        dsd, extra = make_focus_shapes(p), {}
+    info = {"source": p.source, "counts": dataset_counts(dsd), **extra}
+    for split, c in info["counts"].items():
+        if c["without_boxes"] or c.get("without_views"):
+            logger.info("%s: %d of %d record(s) without evidence boxes, %s without views",
+                        split, c["without_boxes"], c["records"], c.get("without_views", "-"))
+    return dsd, info
+
+
 def data_dir(p: Any) -> Path:
     """``runs/<profile>/data``: where notebook 01 saves the dataset."""
     return run_dir(p, "data", create=False)
 
 
-def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams) -> Path:
-    """``save_to_disk`` plus the resolved params that made the data."""
+def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams,
+                 info: dict[str, Any] | None = None) -> Path:
+    """``save_to_disk`` (images embedded) plus the resolved params that made the data and,
+    when given, ``info.json`` (``make_dataset``'s info)."""
     folder = Path(folder)
-    dsd.save_to_disk(str(folder))
+    # An empty split (``n_warmup: 0``, a JSONL source without a warm-up file) gets one empty
+    # shard; by default it would get none, and ``load_from_disk`` fails on it.
+    dsd.save_to_disk(str(folder), num_shards={k: 1 for k, ds in dsd.items() if not len(ds)})
+    if info is not None:
+        atomic_write_json(folder / "info.json", info)
     atomic_write_json(folder / "params.json", {"class": "DataParams",
                                                "params": json.loads(json.dumps(p.__dict__))})
     return folder
@@ -428,15 +626,27 @@ def load_dataset_dir(folder: str | Path) -> datasets.DatasetDict:
     return datasets.load_from_disk(str(folder))
 
 
+def _same_source(folder: Path, p: DataParams) -> bool:
+    """Whether the records files of ``p`` are those the saved dataset was made from."""
+    if p.source != "jsonl":
+        return True
+    try:
+        saved = json.loads((folder / "info.json").read_text()).get("files")
+    except (OSError, json.JSONDecodeError):
+        return False
+    return saved == source_files(p)
+
+
 def load_or_make(p: DataParams) -> datasets.DatasetDict:
-    """The saved dataset of ``p``'s profile if present with the same params, else build it."""
+    """The saved dataset of ``p``'s profile if present with the same params (and, for JSONL,
+    the same records files), else build it (``make_dataset``)."""
     folder = data_dir(p)
-    if saved_params_equal(folder, p):
+    if saved_params_equal(folder, p) and _same_source(folder, p):
         return load_dataset_dir(folder)
     if (folder / "params.json").exists():
-        logger.info("dataset at %s was made with other params; rebuilding", folder)
-    dsd = make_focus_shapes(p)
-    save_dataset(dsd, folder, p)
+        logger.info("dataset at %s was made with other params or files; rebuilding", folder)
+    dsd, info = make_dataset(p)
+    save_dataset(dsd, folder, p, info)
     return load_dataset_dir(folder)
 
 
@@ -446,17 +656,23 @@ def load_or_make(p: DataParams) -> datasets.DatasetDict:
 
 
 def shortcut_agreement(ds: datasets.Dataset) -> float:
-    """Share of cued examples whose cue equals the answer (NaN if none is cued)."""
-    flags = [m["shortcut_agrees"] for m in map(records.decode_meta, ds["meta"])]
+    """Share of cued examples whose cue equals the answer (NaN if none is cued, e.g. JSONL
+    records, whose meta has no ``shortcut_agrees``)."""
+    flags = [m.get("shortcut_agrees") for m in map(records.decode_meta, ds["meta"])]
     cued = [f for f in flags if f is not None]
     return float(np.mean(cued)) if cued else float("nan")
 
 
+NO_TASK = "(none)"
+"""The family ``task_counts`` gives records whose meta names none (JSONL records)."""
+
+
 def task_counts(ds: datasets.Dataset) -> dict[str, int]:
-    """Number of examples per question family."""
+    """Number of examples per question family (``NO_TASK`` for records without one)."""
     out: dict[str, int] = {}
     for m in map(records.decode_meta, ds["meta"]):
-        out[m["task"]] = out.get(m["task"], 0) + 1
+        task = m.get("task", NO_TASK)
+        out[task] = out.get(task, 0) + 1
     return out
 
 

@@ -10,6 +10,11 @@
   Focus points at the evidence *and* removing the evidence changes the answer);
 * shortcut reliance: accuracy where the cue contradicts the answer.
 
+Each metric applies where its inputs exist: examples without evidence boxes (unannotated JSONL
+records) count for accuracy but not for the box-based metrics, examples without counterfactual
+views not for the faithful-use ones, and examples whose ``meta`` names no shortcut cue (every
+JSONL record) not for the cue metrics; ``coverage`` counts each group.
+
 ``evaluate_split`` gives one record per example; ``summarise`` turns them into means with
 bootstrap 95% intervals (examples resampled jointly, so every metric sees the same resample);
 ``evaluate_model`` runs both on several splits and caches the result as JSON.
@@ -33,6 +38,7 @@ from fmr1lib import (
     anchoring,
     attention,
     batching,
+    data,
     faithful,
     modeling,
     prompting,
@@ -297,6 +303,31 @@ def summarise(examples: Sequence[dict[str, Any]], n_boot: int = 1000,
             for k, ci in zip(names, cis, strict=True)}
 
 
+def coverage(examples: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many examples each group of metrics uses, and how many it skips.
+
+    ``with_evidence`` / ``without_evidence``: the box-based metrics (``focus_mass``,
+    ``pointing``, ``answer_mass``, ``consistency``) skip examples without evidence boxes;
+    ``with_views`` / ``without_views``: the faithful-use metrics (``acc_evidence`` ...
+    ``faithfulness_gap``, ``consistency``) skip examples without both counterfactual views;
+    ``with_cue`` / ``without_cue``: the cue metrics (``conflict_accuracy``, ``cue_rate``,
+    ``wrong_is_cue``) skip examples whose ``meta`` names no shortcut cue. Every example counts
+    for ``accuracy`` and ``format_rate``.
+
+    >>> coverage([{"has_evidence": True, "has_views": True, "cue": None},
+    ...           {"has_evidence": False, "has_views": False, "cue": None}])["without_evidence"]
+    1
+    """
+    n = len(examples)
+    ev = sum(bool(ex.get("has_evidence")) for ex in examples)
+    views = sum(ex.get("correct_evidence") is not None and ex.get("correct_control") is not None
+                for ex in examples)
+    cue = sum(ex.get("cue") is not None for ex in examples)
+    return {"examples": n, "with_evidence": ev, "without_evidence": n - ev,
+            "with_views": views, "without_views": n - views,
+            "with_cue": cue, "without_cue": n - cue}
+
+
 @torch.no_grad()
 def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
                      completions: Sequence[Sequence[int]], layers: Any = "last_half") -> list[float | None]:
@@ -345,13 +376,15 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
     """One record per example of the first ``n`` rows of ``ds`` (all if 0).
 
     Greedy answers on the original image and, when ``views`` and the split carries them
-    (``image_cf_evidence``, ``image_cf_control``), on both intervened views; the Focus
+    (``image_cf_evidence``, ``image_cf_control``), on both intervened views of the rows that
+    have them (``data.row_has_views``: evidence boxes and their controls); the Focus
     attention (mass inside the evidence, pointing); the answer tokens' attention mass.
 
     Returns:
         Records with ``id``, ``answer``, ``response``, ``pred``, ``correct``, ``well_formed``,
-        ``cue``, ``cue_agrees``, ``focus_mass``, ``pointing``, ``answer_mass`` and, with views,
-        ``pred_evidence``, ``correct_evidence``, ``pred_control``, ``correct_control``.
+        ``cue``, ``cue_agrees``, ``has_evidence``, ``has_views``, ``focus_mass``, ``pointing``,
+        ``answer_mass`` and, with views, ``pred_evidence``, ``correct_evidence``,
+        ``pred_control``, ``correct_control``.
     """
     model.eval()
     ds = _subset(ds, n)
@@ -362,11 +395,14 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
         toks, texts = generate_greedy(model, processor, rows, max_new_tokens)
         maps = focus_attention(model, processor, rows, layers=layers, batch_size=batch_size)
         ans_mass = answer_attention(model, processor, rows, toks, layers=layers)
-        view_preds = {}
-        if has_views:
+        with_views = [j for j, r in enumerate(rows) if has_views and data.row_has_views(r)]
+        view_preds: dict[str, dict[int, str | None]] = {}
+        if with_views:
             for view in ("evidence", "control"):
-                _, vt = generate_greedy(model, processor, rows, max_new_tokens, f"image_cf_{view}")
-                view_preds[view] = [prompting.parse_answer(t) for t in vt]
+                _, vt = generate_greedy(model, processor, [rows[j] for j in with_views],
+                                        max_new_tokens, f"image_cf_{view}")
+                view_preds[view] = {j: prompting.parse_answer(t)
+                                    for j, t in zip(with_views, vt, strict=True)}
         for j, (r, text) in enumerate(zip(rows, texts, strict=True)):
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])
@@ -377,10 +413,14 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
                   "well_formed": prompting.is_well_formed(text),
                   "cue": meta.get("shortcut_value"),
                   "cue_agrees": meta.get("shortcut_agrees"),
+                  "has_evidence": bool(len(r["evidence_boxes"])),
+                  "has_views": j in with_views,
                   "focus_mass": mp[0] if mp else None,
                   "pointing": mp[1] if mp else None,
                   "answer_mass": ans_mass[j]}
             for view, preds in view_preds.items():
+                if j not in preds:
+                    continue
                 ex[f"pred_{view}"] = preds[j]
                 ex[f"correct_{view}"] = scoring.answers_match(preds[j], r["answer"], kind,
                                                               options)
@@ -417,7 +457,8 @@ def _read_cached(path: Path, fingerprint: str | None, settings: dict[str, Any]) 
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if old.get("fingerprint") == fingerprint and old.get("settings") == settings:
+    if old.get("fingerprint") == fingerprint and old.get("settings") == settings and all(
+            "counts" in s for s in old.get("splits", {}).values()):
         return old
     return None
 
@@ -429,11 +470,13 @@ def evaluate_model(model: Any, processor: Any, dsd: Any, splits: Sequence[str], 
     """Evaluate one model on ``splits`` and write ``out_path`` (JSON), or reuse it.
 
     The JSON holds the settings (decoding, ``n``, layers, bootstrap, views), the model's
-    ``fingerprint``, and per split the summary of :func:`summarise` and the per-example
-    records. A file whose fingerprint and settings equal this call's is returned as is.
+    ``fingerprint``, and per split the summary of :func:`summarise`, the example counts of
+    :func:`coverage` and the per-example records. A file whose fingerprint and settings equal
+    this call's is returned as is.
 
     Returns:
-        ``{"name", "fingerprint", "settings", "splits": {split: {"summary", "examples"}}}``.
+        ``{"name", "fingerprint", "settings", "splits": {split: {"summary", "counts",
+        "examples"}}}``.
     """
     out_path = Path(out_path)
     settings = _settings(splits, n, max_new_tokens, layers, n_boot, views)
@@ -446,8 +489,13 @@ def evaluate_model(model: Any, processor: Any, dsd: Any, splits: Sequence[str], 
         examples = evaluate_split(model, processor, dsd[split], n=n, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, layers=layers, views=views,
                                   desc=f"{name or 'evaluate'} {split}")
+        counts = coverage(examples)
+        skipped = {k: v for k, v in counts.items() if k.startswith("without_") and v}
+        if skipped:
+            logger.info("%s %s: of %d examples, skipped by the metrics that need them: %s",
+                        name or "evaluate", split, counts["examples"], skipped)
         result["splits"][split] = {"summary": summarise(examples, n_boot=n_boot),
-                                   "examples": examples}
+                                   "counts": counts, "examples": examples}
     repro.atomic_write_json(out_path, result)
     return result
 

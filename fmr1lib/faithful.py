@@ -23,6 +23,7 @@ For an answer-correct trajectory ``y`` of a prompt with image ``I``:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ REGIONS = ("boxes", "occlusion")
 FAITHFUL_FORMS = ("raw", "group_tanh")
 REGION_EPS = 1e-6
 """Cells whose box-overlap weight is below this count as outside the region (float slivers)."""
+INTERVENTION_PAD = 0
+"""Pixels grown around the causal region before it is removed in the reward's ``I'``: none, so
+the edited pixels are exactly the region's (half-open boxes, §3.1) and every edited pixel lies in
+a cell that ``region_token_mask`` scores. (Growing it by 1 px edited neighbouring cells in about
+8% of occlusion cells and, with ``noise`` / ``blur``, in 55 of 200 evidence examples.)"""
 
 
 # --------------------------------------------------------------------------------------
@@ -147,16 +153,19 @@ def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int =
 
 
 def faithful_from_concentration(c: Sequence[float], correct: Sequence[bool],
-                                form: str = "group_tanh", eps: float = 1e-6) -> list[float]:
+                                form: str = "group_tanh", std_floor: float = 0.01) -> list[float]:
     """Faithful reward of ONE group of trajectories from their concentrations.
 
     Args:
         c: concentration of each trajectory of the group (ignored where incorrect).
         correct: whether each trajectory's answer is correct.
         form: ``raw`` (reward = c) or ``group_tanh`` (reward = 0.5 * tanh(z), z = (c - mean) /
-            std over the group's correct trajectories, population std; neutral 0 when fewer
-            than two trajectories are correct or their concentrations are all equal).
-        eps: added to the std.
+            max(std, std_floor) over the group's correct trajectories, population std; neutral 0
+            when fewer than two trajectories are correct).
+        std_floor: ``group_tanh`` only. Concentrations (shares of attention, in [0, 1]) that all
+            lie within ``std_floor`` of each other count as equal (reward 0 for all), and the
+            group std is floored at it, so that differences of numerical noise (1e-4) cannot
+            become rewards of +-0.4 and flip the sign of advantages.
 
     Returns:
         One reward per trajectory; 0.0 for incorrect ones.
@@ -167,22 +176,24 @@ def faithful_from_concentration(c: Sequence[float], correct: Sequence[bool],
     [0.381, -0.381, 0.0]
     >>> faithful_from_concentration([0.9, 0.1], [True, False])
     [0.0, 0.0]
+    >>> faithful_from_concentration([0.50000, 0.50007], [True, True])
+    [0.0, 0.0]
     """
     if form not in FAITHFUL_FORMS:
         raise ValueError(f"unknown faithful form {form!r}; use one of {FAITHFUL_FORMS}")
     if len(c) != len(correct):
         raise ValueError(f"{len(c)} concentrations but {len(correct)} correctness flags")
+    if not std_floor >= 0:
+        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
     ok = [bool(k) for k in correct]
     vals = [float(v) if math.isfinite(float(v)) else 0.0 for v in c]
     if form == "raw":
         return [v if k else 0.0 for v, k in zip(vals, ok, strict=True)]
     chosen = np.array([v for v, k in zip(vals, ok, strict=True) if k], dtype=np.float64)
-    if chosen.size < 2:
+    if chosen.size < 2 or chosen.max() - chosen.min() <= std_floor:
         return [0.0] * len(vals)
-    mean, std = chosen.mean(), chosen.std()
-    if chosen.max() == chosen.min():
-        return [0.0] * len(vals)
-    return [float(0.5 * math.tanh((v - mean) / (std + eps))) if k else 0.0
+    mean, std = chosen.mean(), max(float(chosen.std()), std_floor, 1e-12)
+    return [float(0.5 * math.tanh((v - mean) / std)) if k else 0.0
             for v, k in zip(vals, ok, strict=True)]
 
 
@@ -254,7 +265,7 @@ def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         all_cells.append(cells)
         kw = intervention_kwargs(row)
         for k, box in enumerate(cells):
-            occluded = counterfactual.intervene(image, [box], method, pad=0, **kw)
+            occluded = counterfactual.intervene(image, [box], method, pad=INTERVENTION_PAD, **kw)
             copies.append({"image": occluded, "question": row["question"], "answer": row["answer"],
                            "evidence_boxes": [], "meta": row.get("meta")})
             owner.append((i, k))
@@ -307,17 +318,24 @@ def region_token_mask(input_ids: torch.Tensor, grid_thw: torch.Tensor,
     return mask
 
 
+def counterfactual_images(rows: Sequence[dict[str, Any]],
+                          regions: Sequence[Sequence[Sequence[float]]], method: str) -> list[Any]:
+    """The counterfactual images ``I'``: each row's image with its region removed by ``method``
+    (``INTERVENTION_PAD`` pixels of padding)."""
+    return [counterfactual.intervene(r["image"], [list(b) for b in reg], method,
+                                     pad=INTERVENTION_PAD, **intervention_kwargs(r))
+            for r, reg in zip(rows, regions, strict=True)]
+
+
 def counterfactual_pixels(rows: Sequence[dict[str, Any]], regions: Sequence[Sequence[Sequence[float]]],
                           processor: Any, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image inputs of the counterfactual views ``I'`` (regions removed, 1 px padding).
+    """Image inputs of the counterfactual views ``I'`` (``counterfactual_images``).
 
     Returns:
         ``(pixel_values, image_grid_thw)`` for one image per row.
     """
-    images = [counterfactual.intervene(r["image"], [list(b) for b in reg], method, pad=1,
-                                       **intervention_kwargs(r))
-              for r, reg in zip(rows, regions, strict=True)]
-    enc = processor.image_processor(images=images, return_tensors="pt")
+    enc = processor.image_processor(images=counterfactual_images(rows, regions, method),
+                                    return_tensors="pt")
     return enc["pixel_values"], enc["image_grid_thw"]
 
 
@@ -375,14 +393,47 @@ class CounterfactualView:
     logits_cf: torch.Tensor         # [n_sel, T, V] on I'
     region_mask: torch.Tensor       # [n_sel, seq] image tokens inside C
     image_mask: torch.Tensor        # [n_sel, seq] all image tokens
+    logits: torch.Tensor | None = None  # [n_sel, T, V] on I in eval mode (models with dropout)
+    attn: torch.Tensor | None = None    # [n_sel, n_layers, T, seq] its captured attention rows
+
+
+def has_active_dropout(model: Any) -> bool:
+    """Whether a train-mode forward of ``model`` differs from an eval-mode one (a dropout with
+    ``p`` > 0, e.g. LoRA's ``lora_dropout``, or a non-zero ``attention_dropout``)."""
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    if float(getattr(text_cfg, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def candidate_mask(completion_mask: torch.Tensor, focus_row: bool = False) -> torch.Tensor:
+    """The rows that may enter the concentration: the completion tokens, without the first row
+    (the ``<Focus>`` position, identical across a group) unless ``focus_row``.
+
+    >>> candidate_mask(torch.tensor([[1, 1, 1, 0]])).tolist()
+    [[0, 1, 1, 0]]
+    """
+    if focus_row:
+        return completion_mask
+    out = completion_mask.clone()
+    out[:, :1] = 0
+    return out
 
 
 def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatch,
                         rows: Sequence[dict[str, Any]], distinct: Sequence[Sequence[Sequence[int]]],
                         region: str = "boxes", occlusion_cells: int = 2,
-                        method: str = "background",
-                        temperature: float = 1.0) -> CounterfactualView | None:
+                        method: str = "background", temperature: float = 1.0,
+                        layers: Sequence[int] | None = None) -> CounterfactualView | None:
     """Regions, counterfactual images and the teacher-forced forward on ``I'`` (eval, no grad).
+
+    ``s_t`` compares the policy on ``I`` with the policy on ``I'`` in the same mode: the ``I'``
+    forward runs in eval mode, so when the model has an active dropout (``has_active_dropout``;
+    LoRA with ``lora_dropout`` > 0) the ``I`` side of the selected trajectories is recomputed in
+    eval mode too (``view.logits``, and ``view.attn`` captured at ``layers``), instead of taking
+    the training forward's logits, which carry dropout noise. Without dropout the two modes give
+    the same numbers and the training forward is reused.
 
     Args:
         model: the policy (unwrapped).
@@ -395,6 +446,7 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
         occlusion_cells: cells of an occlusion region.
         method: intervention (``counterfactual.METHODS``).
         temperature: the sampling temperature (the logits are divided by it, as in the loss).
+        layers: the reward's layers (needed to capture ``view.attn`` for models with dropout).
 
     Returns:
         The view, or None when no group is scored.
@@ -427,19 +479,44 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
     with batching.eval_mode(model):
         logits_cf = batching.completion_logits(model, cf_inputs, batch.completion_ids.shape[1],
                                                temperature)
+    logits_i = attn_i = None
+    if has_active_dropout(model):
+        logits_i, attn_i = _eval_forward_on_original(model, batch, selected, layers, temperature)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     sel_ids = cf_inputs["input_ids"]
     region_mask = region_token_mask(sel_ids, torch.stack(grid_per_sel), reg_per_sel, size_per_sel,
                                     image_id).to(ids.device)
     return CounterfactualView(selected=selected, copies=copies, logits_cf=logits_cf,
                               region_mask=region_mask,
-                              image_mask=attention.image_token_mask(sel_ids, image_id))
+                              image_mask=attention.image_token_mask(sel_ids, image_id),
+                              logits=logits_i, attn=attn_i)
+
+
+def _eval_forward_on_original(model: Any, batch: batching.SequenceBatch, selected: torch.Tensor,
+                              layers: Sequence[int] | None,
+                              temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eval-mode logits (and attention rows at ``layers``) of the selected trajectories on ``I``."""
+    sel = selected.tolist()
+    inputs = {k: v.index_select(0, selected) for k, v in batch.inputs.items()
+              if k not in ("pixel_values", "image_grid_thw")}
+    blocks = torch.split(batch.inputs["pixel_values"],
+                         batch.inputs["image_grid_thw"].prod(-1).tolist())
+    inputs["pixel_values"] = torch.cat([blocks[i] for i in sel])
+    inputs["image_grid_thw"] = batch.inputs["image_grid_thw"].index_select(0, selected)
+    t = batch.completion_ids.shape[1]
+    queries = batch.query_positions.index_select(0, selected.to(batch.query_positions.device))
+    capture = (attention.AttentionCapture(model, queries.to(selected.device), layers=list(layers))
+               if layers is not None else contextlib.nullcontext())
+    with batching.eval_mode(model), capture as cap:
+        logits = batching.completion_logits(model, inputs, t, temperature)
+    return logits, (cap.attentions if layers is not None else None)
 
 
 def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBatch,
                      logits: torch.Tensor, attn: torch.Tensor | None, kappa: int = 4,
                      form: str = "group_tanh",
-                     stats: dict[str, list[float]] | None = None) -> list[float]:
+                     stats: dict[str, list[float]] | None = None,
+                     std_floor: float = 0.01, focus_row: bool = False) -> list[float]:
     """Faithful reward of every trajectory of ``batch`` (0 where not scored).
 
     Args:
@@ -449,6 +526,11 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
         attn: ``[N, n_layers, T, seq]`` the sampled tokens' captured attention rows.
         kappa: tokens averaged in the concentration.
         form: ``raw`` or ``group_tanh``.
+        std_floor: ``group_tanh``'s floor (``faithful_from_concentration``).
+        focus_row: whether the first candidate row, the ``<Focus>`` position (it predicts the
+            first response token), enters the top-``kappa`` selection. It belongs to the prompt,
+            so its ``s_t`` and attention are the same for every trajectory of a group: it cannot
+            prefer one over another, only take a slot from a reasoning token. Off by default.
         stats: optional lists to append ``concentration``, ``s_t``, ``share`` (per scored
             trajectory) and ``distinct`` (per distinct sequence) to.
 
@@ -461,9 +543,12 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
     scored = [False] * n
     if view is not None and attn is not None:
         sel = view.selected
-        mask = batch.completion_mask.index_select(0, sel)
-        s_t = visual_dependency(logits.detach().index_select(0, sel), view.logits_cf, mask)
-        share = region_share(attn.detach().index_select(0, sel), view.region_mask, view.image_mask)
+        mask = candidate_mask(batch.completion_mask.index_select(0, sel), focus_row)
+        # Both sides of s_t in eval mode (``counterfactual_view``).
+        on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
+        rows_i = view.attn if view.attn is not None else attn.detach().index_select(0, sel)
+        s_t = visual_dependency(on_i, view.logits_cf, mask)
+        share = region_share(rows_i, view.region_mask, view.image_mask)
         for j, same in enumerate(view.copies):
             c = concentration(s_t[j], share[j], mask[j], kappa)
             m = mask[j].bool()
@@ -478,7 +563,7 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
     out: list[float] = []
     for start in range(0, n, g_size):
         sl = slice(start, start + g_size)
-        out += faithful_from_concentration(conc[sl], scored[sl], form)
+        out += faithful_from_concentration(conc[sl], scored[sl], form, std_floor)
     return out
 
 
@@ -491,13 +576,14 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
 def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], completions: Sequence[str],
                          region: Sequence[Sequence[float]] | None = None,
                          method: str = "background", layers: Any = "last_half",
-                         kappa: int = 4) -> list[dict[str, Any]]:
+                         kappa: int = 4, focus_row: bool = False) -> list[dict[str, Any]]:
     """The faithful reward's ingredients for hand-picked completions of one prompt.
 
     For each completion (teacher-forced): its tokens, the visual dependency ``s_t`` of every
     token (KL between the policy on ``I`` and on ``I'`` with the region removed), the share of
     each token's image attention inside the region, and the concentration ``c`` over the
-    top-``kappa`` tokens. ``region`` defaults to the record's evidence boxes.
+    top-``kappa`` tokens (``focus_row``: as in ``faithful_rewards``). ``region`` defaults to the
+    record's evidence boxes.
 
     Returns:
         One dict per completion: ``tokens``, ``s_t``, ``share``, ``concentration``, ``correct``.
@@ -533,7 +619,8 @@ def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], comple
             "completion": completions[j],
             "tokens": [tok.decode([x], skip_special_tokens=False) for x in toks],
             "s_t": s_t[j, :n].tolist(), "share": share[j, :n].tolist(),
-            "concentration": concentration(s_t[j], share[j], batch.completion_mask[j], kappa),
+            "concentration": concentration(s_t[j], share[j],
+                                           candidate_mask(batch.completion_mask, focus_row)[j], kappa),
             "correct": bool(acc_r[j]),
         })
     return out

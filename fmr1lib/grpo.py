@@ -302,7 +302,8 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     with batching.eval_mode(gen_model):
         completion_ids, texts = modeling.generate(
             gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, do_sample=True,
-            temperature=p.temperature, top_p=p.top_p, num_return_sequences=p.group_size)
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+            num_return_sequences=p.group_size)
     tokens, ok = batching.completion_tokens(completion_ids.cpu(), ctx.token_ids["eos"],
                                             modeling.vision_token_ids(ctx.processor))
     g = p.group_size
@@ -481,7 +482,7 @@ def _score_chunk(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualV
         ent = token_entropy(logits.detach(), batch.completion_mask)
         log.lists["entropy"].append(float(ent.sum() / batch.completion_mask.sum().clamp_min(1)))
         faith = (faithful.faithful_rewards(view, batch, logits, attn, p.kappa, p.faithful_form,
-                                           log.lists) if ctx.faithful else None)
+                                           log.lists, p.faithful_std_floor, p.faithful_focus_row) if ctx.faithful else None)
     if ctx.faithful:
         log.faithful_s += time.perf_counter() - t0
     g_size = batch.group_size
@@ -516,7 +517,7 @@ def _chunk_update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_gr
         view = faithful.counterfactual_view(
             acc.unwrap_model(model), ctx.processor, batch, [g.row for g in chunk.groups],
             [_distinct_scored(ctx, g) for g in chunk.groups], ctx.region, p.occlusion_cells,
-            p.intervention, p.temperature)
+            p.intervention, p.temperature, ctx.layers)
         log.faithful_s += time.perf_counter() - t0
     capture = (first and view is not None) or p.lambda_attn_rl > 0
     cap_ctx = (attention.AttentionCapture(model, batch.query_positions.to(acc.device),

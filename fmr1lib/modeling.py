@@ -212,13 +212,33 @@ def build_tiny_backbone(params: ModelParams, colors: Iterable[str] = (), shapes:
     return model, processor
 
 
+# Decoding settings a checkpoint's ``generation_config.json`` may carry (Qwen2.5-VL-Instruct
+# ships ``top_k=1``, ``top_p=0.001``, ``repetition_penalty=1.05``, ``temperature=0.1``). None of
+# them may reach a rollout or an evaluation: ``set_generation_defaults`` drops them and
+# ``generate`` sets every one of them itself (``decoding_kwargs``).
+INHERITED_DECODING = ("do_sample", "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p",
+                      "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                      "encoder_repetition_penalty", "no_repeat_ngram_size", "min_length",
+                      "min_new_tokens", "num_beams", "length_penalty", "bad_words_ids",
+                      "sequence_bias", "begin_suppress_tokens", "forced_bos_token_id",
+                      "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale",
+                      "diversity_penalty", "renormalize_logits")
+"""``GenerationConfig`` fields that change which token is emitted."""
+
+
 def set_generation_defaults(model: Any, processor: Any) -> None:
-    """Generation stops at ``<|im_end|>`` and pads with the tokenizer's pad id."""
+    """A clean generation config: stop at ``<|im_end|>``, pad with the tokenizer's pad id, and
+    none of the checkpoint's decoding settings (``INHERITED_DECODING``; they are logged)."""
+    from transformers import GenerationConfig
+
     tok = processor.tokenizer
-    gc = model.generation_config
-    gc.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-    gc.pad_token_id = tok.pad_token_id
-    gc.bos_token_id = None
+    old = model.generation_config.to_diff_dict() if model.generation_config is not None else {}
+    dropped = {k: v for k, v in old.items() if k in INHERITED_DECODING and v is not None}
+    if dropped:
+        logger.info("generation config: dropped the checkpoint's decoding settings %s", dropped)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+        bos_token_id=None)
 
 
 def add_focus_token(model: Any, processor: Any) -> list[str]:
@@ -294,13 +314,19 @@ def load_processor(folder: str | Path) -> Any:
     return proc
 
 
-def save_backbone(model: Any, processor: Any, folder: str | Path) -> Path:
-    """Save model (safetensors) and processor; written to a temp folder, then swapped in."""
+def save_backbone(model: Any, processor: Any, folder: str | Path,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save model (safetensors) and processor; written to a temp folder, then swapped in.
+
+    Args:
+        state_dict: the weights to write instead of ``model``'s own (under FSDP / ZeRO-3: the
+            full state gathered from every process's shard, ``train.full_state_dict``).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         old = None
@@ -332,22 +358,48 @@ def load_saved_backbone(folder: str | Path, params: ModelParams) -> tuple[Any, A
     return model, processor
 
 
-def wrap_lora(model: Any, params: ModelParams) -> Any:
-    """LoRA adapters on the language model's ``params.lora_targets`` (vision tower untouched).
+def new_token_ids(processor: Any) -> list[int]:
+    """Ids of the tokens ``add_focus_token`` adds: ``<Focus>`` and the tag tokens."""
+    tok = processor.tokenizer
+    ids = tok.convert_tokens_to_ids(list(prompting.TAG_TOKENS))
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        raise ValueError(f"tokenizer lacks some of {prompting.TAG_TOKENS}: run add_focus_token first")
+    return ids
+
+
+def wrap_lora(model: Any, params: ModelParams, processor: Any) -> Any:
+    """LoRA adapters on the language model's ``params.lora_targets`` (vision tower untouched),
+    and the new tokens' embedding rows trainable.
 
     The regex keeps the vision tower's modules (which share names like ``qkv``/``proj``)
-    out; whether the vision tower trains is ``params.freeze_vision``.
+    out; whether the vision tower trains is ``params.freeze_vision``. ``<Focus>`` and the tag
+    tokens start as identical rows (the mean of the old ones, ``add_focus_token``) and the model
+    must emit the tags, so their rows train under LoRA: in the input embedding, and in the output
+    head when it is not tied to it (7B), through peft's trainable tokens; all other rows stay
+    frozen. ``merge_and_unload`` writes the trained rows into the merged model.
     """
     from peft import LoraConfig, get_peft_model
 
     targets = "|".join(params.lora_targets)
+    ids = new_token_ids(processor)
+    embed = _module_name(model, model.get_input_embeddings())
+    rows = {embed: ids}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        rows[_module_name(model, head)] = ids
     # A trained vision tower is saved with the adapter (modules_to_save), so that the
     # adapter folder alone reproduces the model.
     cfg = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha,
                      lora_dropout=params.lora_dropout,
                      target_modules=rf".*language_model.*\.({targets})$",
-                     modules_to_save=None if params.freeze_vision else ["visual"])
+                     modules_to_save=None if params.freeze_vision else ["visual"],
+                     trainable_token_indices=rows)
     return get_peft_model(model, cfg)
+
+
+def _module_name(model: Any, module: Any) -> str:
+    """The qualified name of ``module`` inside ``model``."""
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def freeze_vision(model: Any, freeze: bool = True) -> None:
@@ -375,23 +427,62 @@ def vision_token_ids(processor: Any) -> list[int]:
     return [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
 
+def decoding_kwargs(do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
+                    top_k: int = 0, min_new_tokens: int = 0) -> dict[str, Any]:
+    """Every ``generate`` argument that decides which token is emitted, set explicitly.
+
+    ``transformers`` fills each decoding field left at ``None`` from the model's
+    ``generation_config`` and then from its own defaults (``top_k=50``), so a field not passed
+    here is a field the checkpoint decides. Sampling therefore draws from exactly
+    ``softmax(logits / temperature)`` (restricted by ``top_p`` < 1 or ``top_k`` > 0 only when
+    asked), the distribution the GRPO loss scores; greedy decoding is the plain argmax. No
+    repetition penalty and no n-gram ban in either mode.
+    """
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or min_new_tokens < 0:
+        raise ValueError(f"top_k and min_new_tokens must be >= 0, got {top_k}, {min_new_tokens}")
+    return {"do_sample": do_sample, "num_beams": 1,
+            "temperature": float(temperature) if do_sample else 1.0,
+            "top_p": float(top_p) if do_sample else 1.0, "top_k": int(top_k) if do_sample else 0,
+            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+            "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "min_new_tokens": int(min_new_tokens),
+            "renormalize_logits": False}
+
+
+# Decoding fields with no neutral value to pass: they must be unset on the model itself.
+_UNSET_ONLY = ("min_p", "top_h", "bad_words_ids", "sequence_bias", "begin_suppress_tokens",
+               "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+               "guidance_scale", "diversity_penalty")
+
+
 @torch.no_grad()
 def generate(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 24,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             num_return_sequences: int = 1) -> tuple[torch.Tensor, list[str]]:
-    """Generate completions with the vision tokens suppressed.
+             num_return_sequences: int = 1, top_k: int = 0,
+             min_new_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Generate completions with the vision tokens suppressed and every decoding setting explicit.
+
+    Nothing is inherited from the checkpoint's generation config (``decoding_kwargs``): sampling
+    is ``softmax(logits / temperature)`` with nucleus ``top_p`` and, only if ``top_k`` > 0,
+    top-k; greedy is the argmax. Decoding fields that have no neutral value (``min_p``, ...) are
+    cleared on ``model.generation_config`` if set.
 
     Returns:
         ``(completion_ids [B * num_return_sequences, T], texts)``; texts keep the tag tokens
         (they are the format) and drop padding and ``<|im_end|>``.
     """
-    kw: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
-                          "suppress_tokens": vision_token_ids(processor),
-                          "num_return_sequences": num_return_sequences}
-    if do_sample:
-        kw.update(temperature=temperature, top_p=top_p)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
+    gc = model.generation_config
+    for name in _UNSET_ONLY:
+        if getattr(gc, name, None) is not None:
+            logger.info("generation config: clearing %s=%r", name, getattr(gc, name))
+            setattr(gc, name, None)
+    kw = decoding_kwargs(do_sample, temperature, top_p, top_k, min_new_tokens)
+    kw.update(max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
+              num_return_sequences=num_return_sequences)
     out = model.generate(**inputs, **kw)
     completion = out[:, inputs["input_ids"].shape[1]:]
     return completion, decode_completions(processor, completion)

@@ -360,8 +360,13 @@ def _iter_jsonl(
     path: str | os.PathLike[str],
     image_root: str | os.PathLike[str] | None,
     load_images: bool,
+    decode_images: bool | None = None,
 ) -> Iterator[dict[str, Any] | DataError]:
-    """Yield each validated record, or the DataError of each bad one, in file order."""
+    """Yield each validated record, or the DataError of each bad one, in file order.
+
+    ``decode_images`` (default: ``load_images``) decodes every pixel, so that a truncated image
+    is a bad record, even when only the path is kept."""
+    decode = load_images if decode_images is None else decode_images
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first_line: dict[str, int] = {}
@@ -382,7 +387,7 @@ def _iter_jsonl(
                 image, size, image_path = None, None, None
                 if isinstance(ref, str) and ref.strip():
                     image_path = Path(os.path.abspath(root / ref))
-                    image, size = _read_image(image_path, load_images, fail)
+                    image, size = _read_image(image_path, decode, fail)
                 valid = validate_record(rec, image_size=size, path=path, line=line_no)
                 if valid["id"] in first_line:
                     raise fail("id", f"duplicate id, first seen on line {first_line[valid['id']]}")
@@ -401,6 +406,7 @@ def load_jsonl(
     image_root: str | os.PathLike[str] | None = None,
     on_bad_record: str = "error",
     load_images: bool = True,
+    verify_images: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
     """Load and validate a JSONL file of records.
 
@@ -415,6 +421,9 @@ def load_jsonl(
             bad record and a summary, and skips them.
         load_images: True puts the decoded RGB ``PIL.Image`` in ``image``; False keeps the path
             string and reads only each image's header (its size).
+        verify_images: with ``load_images`` False, still decode every image (an unreadable or
+            truncated one is a bad record) without keeping it in memory: what a loader that
+            stores paths needs to fail before training rather than during it.
 
     Returns:
         ``(records, n_skipped)``; every record also has ``image_path``, the absolute path.
@@ -428,7 +437,7 @@ def load_jsonl(
     _check_on_bad_record(on_bad_record)
     records: list[dict[str, Any]] = []
     n_skipped = 0
-    for item in _iter_jsonl(path, image_root, load_images):
+    for item in _iter_jsonl(path, image_root, load_images, load_images or verify_images):
         if isinstance(item, DataError):
             if on_bad_record == "error":
                 raise item

@@ -205,6 +205,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 CHECKPOINT_PREFIX = "step_"
 
+ENGINE_TAG = "engine"
+"""Tag of the DeepSpeed engine checkpoint inside a checkpoint's ``deepspeed/`` folder."""
+
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
@@ -222,10 +225,13 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 
 def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    """Inverse of ``_flatten_optimizer``: parameters keyed by index (``Optimizer.state_dict``)
+    or, in a state gathered from FSDP shards, by name (``key_by: "name"``)."""
+    by_name = meta.get("key_by") == "name"
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
+        pid, name = key.rsplit(".", 1) if by_name else key.split(".", 1)
+        state.setdefault(pid if by_name else int(pid), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -261,12 +267,22 @@ def set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = None,
                     scheduler: Any = None, extra: dict[str, Any] | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, weights: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None,
+                    engine_dir: str | Path | None = None) -> Path:
     """Write ``<folder>/step_<step>/`` atomically: trainable weights, optimizer, scheduler, RNG.
 
     Only parameters with ``requires_grad`` are saved (all of them for full fine-tuning,
     the adapters for LoRA): the frozen rest is rebuilt from the starting checkpoint.
     Older checkpoints beyond the last ``keep`` are deleted.
+
+    Args:
+        weights: the trainable tensors to save instead of ``model``'s own (under sharding:
+            gathered from every process's shard, full shapes).
+        optimizer_state: an optimiser state dict to save instead of ``optimizer.state_dict()``
+            (FSDP: gathered to full tensors, parameters keyed by name).
+        engine_dir: a DeepSpeed engine checkpoint written by every process; it is moved into
+            the checkpoint as ``deepspeed/``.
     """
     import shutil
 
@@ -278,14 +294,24 @@ def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = 
     final = folder / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}."))
     try:
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
+        if weights is None:
+            weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                       if p.requires_grad}
+        else:
+            weights = {n: t.detach().cpu().contiguous() for n, t in weights.items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         meta: dict[str, Any] = {"step": step, "extra": extra or {}}
-        if optimizer is not None:
-            opt_t, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            opt_t, opt_meta = _flatten_optimizer(optimizer_state)
+            if any(isinstance(pid, str) for pid in optimizer_state["state"]):
+                opt_meta["key_by"] = "name"
             save_file(opt_t or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
             meta["optimizer"] = opt_meta
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / "deepspeed")
+            meta["deepspeed"] = {"dir": "deepspeed", "tag": ENGINE_TAG}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()
         rng_t, rng_meta = rng_state()
@@ -316,14 +342,66 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: str | Path, model: Any, optimizer: Any = None, scheduler: Any = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``; returns its ``state.json`` dict."""
-    import torch
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``: step, extra, optimiser layout, scheduler, RNG."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def read_optimizer_state(path: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's optimiser state dict as saved (None: it holds none)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_checkpoint_meta(path)
+    if "optimizer" not in meta:
+        return None
+    opt_t = load_file(str(path / "optimizer.safetensors"))
+    opt_t.pop("_empty", None)
+    return _unflatten_optimizer(opt_t, meta["optimizer"])
+
+
+def load_checkpoint(path: str | Path, model: Any, optimizer: Any = None, scheduler: Any = None,
+                    restore_rng: bool = True, weights: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; returns its ``state.json`` dict.
+
+    Args:
+        optimizer: loaded from an index-keyed optimiser state; one keyed by name (gathered
+            from FSDP shards) goes through ``set_optimizer_state_dict`` with ``model``.
+        weights: False leaves the weights alone (a DeepSpeed engine reloads its own).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    if weights:
+        _load_weights(path, model)
+    if optimizer is not None and "optimizer" in meta:
+        state = read_optimizer_state(path)
+        if meta["optimizer"].get("key_by") == "name":
+            _load_named_optimizer(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    if restore_rng:
+        set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    return meta
+
+
+def _load_named_optimizer(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load a full optimiser state keyed by parameter name; under FSDP each process keeps the
+    part of every tensor that matches its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _load_weights(path: Path, model: Any) -> None:
+    """Copy a checkpoint's trainable tensors into ``model``'s parameters of the same name."""
+    import torch
+    from safetensors.torch import load_file
+
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(set(weights) - set(params))
@@ -332,12 +410,3 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: Any = None, schedul
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].dtype))
-    if optimizer is not None and "optimizer" in meta:
-        opt_t = load_file(str(path / "optimizer.safetensors"))
-        opt_t.pop("_empty", None)
-        optimizer.load_state_dict(_unflatten_optimizer(opt_t, meta["optimizer"]))
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
-    if restore_rng:
-        set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return meta

@@ -130,8 +130,10 @@ def is_complete(folder: Path, params: Any) -> bool:
 
 
 def stage_data(p: Any, acc: Any = None, dsd: Any = None) -> Any:
-    """``dsd``, or the FocusShapes ``DatasetDict`` named by ``p.data_params_file`` (built if
-    missing; under accelerate the main process builds it first)."""
+    """``dsd``, or the ``DatasetDict`` named by ``p.data_params_file``: FocusShapes or, with
+    ``source: jsonl``, the records files it names (``data.load_or_make``: built if missing,
+    every JSONL record validated before any stage trains; under accelerate the main process
+    builds it first)."""
     if dsd is not None:
         return dsd
     with acc.main_process_first() if acc is not None else contextlib.nullcontext():
@@ -167,10 +169,11 @@ def start_model(p: Any, variant: str) -> tuple[Any, Any]:
     return modeling.load_saved_backbone(folder, p)
 
 
-def prepare_trainable(model: Any, p: Any) -> Any:
-    """LoRA-wrap the model (``p.lora``) or freeze its vision tower (``p.freeze_vision``)."""
+def prepare_trainable(model: Any, processor: Any, p: Any) -> Any:
+    """LoRA-wrap the model (``p.lora``; the new tokens' rows train too) or freeze its vision
+    tower (``p.freeze_vision``)."""
     if p.lora:
-        return modeling.wrap_lora(model, p)
+        return modeling.wrap_lora(model, p, processor)
     if p.freeze_vision:
         modeling.freeze_vision(model)
     return model
@@ -181,6 +184,10 @@ def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant:
     """Save a trained stage under ``out``: the adapter (LoRA), the merged model in ``model/``
     and ``info.json``; the main process writes, every process waits for it.
 
+    Under FSDP / ZeRO-3 every process first takes part in gathering the full weights
+    (``train.full_state_dict``), which the main process saves (LoRA is refused there by
+    ``train.setup_training``).
+
     Returns:
         The model in eval mode (merged when LoRA was used).
     """
@@ -189,8 +196,10 @@ def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant:
             model.save_pretrained(out / "adapter")  # the adapter alone, safetensors
         model = model.merge_and_unload()
     model.eval()
+    prepared = result.prepared if result.prepared is not None else model
+    gathered = train.full_state_dict(acc, prepared) if train.shards_parameters(acc) else None
     if acc.is_main_process:
-        modeling.save_backbone(model, processor, out / "model")
+        modeling.save_backbone(model, processor, out / "model", state_dict=gathered)
         repro.atomic_write_json(out / "info.json", {"variant": variant,
                                                     "wall_time_s": result.wall_time_s,
                                                     "steps": result.steps})
@@ -266,7 +275,7 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
         repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = ensure_backbone(p)
-    model = prepare_trainable(model, p)
+    model = prepare_trainable(model, processor, p)
     result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
                                         variant=variant, accelerator=acc)
     model = save_stage(model, processor, p, acc, out, variant, result)
@@ -282,7 +291,7 @@ def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.Tra
         repro.save_params(p, out)
     repro.seed_everything(p.seed)
     model, processor = start_model(p, variant)
-    model = prepare_trainable(model, p)
+    model = prepare_trainable(model, processor, p)
     result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant, accelerator=acc)
     model = save_stage(model, processor, p, acc, out, variant, result)
     return model, processor, result

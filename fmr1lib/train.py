@@ -10,6 +10,11 @@ A stage is a step function and a loss; this module owns everything around them:
 * ``fit``: the loop: log truncation on resume, the step function, the metrics logs, the
   checkpoint cadence and the final save.
 
+Under sharding (FSDP, DeepSpeed) every process takes part in a save: the full model state is
+gathered (``full_state_dict``), FSDP's optimiser state is gathered to full tensors and DeepSpeed
+writes its own engine checkpoint; the main process then writes the files. One process and DDP
+save the main process's own parameters and optimiser state, as every process holds all of them.
+
 A step function has the signature ``step_fn(state, step) -> (stats, extra_logs)``: ``stats`` is
 the row to append to ``metrics.jsonl`` (None: nothing to log this step) and ``extra_logs`` maps a
 log name (e.g. ``samples``) to rows for ``<name>.jsonl``. The stage's own modules
@@ -50,6 +55,9 @@ class TrainResult:
     metrics: list[dict[str, Any]]
     wall_time_s: float
     steps: int
+    prepared: Any = field(default=None, repr=False)
+    """The model as ``accelerate.prepare`` returned it (the DeepSpeed engine, the FSDP module):
+    what ``full_state_dict`` gathers from."""
 
 
 def make_accelerator(params: Any, **kwargs: Any) -> Any:
@@ -67,8 +75,62 @@ def make_accelerator(params: Any, **kwargs: Any) -> Any:
 
     cpu_group = (int(os.environ.get("WORLD_SIZE", "1")) > 1
                  and not torch.accelerator.is_available())
-    return Accelerator(mixed_precision=params.mixed_precision, cpu=True if cpu_group else None,
-                       **kwargs)
+    acc = Accelerator(mixed_precision=params.mixed_precision, cpu=True if cpu_group else None,
+                      **kwargs)
+    if cpu_group and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _use_fsdp_on_cpu(acc)
+    return acc
+
+
+def _use_fsdp_on_cpu(acc: Any) -> None:
+    """Turn a CPU process group's accelerator into an FSDP one, as ``accelerate launch`` asked.
+
+    accelerate enables FSDP only on accelerator devices; torch's FSDP2 also shards over a gloo
+    group on the CPU (``params/accelerate/cpu_fsdp_2proc.yaml``, ``tests/test_fsdp.py``). The
+    plugin reads the ``FSDP_*`` settings ``accelerate launch`` exported.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def uses_fsdp(acc: Any) -> bool:
+    """Whether ``acc`` runs FSDP (parameters, gradients and optimiser state sharded)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def uses_deepspeed(acc: Any) -> bool:
+    """Whether ``acc`` runs DeepSpeed (any ZeRO stage: the optimiser state is partitioned)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def shards_parameters(acc: Any) -> bool:
+    """Whether no process holds all the weights: FSDP or DeepSpeed ZeRO-3."""
+    if uses_fsdp(acc):
+        return True
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return uses_deepspeed(acc) and plugin is not None and plugin.zero_stage == 3
+
+
+def full_state_dict(acc: Any, prepared: Any) -> dict[str, torch.Tensor]:
+    """The whole model's state dict, gathered from its shards; call it on every process.
+
+    ``Accelerator.get_state_dict`` gathers FSDP to the CPU and ZeRO-3 through
+    ``stage3_gather_16bit_weights_on_model_save`` (``zero3_save_16bit_model: true`` in the
+    accelerate config); processes other than the main one may get an empty dict.
+
+    Args:
+        prepared: the model ``accelerate.prepare`` returned (``TrainState.model``,
+            ``TrainResult.prepared``).
+    """
+    return acc.get_state_dict(prepared)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
@@ -173,7 +235,15 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
 
     Returns:
         The ``TrainState``; ``start_step`` is the loaded checkpoint's step, else 0.
+
+    Raises:
+        ValueError: a LoRA (peft) model under FSDP or ZeRO-3, whose adapter and merged model
+            cannot be saved from shards.
     """
+    if shards_parameters(accelerator) and hasattr(model, "peft_config"):
+        raise ValueError("LoRA under FSDP / DeepSpeed ZeRO-3 is not supported (the adapter and "
+                         "the merged model are saved from whole weights): use DDP, e.g. "
+                         "params/accelerate/ddp_8gpu.yaml")
     if params.gradient_checkpointing:
         attention.unwrap_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -183,16 +253,45 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
     ck = repro.latest_checkpoint(ckpt_dir) if params.resume and ckpt_dir is not None else None
     start = 0
+    # Sharded optimiser state (and ZeRO-3's partitioned weights) load after the wrapping.
+    late = ck is not None and (uses_fsdp(accelerator) or uses_deepspeed(accelerator))
     if ck is not None:
-        meta = repro.load_checkpoint(ck, model, optimizer, scheduler)
+        meta = repro.load_checkpoint(ck, model, None if late else optimizer, scheduler,
+                                     weights=not uses_deepspeed(accelerator))
         start = int(meta["step"])
         logger.info("resumed from %s (step %d)", ck, start)
     model.train()
     model, optimizer, scheduler = prepare_training(accelerator, model, optimizer, scheduler,
                                                    micro_batch)
+    if uses_fsdp(accelerator):  # fully_shard replaced the parameters by sharded ones
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    if late:
+        _load_sharded_state(accelerator, ck, model, optimizer)
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler,
                       accelerator=accelerator, trainable=trainable, checkpoint_dir=ckpt_dir,
                       start_step=start, resumed_from=ck)
+
+
+def _load_sharded_state(acc: Any, ck: Path, model: Any, optimizer: Any) -> None:
+    """Load a checkpoint's optimiser state into a wrapped model's shards, on every process.
+
+    FSDP: the full optimiser state ``_save`` wrote is split into this process's shards.
+    DeepSpeed: the engine reloads its own checkpoint (weights and optimiser partitions).
+    """
+    if uses_deepspeed(acc):
+        meta = repro.read_checkpoint_meta(ck)
+        if "deepspeed" not in meta:
+            raise ValueError(f"{ck}: no DeepSpeed engine state; it was not written under DeepSpeed")
+        model.load_checkpoint(str(ck / meta["deepspeed"]["dir"]), tag=meta["deepspeed"]["tag"],
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        return
+    repro.load_checkpoint(ck, model, _torch_optimizer(optimizer), restore_rng=False,
+                          weights=False)
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _open_logs(state: TrainState, out_dir: Path, names: Sequence[str]) -> dict[str, repro.MetricsLog]:
@@ -214,10 +313,46 @@ def _open_logs(state: TrainState, out_dir: Path, names: Sequence[str]) -> dict[s
 
 
 def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
+    """Write the checkpoint of ``step``; under sharding every process must call it."""
     acc = state.accelerator
-    if acc.is_main_process and state.checkpoint_dir is not None:
-        repro.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
-                              state.optimizer, state.scheduler, extra=extra)
+    if state.checkpoint_dir is None:
+        return
+    if not (uses_fsdp(acc) or uses_deepspeed(acc)):
+        if acc.is_main_process:
+            repro.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
+                                  state.optimizer, state.scheduler, extra=extra)
+        return
+    model = acc.unwrap_model(state.model)
+    weights = None  # ZeRO-2: the main process holds every weight
+    if shards_parameters(acc):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights = {n: t for n, t in full_state_dict(acc, state.model).items() if n in names}
+    optimizer_state = _full_optimizer_state(state) if uses_fsdp(acc) else None
+    engine = _save_engine_state(state, step) if uses_deepspeed(acc) else None
+    if acc.is_main_process:
+        repro.save_checkpoint(state.checkpoint_dir, step, model, None, state.scheduler,
+                              extra=extra, weights=weights, optimizer_state=optimizer_state,
+                              engine_dir=engine)
+    acc.wait_for_everyone()
+
+
+def _full_optimizer_state(state: TrainState) -> dict[str, Any]:
+    """FSDP's optimiser state gathered to full tensors on the main process's CPU (keyed by
+    parameter name); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(state.model, _torch_optimizer(state.optimizer),
+                                    options=StateDictOptions(full_state_dict=True,
+                                                             cpu_offload=True))
+
+
+def _save_engine_state(state: TrainState, step: int) -> Path:
+    """Every process writes its partition of DeepSpeed's engine checkpoint (weights, fp32
+    master weights, optimiser state) into a folder ``repro.save_checkpoint`` moves in."""
+    folder = state.checkpoint_dir / f".deepspeed_{step:07d}"
+    state.model.save_checkpoint(str(folder), tag=repro.ENGINE_TAG, save_latest=False)
+    state.accelerator.wait_for_everyone()
+    return folder
 
 
 def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, desc: str,
@@ -281,4 +416,5 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
         _save(state, final, extra)
     model = acc.unwrap_model(state.model)
     model.eval()
-    return TrainResult(out_dir=out_dir, metrics=metrics_log.read(), wall_time_s=wall, steps=final)
+    return TrainResult(out_dir=out_dir, metrics=metrics_log.read(), wall_time_s=wall, steps=final,
+                       prepared=state.model)

@@ -20,6 +20,7 @@ TIERS = ("unit", "train", "notebook")
 # Whole modules whose every test is a training run (file names under tests/).
 TRAIN_MODULES = {
     "test_multiprocess.py",  # two processes under accelerate launch, two stages (~20 s)
+    "test_fsdp.py",  # two FSDP processes under accelerate launch, three short runs (~35 s)
 }
 
 # Fixtures that train: a test requesting one is a training test, whatever else it does.
@@ -42,12 +43,15 @@ TRAIN_TESTS = {
     ("test_grpo.py", "test_dynamic_sampling_drops_degenerate_groups"),
     ("test_grpo.py", "test_kl_to_frozen_reference_and_lora_reference"),
     ("test_grpo.py", "test_grad_accum_chunks_give_the_same_loss"),
+    ("test_grpo.py", "test_faithful_reward_free_of_dropout_noise"),
+    ("test_jsonl_data.py", "test_stages_train_and_evaluate_on_jsonl"),
 }
 
 
 # Marked ``slow`` as well (over ~10 s on their own): module file names under tests/.
 SLOW_MODULES = {
     "test_multiprocess.py",
+    "test_fsdp.py",
 }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,13 +190,14 @@ def test_full_and_lora_training_change_weights(tiny, rows, tmp_path, lora):
     p2 = config.load_params(config.AnchorParams, {**p.__dict__, "lora": lora, "steps": 3,
                                                   "checkpoint_every": 0, "lr": 1e-2})
     if lora:
-        model = modeling.wrap_lora(model, p2)
+        model = modeling.wrap_lora(model, p2, processor)
     before = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
     anchoring.train_supervised(model, processor, train, p2, tmp_path, "focus_anchor")
     changed = [n for n, q in model.named_parameters() if n in before and not torch.equal(q, before[n])]
     assert changed
     if lora:
-        assert all("lora_" in n or "visual" in n for n in changed)
+        assert all("lora_" in n or "visual" in n or "trainable_tokens_delta" in n for n in changed)
+        assert any("trainable_tokens_delta" in n for n in changed)  # the new tokens train
         from peft import PeftModel
 
         model.save_pretrained(tmp_path / "adapter")
@@ -205,3 +208,41 @@ def test_full_and_lora_training_change_weights(tiny, rows, tmp_path, lora):
         with torch.no_grad():
             diff = (model(**batch.inputs).logits - reloaded(**batch.inputs).logits).abs().max()
         assert float(diff) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# kl and mass: the same on one-cell targets, different on wider ones
+# --------------------------------------------------------------------------------------
+
+
+def test_kl_and_mass_agree_on_one_cell_and_differ_when_smoothed():
+    from fmr1lib import modeling
+
+    p = torch.softmax(torch.tensor([0.3, 2.0, -1.0, 0.5, 0.1, 0.0, 1.0, -0.5, 0.2]), -1)
+    one = modeling.boxes_to_grid([[28, 0, 56, 28]], (84, 84), (1, 6, 6)).flatten()
+    assert int((one > 0).sum()) == 1
+    kl, mass = anchoring.anchoring_loss(p, one, "kl"), anchoring.anchoring_loss(p, one, "mass")
+    assert float(kl) == pytest.approx(float(mass)) == pytest.approx(-math.log(float(p[1])))
+    wide = modeling.boxes_to_grid([[28, 0, 56, 28]], (84, 84), (1, 6, 6), smooth_sigma=1.0).flatten()
+    support = one > 0
+    assert bool((wide > 0).all())  # a smoothed target has no zero: q > 0 is every token
+    kl_w = anchoring.anchoring_loss(p, wide, "kl")
+    mass_w = anchoring.anchoring_loss(p, wide, "mass", support)
+    assert float(mass_w) == pytest.approx(float(mass))  # mass reads the boxes, not q's tails
+    assert abs(float(kl_w) - float(mass_w)) > 0.1
+    # Without the support, the smoothed target made the mass loss 0 whatever p is (the old bug).
+    assert float(anchoring.anchoring_loss(p, wide, "mass")) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_supports_are_the_unsmoothed_boxes(tiny, rows):
+    p, _, processor = tiny
+    train, _ = rows
+    three = [train[i] for i in range(3)]
+    plain = batching.encode_batch(three, processor, "focus_anchor")
+    smooth = batching.encode_batch(three, processor, "focus_anchor", smooth_sigma=1.0)
+    for q, qs, sup in zip(plain.targets, smooth.targets, smooth.supports, strict=True):
+        assert torch.equal(sup, q > 0)
+        assert bool((qs > 0).all()) and not torch.equal(qs, q)
+    dists = [torch.full((len(q),), 1.0 / len(q))[None] for q in smooth.targets]
+    _, mass = anchoring.batch_attention_loss(dists, smooth.targets, "kl", smooth.supports)
+    assert mass == pytest.approx(float(np.mean([float(s.sum()) / len(s) for s in smooth.supports])))

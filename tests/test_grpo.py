@@ -448,7 +448,9 @@ def test_group_tanh_scores_distinct_correct_trajectories(backbone_params, rows, 
     ]
     groups = _hand_groups(rows[:2], processor, texts)
     monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: groups)
-    ctx = grpo.setup_grpo(model, processor, _rl(lr=0.0, n_show=8), variant)
+    # No floor: the untrained model's concentrations differ by less than the default 0.01, and
+    # this test is about which trajectories are compared (the floor has its own tests).
+    ctx = grpo.setup_grpo(model, processor, _rl(lr=0.0, n_show=8, faithful_std_floor=0.0), variant)
     stats, samples = grpo.grpo_step(ctx, rows, 0)
     faith = [s["faithful"] for s in samples]
     assert faith[3] == 0.0 and faith[7] == 0.0  # wrong answers
@@ -530,7 +532,7 @@ def test_kl_to_frozen_reference_and_lora_reference(backbone_params, rows, tmp_pa
     assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[-1] > 1e-6
 
     lora_p = _rl(steps=2, max_new_tokens=8, beta=0.1, lr=1e-2, lora=True, w_acc=0.0, w_fmt=0.0)
-    peft_model = modeling.wrap_lora(_fresh(backbone_params)[0], lora_p)
+    peft_model = modeling.wrap_lora(_fresh(backbone_params)[0], lora_p, processor)
     repro.seed_everything(0)
     res = grpo.train_grpo(peft_model, processor, rows, lora_p, tmp_path / "lora", "grpo",
                           extra_reward=_low_ids(len(processor.tokenizer)))
@@ -583,3 +585,67 @@ def test_rollouts_in_micro_batches_keep_groups_and_prompts(tiny, rows):
     with unittest.mock.patch.object(grpo, "_rollout", counting):
         grpo.rollout(ctx_all, rows[:3])
     assert calls[3:] == [3]  # default: all prompts in one call
+
+
+# --------------------------------------------------------------------------------------
+# The faithful reward is computed in one mode, on the rows that can tell trajectories apart
+# --------------------------------------------------------------------------------------
+
+
+def test_faithful_reward_free_of_dropout_noise(backbone_params, rows, monkeypatch):
+    """s_t compared train-mode logits on I (LoRA dropout active) with eval-mode logits on I':
+    the reward carried dropout noise. Now both sides are eval mode: with dropout 0.5 the rewards
+    do not depend on the dropout draws and equal those of the same weights without dropout."""
+    a0 = rows[0]["answer"]
+    wrong = next(c for c in ("red", "green", "blue", "yellow") if c != a0)
+    texts = [[f"<think>look at the circle</think><answer>{a0}</answer>",
+              f"<think>look at the {a0} circle</think><answer>{a0}</answer>",
+              f"<think>the corner is {a0}</think><answer>{a0}</answer>",
+              f"<think>look at the circle</think><answer>{wrong}</answer>"]]
+    _, processor = _fresh(backbone_params)
+    groups = _hand_groups(rows[:1], processor, texts)
+    monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: groups)
+    p = _rl(lr=0.0, n_show=4, prompts_per_step=1, faithful_form="raw")
+
+    def rewards_of(m, seed):
+        ctx = grpo.setup_grpo(m, processor, p, "faithful")
+        torch.manual_seed(seed)
+        _, samples = grpo.grpo_step(ctx, rows[:1], 0)
+        return [s["faithful"] for s in samples]
+
+    lp = config.load_params(config.BackboneParams, lora=True, lora_dropout=0.5)
+    model = modeling.wrap_lora(_fresh(backbone_params)[0], lp, processor)
+    torch.manual_seed(0)
+    with torch.no_grad():  # adapters that do something, so that their dropout matters
+        for name, w in model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0.0, 0.5)
+    assert faithful.has_active_dropout(model)
+    first, second = rewards_of(model, 1), rewards_of(model, 2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert not faithful.has_active_dropout(model)
+    clean = rewards_of(model, 3)
+    assert sum(v != 0 for v in clean) == 3
+    assert first == pytest.approx(clean, abs=1e-6) and second == pytest.approx(clean, abs=1e-6)
+
+
+def test_focus_row_is_a_choice(tiny, rows):
+    """The first candidate row is the <Focus> position (the same for every trajectory of a
+    group). Off by default; with ``focus_row`` it is one more candidate row."""
+    model, processor = tiny
+    row = rows[0]
+    comps = [f"<think>look at the circle</think><answer>{row['answer']}</answer>"]
+    kw = {"kappa": 100, "layers": [-1]}
+    off = faithful.explain_trajectories(model, processor, row, comps, **kw)[0]
+    on = faithful.explain_trajectories(model, processor, row, comps, focus_row=True, **kw)[0]
+    share = on["share"]
+    n = len(share)
+    assert off["concentration"] == pytest.approx(sum(share[1:]) / (n - 1), abs=1e-6)
+    assert on["concentration"] == pytest.approx(sum(share) / n, abs=1e-6)
+    # Across a group the Focus row's s_t and share do not depend on the completion.
+    other = faithful.explain_trajectories(model, processor, row, [comps[0].replace("circle", "corner")],
+                                          **kw)[0]
+    assert other["s_t"][0] == pytest.approx(off["s_t"][0], abs=1e-6)
+    assert other["share"][0] == pytest.approx(off["share"][0], abs=1e-6)

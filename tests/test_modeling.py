@@ -6,6 +6,7 @@ change a model work on a deep copy so the shared one stays clean.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -468,7 +469,7 @@ def test_add_focus_token_with_padded_embedding(params):
 def test_wrap_lora_targets_language_model_only(model, processor, params, focus_image, freeze):
     p = config.load_params(config.BackboneParams, lora=True, freeze_vision=freeze)
     full = modeling.count_parameters(model)
-    wrapped = modeling.wrap_lora(copy.deepcopy(model), p)
+    wrapped = modeling.wrap_lora(copy.deepcopy(model), p, processor)
     named = list(wrapped.named_parameters())
     lora = [n for n, _ in named if "lora_" in n]
     assert lora, "no adapters"
@@ -482,14 +483,61 @@ def test_wrap_lora_targets_language_model_only(model, processor, params, focus_i
     # (however the wrapper keeps it, e.g. as a module saved with the adapter).
     trainable_vision = sum(x.numel() for n, x in named if "visual" in n and x.requires_grad)
     assert trainable_vision == (0 if freeze else full["vision"])
-    assert not [n for n, x in named if x.requires_grad and "visual" not in n and "lora_" not in n]
+    # Besides adapters and tower: only the new tokens' rows (one row each; the head is tied).
+    rows = [(n, x) for n, x in named if "trainable_tokens_delta" in n]
+    assert [tuple(x.shape) for _, x in rows] == [(len(prompting.TAG_TOKENS), model.config.get_text_config().hidden_size)]
+    assert not [n for n, x in named if x.requires_grad and "visual" not in n and "lora_" not in n
+                and "trainable_tokens_delta" not in n]
     lora_params = sum(x.numel() for n, x in named if "lora_" in n)
     assert all(x.requires_grad for n, x in named if "lora_" in n)
-    assert counts["trainable"] == lora_params + trainable_vision
+    assert counts["trainable"] == lora_params + trainable_vision + sum(x.numel() for _, x in rows)
     # Fresh adapters (B = 0) leave the model's output unchanged.
     enc = encode(processor, focus_image)
     wrapped.eval()
     assert torch.allclose(logits_of(wrapped, enc), logits_of(model, enc), atol=1e-6)
+
+
+def _untied(model):
+    """A copy of ``model`` whose output head is its own matrix (as in 7B)."""
+    out = copy.deepcopy(model)
+    out.config.tie_word_embeddings = False
+    out.config.get_text_config().tie_word_embeddings = False
+    out.lm_head.weight = torch.nn.Parameter(out.lm_head.weight.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_step_trains_the_new_token_rows_only(model, processor, params, tied):
+    """Under LoRA the mean-initialised <Focus> / tag rows were frozen, so the model could not
+    tell <think> from <answer> when emitting one. Now they train (input rows, and the head's
+    rows when untied); every other row stays as it was."""
+    base = copy.deepcopy(model) if tied else _untied(model)
+    assert (base.lm_head.weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()) == tied
+    emb0 = base.get_input_embeddings().weight.detach().clone()
+    head0 = base.lm_head.weight.detach().clone()
+    p = config.load_params(config.BackboneParams, lora=True, freeze_vision=True)
+    wrapped = modeling.wrap_lora(base, p, processor)
+    rows = [data.make_example(config.load_params(config.DataParams), "train", i) for i in range(2)]
+    from fmr1lib import batching
+
+    batch = batching.encode_batch(rows, processor, "focus_anchor")
+    opt = torch.optim.AdamW([x for x in wrapped.parameters() if x.requires_grad], lr=1e-2)
+    wrapped.train()
+    loss = wrapped(**batch.inputs, labels=batch.labels).loss
+    loss.backward()
+    opt.step()
+    merged = wrapped.merge_and_unload()
+    new = modeling.new_token_ids(processor)
+    old = torch.ones(emb0.shape[0], dtype=torch.bool)
+    old[new] = False
+    emb = merged.get_input_embeddings().weight.detach()
+    assert torch.equal(emb[old], emb0[old])
+    assert all(not torch.equal(emb[i], emb0[i]) for i in new)
+    head = merged.lm_head.weight.detach()
+    assert torch.equal(head[old], head0[old])
+    # The tag rows in the head move (tied: with the embedding; untied: on their own).
+    moved = [i for i in new if not torch.equal(head[i], head0[i])]
+    assert len(moved) >= 4, moved
 
 
 def test_count_parameters_adds_up(model):
@@ -570,3 +618,93 @@ def test_decode_completions_keeps_tags_and_cuts(processor, tokenizer):
     texts = modeling.decode_completions(processor, torch.tensor(rows))
     assert texts == [body, body]
     assert prompting.parse_answer(texts[0]) == "red" and prompting.is_well_formed(texts[0])
+
+
+# --------------------------------------------------------------------------------------
+# Decoding settings are explicit (nothing inherited from the checkpoint)
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def checkpoint_decoding(model, **settings):
+    """The model's generation config as an Instruct checkpoint ships it (restored after)."""
+    saved = {k: getattr(model.generation_config, k, None) for k in settings}
+    for k, v in settings.items():
+        setattr(model.generation_config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model.generation_config, k, v)
+
+
+def test_sampling_ignores_checkpoint_top_k_and_penalty(model, processor, focus_image):
+    """Qwen2.5-VL-Instruct's generation_config.json (top_k=1, repetition_penalty=1.05) made all
+    G samples of a prompt identical: every group advantage 0."""
+    enc = encode(processor, focus_image)
+    with checkpoint_decoding(model, top_k=1, repetition_penalty=1.05, temperature=0.1, top_p=0.001):
+        torch.manual_seed(0)
+        ids, _ = modeling.generate(model, processor, enc, max_new_tokens=8, do_sample=True,
+                                   num_return_sequences=8)
+    assert len({tuple(r) for r in ids.tolist()}) >= 4
+
+
+def test_sampling_scores_are_softmax_of_logits_over_temperature(model, processor, focus_image):
+    """The sampler's processed scores equal logits / T except at the suppressed vision tokens:
+    no inherited top-k (transformers' hidden default is 50), no repetition penalty."""
+    enc = encode(processor, focus_image)
+    vision = modeling.vision_token_ids(processor)
+    kw = modeling.decoding_kwargs(do_sample=True, temperature=0.7)
+    with checkpoint_decoding(model, top_k=1, repetition_penalty=5.0):
+        torch.manual_seed(0)
+        out = model.generate(**enc, **kw, max_new_tokens=6, suppress_tokens=vision,
+                             output_scores=True, output_logits=True, return_dict_in_generate=True)
+    scores, logits = torch.stack(out.scores, 1), torch.stack(out.logits, 1)
+    keep = torch.ones(scores.shape[-1], dtype=torch.bool)
+    keep[vision] = False
+    assert torch.isinf(scores[..., ~keep]).all()
+    assert torch.allclose(scores[..., keep], logits[..., keep] / 0.7, atol=1e-5)
+
+
+def test_greedy_is_argmax_despite_checkpoint_penalty(model, processor, focus_image):
+    """Greedy evaluation must not inherit the checkpoint's repetition penalty either."""
+    enc = encode(processor, focus_image)
+    with checkpoint_decoding(model, repetition_penalty=5.0, no_repeat_ngram_size=1):
+        ids, _ = modeling.generate(model, processor, enc, max_new_tokens=8)
+    plain, _ = modeling.generate(model, processor, enc, max_new_tokens=8)
+    assert torch.equal(ids, plain)
+    # And the plain run is the argmax at every step (teacher-forced check).
+    vision = modeling.vision_token_ids(processor)
+    seq = torch.cat([enc["input_ids"], ids], 1)
+    full = dict(enc, input_ids=seq, attention_mask=torch.ones_like(seq))
+    if "mm_token_type_ids" in enc:
+        full["mm_token_type_ids"] = torch.cat(
+            [enc["mm_token_type_ids"], torch.zeros_like(ids, dtype=enc["mm_token_type_ids"].dtype)], 1)
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**full).logits[0, n - 1:-1].float()
+    logits[:, vision] = -float("inf")
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    steps = ids[0].tolist()
+    upto = steps.index(im_end) + 1 if im_end in steps else len(steps)
+    assert logits.argmax(-1)[:upto].tolist() == steps[:upto]
+
+
+def test_set_generation_defaults_drops_checkpoint_decoding(params):
+    model, processor = modeling.build_tiny_backbone(params)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 1.05
+    model.generation_config.min_p = 0.1
+    modeling.set_generation_defaults(model, processor)
+    gc = model.generation_config
+    assert gc.top_k is None and gc.repetition_penalty is None and gc.min_p is None
+    assert gc.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_decoding_kwargs_rejects_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        modeling.decoding_kwargs(True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        modeling.decoding_kwargs(True, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        modeling.decoding_kwargs(True, top_k=-1)

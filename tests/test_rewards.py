@@ -104,13 +104,35 @@ def test_faithful_group_tanh_neutral_below_two_correct():
 def test_faithful_group_tanh_values():
     c = [0.8, 0.2, 0.5, 0.9]
     correct = [True, True, True, False]
-    out = faithful.faithful_from_concentration(c, correct, "group_tanh", eps=0.0)
+    out = faithful.faithful_from_concentration(c, correct, "group_tanh", std_floor=0.0)
     chosen = np.array([0.8, 0.2, 0.5])
     z = (chosen - chosen.mean()) / chosen.std()
     assert out[:3] == pytest.approx(list(0.5 * np.tanh(z)))
     assert out[3] == 0.0
     assert all(abs(v) < 0.5 for v in out)
     assert sum(out) == pytest.approx(0.0, abs=1e-12)  # symmetric around the group mean
+
+
+def test_group_tanh_floor_makes_noise_count_as_none():
+    """Concentrations 7e-5 apart (numerical noise) once became rewards of -0.30 / +0.44 and
+    flipped the sign of advantages; below the floor they are a tie."""
+    c = [0.41230, 0.41237, 0.41233, 0.9]
+    correct = [True, True, True, False]
+    assert faithful.faithful_from_concentration(c, correct) == [0.0] * 4
+    # Without a floor the same noise is rewarded at full strength (the old behaviour).
+    loud = faithful.faithful_from_concentration(c, correct, std_floor=0.0)
+    assert max(abs(v) for v in loud) > 0.3
+
+
+def test_group_tanh_floor_bounds_z_just_above_it():
+    # A spread just above the floor is scored, but z is measured in floors, not in a tiny std.
+    out = faithful.faithful_from_concentration([0.5, 0.515], [True, True], std_floor=0.01)
+    assert out == pytest.approx([-0.5 * math.tanh(0.75), 0.5 * math.tanh(0.75)])
+    # A real difference is unaffected by the floor (std 0.3 > 0.01).
+    big = faithful.faithful_from_concentration([0.2, 0.8], [True, True], std_floor=0.01)
+    assert big == pytest.approx([-0.5 * math.tanh(1.0), 0.5 * math.tanh(1.0)])
+    with pytest.raises(ValueError, match="std_floor"):
+        faithful.faithful_from_concentration([0.2, 0.8], [True, True], std_floor=-1.0)
 
 
 def test_faithful_rejects_bad_form_and_lengths():
