@@ -27,11 +27,19 @@ match after normalisation, a letter or the text naming the same choice. Command 
 
     python -m fmr1lib.benchmark --model runs/tiny/anchor/focus_anchor/model \\
         --file my_bench/questions.jsonl --out runs/tiny/my_bench.json
+
+Before the model loads, every line is validated and every image decoded, so a bad record stops
+the run at once (``DataError``, exit 2) or, with ``--on-bad-record skip``, is skipped and
+counted (``n_skipped``). Image paths must lead inside ``image_root`` (after ``..`` and
+symlinks); ``--allow-absolute-images`` lifts that. With ``--out``, each answered record is
+appended to ``<out stem>.records.jsonl`` as its batch finishes (``partial_results_path``), so
+a run that dies keeps what it had done; the full result JSON is written at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import string
@@ -171,15 +179,71 @@ def _validate(rec: dict[str, Any], fail: _Fail) -> dict[str, Any]:
             "answer_letter": letter, "category": category.strip()}
 
 
+def read_benchmark(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None,
+                   *, load_images: bool = True, verify_images: bool = False,
+                   on_bad_record: str = "error",
+                   allow_outside_root: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """``load_benchmark`` that also returns the number of bad records skipped.
+
+    Returns:
+        ``(records, n_skipped)``; ``n_skipped`` is 0 in error mode.
+    """
+    records._check_on_bad_record(on_bad_record)
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    decode = load_images or verify_images
+    out: list[dict[str, Any]] = []
+    first_line: dict[str, int] = {}
+    n_skipped = 0
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                rec = records._parse_line(raw, path, line_no)
+                if rec is None:
+                    continue
+                fail = _locator(path, line_no, records._id_for_message(rec))
+                item = _validate(rec, fail)
+                if item["id"] in first_line:
+                    raise fail("id", f"duplicate id, first seen on line {first_line[item['id']]}")
+                image_path = records.resolve_image_path(root, item["image"], fail,
+                                                        allow_outside_root)
+                image, _ = records._read_image(image_path, decode, fail)
+            except DataError as exc:
+                if on_bad_record == "error":
+                    raise
+                n_skipped += 1
+                logger.warning("skipping bad record: %s", exc)
+                continue
+            first_line[item["id"]] = line_no
+            item.update(image_path=str(image_path), source_file=str(path), source_line=line_no)
+            if load_images:
+                item["image"] = image
+            out.append(item)
+    if not out:
+        raise records._no_records(path, n_skipped)
+    if n_skipped:
+        logger.warning("%s: skipped %d bad record(s), kept %d", path, n_skipped, len(out))
+    return out, n_skipped
+
+
 def load_benchmark(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None,
-                   *, load_images: bool = True) -> list[dict[str, Any]]:
+                   *, load_images: bool = True, verify_images: bool = False,
+                   on_bad_record: str = "error",
+                   allow_outside_root: bool = False) -> list[dict[str, Any]]:
     """Load and validate a benchmark JSONL file (format in the module docstring).
 
     Args:
         path: the JSONL file.
         image_root: folder the ``image`` paths are relative to (default: ``path``'s folder).
         load_images: True puts the decoded RGB image in ``image``; False keeps the relative path
-            there and reads only each image's header (``evaluate_benchmark`` decodes per batch).
+            there (``evaluate_benchmark`` decodes per batch) and reads only each image's header,
+            unless ``verify_images``.
+        verify_images: with ``load_images`` False, still decode every image once (a truncated
+            one is a bad record) without keeping it: what a run needs before the model loads.
+        on_bad_record: ``"error"`` raises on the first bad record; ``"skip"`` warns, skips it
+            and counts it (``read_benchmark`` returns the count).
+        allow_outside_root: allow image paths that lead outside ``image_root`` (absolute, ``..``,
+            symlinks); by default such a record is bad (``records.resolve_image_path``).
 
     Returns:
         One dict per record, in file order, with every key of the line plus: ``id`` (str),
@@ -189,34 +253,14 @@ def load_benchmark(path: str | os.PathLike[str], image_root: str | os.PathLike[s
 
     Raises:
         DataError: invalid JSON, a line that is not an object, a missing or wrong-typed key,
-            a duplicate id, a missing or unreadable image, bad choices, an answer that is not
-            among the choices, or a file without records; the message names the file, the
-            line, the record id when known and the key.
+            a duplicate id, a missing or unreadable image or one outside the image root, bad
+            choices, an answer that is not among the choices (error mode), or a file without
+            any valid record (either mode); the message names the file, the line, the record
+            id when known and the key.
         FileNotFoundError: ``path`` does not exist.
     """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    out: list[dict[str, Any]] = []
-    first_line: dict[str, int] = {}
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            rec = records._parse_line(raw, path, line_no)
-            if rec is None:
-                continue
-            fail = _locator(path, line_no, records._id_for_message(rec))
-            item = _validate(rec, fail)
-            if item["id"] in first_line:
-                raise fail("id", f"duplicate id, first seen on line {first_line[item['id']]}")
-            image_path = Path(os.path.abspath(root / item["image"]))
-            image, _ = records._read_image(image_path, load_images, fail)
-            first_line[item["id"]] = line_no
-            item.update(image_path=str(image_path), source_file=str(path), source_line=line_no)
-            if load_images:
-                item["image"] = image
-            out.append(item)
-    if not out:
-        raise DataError("no records in the file", path=path)
-    return out
+    return read_benchmark(path, image_root, load_images=load_images, verify_images=verify_images,
+                          on_bad_record=on_bad_record, allow_outside_root=allow_outside_root)[0]
 
 
 # --- scoring ------------------------------------------------------------------------------
@@ -253,16 +297,8 @@ def score_predictions(recs: Sequence[Mapping[str, Any]],
     n_missing = 0
     for rec in recs:
         rid = str(rec["id"])
-        response = by_id.get(rid)
         n_missing += rid not in by_id
-        pred = prompting.parse_answer(response)
-        per_record.append({
-            "id": rid, "category": rec.get("category", DEFAULT_CATEGORY), "pred": pred,
-            "answer": rec["answer"],
-            "correct": scoring.answers_match(pred, rec["answer"], rec.get("answer_type"),
-                                             rec.get("choices")),
-            "well_formed": prompting.is_well_formed(response), "response": response,
-        })
+        per_record.append(score_record(rec, by_id.get(rid)))
     if n_missing:
         logger.warning("%d of %d record(s) have no response; scored as wrong",
                        n_missing, len(per_record))
@@ -282,6 +318,19 @@ def score_predictions(recs: Sequence[Mapping[str, Any]],
         "by_category": {cat: {"accuracy": _mean(v), "n": len(v)}
                         for cat, v in sorted(groups.items())},
         "per_record": per_record,
+    }
+
+
+def score_record(rec: Mapping[str, Any], response: str | None) -> dict[str, Any]:
+    """One row of ``per_record``: ``id``, ``category``, ``pred``, ``answer``, ``correct``,
+    ``well_formed``, ``response``."""
+    pred = prompting.parse_answer(response)
+    return {
+        "id": str(rec["id"]), "category": rec.get("category", DEFAULT_CATEGORY), "pred": pred,
+        "answer": rec["answer"],
+        "correct": scoring.answers_match(pred, rec["answer"], rec.get("answer_type"),
+                                         rec.get("choices")),
+        "well_formed": prompting.is_well_formed(response), "response": response,
     }
 
 
@@ -313,7 +362,9 @@ def _record_image(rec: Mapping[str, Any]) -> Image.Image:
 
 @torch.no_grad()
 def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, Any]],
-                       batch_size: int = 16, max_new_tokens: int = 64) -> dict[str, str]:
+                       batch_size: int = 16, max_new_tokens: int = 64,
+                       on_batch: Callable[[Sequence[Mapping[str, Any]], Sequence[str]], None]
+                       | None = None) -> dict[str, str]:
     """Greedy responses to the records with the project's prompt (``batching.encode_batch``).
 
     Args:
@@ -322,6 +373,7 @@ def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, A
         recs: records from ``load_benchmark`` (images decoded or not).
         batch_size: records per ``generate`` call.
         max_new_tokens: generation limit per response.
+        on_batch: called with each batch's records and responses as soon as they are known.
 
     Returns:
         Record id -> response text (tags kept, ``<|im_end|>`` cut).
@@ -335,13 +387,43 @@ def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, A
                      "answer": r["answer"], "evidence_boxes": [], "meta": {}} for r in chunk]
             _, texts = evaluation.generate_greedy(model, processor, rows, max_new_tokens)
             out.update(zip((str(r["id"]) for r in chunk), texts, strict=True))
+            if on_batch is not None:
+                on_batch(chunk, texts)
             bar.update(len(chunk))
     return out
 
 
+def partial_results_path(out_path: str | os.PathLike[str]) -> Path:
+    """Where the per-record rows of a run writing ``out_path`` are appended as they come:
+    ``runs/x/bench.json`` -> ``runs/x/bench.records.jsonl``."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}.records.jsonl")
+
+
+class _RowAppender:
+    """Appends ``score_record`` rows to a JSONL file, flushed and fsynced per batch."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        repro.atomic_write_text(self.path, "")  # a new run starts a new file
+
+    def __call__(self, chunk: Sequence[Mapping[str, Any]], texts: Sequence[str]) -> None:
+        lines = "".join(json.dumps(score_record(r, t)) + "\n"
+                        for r, t in zip(chunk, texts, strict=True))
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def evaluate_records(model: Any, processor: Any, recs: Sequence[Mapping[str, Any]],
-                     batch_size: int = 16, max_new_tokens: int = 64, n: int = 0) -> dict[str, Any]:
+                     batch_size: int = 16, max_new_tokens: int = 64, n: int = 0,
+                     partial_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Generate greedy answers for the first ``n`` records (all if 0) and score them.
+
+    Args:
+        partial_path: if given, each answered record's row (``score_record``) is appended there
+            as its batch finishes (the file is started anew), so a crash keeps what was done.
 
     Returns:
         ``score_predictions``'s dict plus ``decoding`` (``greedy``, ``max_new_tokens``,
@@ -351,8 +433,9 @@ def evaluate_records(model: Any, processor: Any, recs: Sequence[Mapping[str, Any
         raise ValueError(f"need n >= 0, batch_size >= 1 and max_new_tokens >= 1, got n={n}, "
                          f"batch_size={batch_size}, max_new_tokens={max_new_tokens}")
     recs = list(recs[:n] if n else recs)
+    on_batch = _RowAppender(partial_path) if partial_path is not None else None
     t0 = time.perf_counter()
-    responses = generate_responses(model, processor, recs, batch_size, max_new_tokens)
+    responses = generate_responses(model, processor, recs, batch_size, max_new_tokens, on_batch)
     elapsed = time.perf_counter() - t0
     return {"decoding": {"greedy": True, "max_new_tokens": max_new_tokens,
                          "batch_size": batch_size},
@@ -360,18 +443,23 @@ def evaluate_records(model: Any, processor: Any, recs: Sequence[Mapping[str, Any
 
 
 def _with_source(result: dict[str, Any], path: str | os.PathLike[str],
-                 image_root: str | os.PathLike[str] | None, n_in_file: int) -> dict[str, Any]:
+                 image_root: str | os.PathLike[str] | None, n_in_file: int,
+                 n_skipped: int = 0) -> dict[str, Any]:
     return {"file": str(path), "image_root": None if image_root is None else str(image_root),
-            "n_in_file": n_in_file, **result}
+            "n_in_file": n_in_file, "n_skipped": n_skipped, **result}
 
 
 def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
                        image_root: str | os.PathLike[str] | None = None, batch_size: int = 16,
                        max_new_tokens: int = 64, n: int = 0,
-                       out_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                       out_path: str | os.PathLike[str] | None = None,
+                       on_bad_record: str = "error",
+                       allow_outside_root: bool = False) -> dict[str, Any]:
     """Load a benchmark file, answer it greedily and score the answers.
 
-    Images are decoded batch by batch, so large benchmarks do not sit in memory.
+    Every image is decoded once before the first question is asked (a truncated one fails,
+    or is skipped, at once), then again batch by batch, so large benchmarks do not sit in
+    memory.
 
     Args:
         model: a Qwen2.5-VL with the ``<Focus>`` tokens (a saved backbone or trained stage).
@@ -381,19 +469,25 @@ def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
         batch_size: records per ``generate`` call.
         max_new_tokens: generation limit per response.
         n: evaluate only the first ``n`` records (0: all).
-        out_path: if given, the result is also written there as JSON (atomically).
+        out_path: if given, the result is also written there as JSON (atomically), and the
+            per-record rows are appended to ``partial_results_path(out_path)`` as they come.
+        on_bad_record: ``"error"`` or ``"skip"`` (``load_benchmark``).
+        allow_outside_root: allow image paths outside ``image_root`` (``load_benchmark``).
 
     Returns:
-        ``file``, ``image_root``, ``n_in_file``, ``decoding``, ``generation_time_s`` and the
-        fields of ``score_predictions``.
+        ``file``, ``image_root``, ``n_in_file`` (valid records), ``n_skipped`` (bad records
+        skipped), ``decoding``, ``generation_time_s`` and the fields of ``score_predictions``.
 
     Raises:
         DataError: a malformed line or image (named by file, line, record and key).
     """
-    recs = load_benchmark(path, image_root, load_images=False)
+    recs, skipped = read_benchmark(path, image_root, load_images=False, verify_images=True,
+                                   on_bad_record=on_bad_record,
+                                   allow_outside_root=allow_outside_root)
+    partial = partial_results_path(out_path) if out_path is not None else None
     result = _with_source(
-        evaluate_records(model, processor, recs, batch_size, max_new_tokens, n),
-        path, image_root, len(recs))
+        evaluate_records(model, processor, recs, batch_size, max_new_tokens, n, partial),
+        path, image_root, len(recs), skipped)
     if out_path is not None:
         repro.atomic_write_json(out_path, result)
     return result
@@ -425,8 +519,10 @@ def load_model(folder: str | os.PathLike[str], dtype: str = "float32",
 def format_result(result: Mapping[str, Any]) -> str:
     """Overall accuracy with its interval and the per-category table, as text."""
     lo, hi = result["accuracy_ci"]
+    skipped = result.get("n_skipped") or 0
     lines = [
-        f"{result.get('file', 'benchmark')}: {result['n']} record(s)",
+        f"{result.get('file', 'benchmark')}: {result['n']} record(s)"
+        + (f" ({skipped} bad record(s) skipped)" if skipped else ""),
         f"accuracy {result['accuracy']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  "
         f"format rate {result['format_rate']:.3f}  unparsable {result['n_unparsable']}",
     ]
@@ -445,7 +541,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", required=True, help="benchmark JSONL")
     parser.add_argument("--image-root", default=None,
                         help="folder image paths are relative to (default: the file's folder)")
-    parser.add_argument("--out", default=None, help="write the full result JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the full result JSON here (and the per-record rows, as they "
+                             "come, to <stem>.records.jsonl next to it)")
+    parser.add_argument("--on-bad-record", default="error", choices=records.ON_BAD_RECORD,
+                        help="error (default): stop at the first bad record; skip: skip and "
+                             "count bad records")
+    parser.add_argument("--allow-absolute-images", action="store_true",
+                        help="allow image paths outside the image root (absolute, '..', "
+                             "symlinks)")
     parser.add_argument("--n", type=int, default=0, help="first N records only (0: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -467,13 +571,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # The file is checked before the (possibly large) model is loaded.
-        recs = load_benchmark(args.file, args.image_root, load_images=False)
+        # The file is checked, every image decoded, before the (possibly large) model loads.
+        recs, skipped = read_benchmark(args.file, args.image_root, load_images=False,
+                                       verify_images=True, on_bad_record=args.on_bad_record,
+                                       allow_outside_root=args.allow_absolute_images)
         model, processor = load_model(args.model, args.dtype, args.device)
+        partial = partial_results_path(args.out) if args.out else None
         result = _with_source(
             evaluate_records(model, processor, recs, args.batch_size, args.max_new_tokens,
-                             args.n),
-            args.file, args.image_root, len(recs))
+                             args.n, partial),
+            args.file, args.image_root, len(recs), skipped)
     except DataError as exc:
         sys.stderr.write(f"DataError: {exc}\n")
         return 2

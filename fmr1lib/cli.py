@@ -10,14 +10,17 @@
     python -m fmr1lib check-params
 
 Stages run the same library calls as their notebooks, so ``accelerate launch -m fmr1lib
-<stage> --params FILE`` runs them on GPUs. ``notebook`` and ``reproduce`` validate the
-parameter file (unknown keys, wrong types) *before* starting papermill.
+<stage> --params FILE`` runs them on GPUs. Every command validates its parameter files (unknown
+keys, wrong types, values out of range), ``--variants`` (known variants, each once) and
+``--profile`` (a folder under ``params/``; an unknown one lists those that exist) *before* any
+work: an error exits with status 2 and a ``ParamsError`` line naming the file or flag and the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +47,12 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     from ``params/<profile>/<notebook>.yaml`` itself (``config.notebook_params``), so the
     executed notebook does not repeat the file.
 
+    Papermill writes the executed notebook as it goes and marks it finished even when a cell
+    fails, so it writes to ``<notebook>.partial.ipynb`` next to the output, which is renamed to
+    ``<notebook>.ipynb`` only when every cell ran. An earlier output is removed first: the
+    notebook resets its results file when it starts, so ``<notebook>.ipynb`` exists only for
+    a run that finished, and an interrupted run leaves only the ``.partial`` one.
+
     Returns the path of the executed notebook (``runs/<profile>/notebooks/`` by default).
     """
     import papermill
@@ -62,11 +71,15 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     out_dir = out_dir or (root / "runs" / profile / "notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{notebook}.ipynb"
+    partial = out_dir / f"{notebook}.partial.ipynb"
+    out.unlink(missing_ok=True)
     start = time.perf_counter()
     papermill.execute_notebook(
-        str(root / "notebooks" / f"{notebook}.ipynb"), str(out),
+        str(root / "notebooks" / f"{notebook}.ipynb"), str(partial),
         parameters={"profile": profile, **overrides}, cwd=str(root / "notebooks"),
         kernel_name=kernel, progress_bar=False, log_output=False)
+    if partial.exists():  # papermill wrote it (always, unless replaced by a stand-in)
+        os.replace(partial, out)
     logger.info("%s done in %.1f s -> %s", notebook, time.perf_counter() - start, out)
     return out
 
@@ -92,25 +105,37 @@ def _cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_variants(args: argparse.Namespace, cls: type, stage: Any) -> int:
+def _variants(args: argparse.Namespace, cls: type, p: Any) -> list[str]:
+    """The variants to run: ``--variants`` (checked against ``cls.VARIANTS``) or the file's."""
+    if not args.variants:
+        return list(p.variants)
+    try:
+        config.check_variants("variants", args.variants, cls.VARIANTS)
+    except ValueError as exc:
+        raise config.ParamsError(f"--variants (with {args.params}): {exc}") from exc
+    return list(args.variants)
+
+
+def _run_variants(args: argparse.Namespace, cls: type, stage_name: str) -> int:
+    # Parameters and variants are checked before the stages (torch, the model) are imported.
     p = config.load_params(cls, args.params)
+    variants = _variants(args, cls, p)
     print(config.format_params(p))
-    for variant in args.variants or p.variants:
+    from fmr1lib import stages
+
+    stage = getattr(stages, stage_name)
+    for variant in variants:
         _, _, res = stage(p, variant)
         print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
     return 0
 
 
 def _cmd_anchor(args: argparse.Namespace) -> int:
-    from fmr1lib import stages
-
-    return _run_variants(args, config.AnchorParams, stages.anchor_stage)
+    return _run_variants(args, config.AnchorParams, "anchor_stage")
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from fmr1lib import stages
-
-    return _run_variants(args, config.RLParams, stages.rl_stage)
+    return _run_variants(args, config.RLParams, "rl_stage")
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
@@ -126,12 +151,19 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_profile(args: argparse.Namespace) -> None:
+    """``--profile`` names a folder under ``params/`` (ParamsError listing those that exist)."""
+    config.check_profile(args.profile, project_root(), "--profile")
+
+
 def _cmd_notebook(args: argparse.Namespace) -> int:
+    _check_profile(args)
     run_notebook(args.name, args.profile, kernel=args.kernel)
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    _check_profile(args)
     names = [n for n in NOTEBOOK_ORDER if params_file(args.profile, n).exists()]
     if not names:
         raise SystemExit(f"no parameter files under params/{args.profile}/")
@@ -173,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_backbone)
     p = sub.add_parser("anchor", help="stage 1: train the anchoring variants (notebook 03)")
     p.add_argument("--params", required=True, help="YAML parameter file")
-    p.add_argument("--variants", nargs="*", help="subset of the file's variants")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help=f"variants to train, out of {list(config.AnchorParams.VARIANTS)} "
+                        f"(default: the file's)")
     p.set_defaults(func=_cmd_anchor)
     p = sub.add_parser("rl", help="stage 2: GRPO variants with the faithful reward (notebook 04)")
     p.add_argument("--params", required=True, help="YAML parameter file")
-    p.add_argument("--variants", nargs="*", help="subset of the file's variants")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help=f"variants to train, out of {list(config.RLParams.VARIANTS)} "
+                        f"(default: the file's)")
     p.set_defaults(func=_cmd_rl)
     p = sub.add_parser("ablation", help="train what is missing and build the ablation table (notebook 05)")
     p.add_argument("--params", required=True, help="YAML parameter file (05_evaluation)")
@@ -185,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_ablation)
     p = sub.add_parser("notebook", help="run one notebook headless on a profile")
     p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
-    p.add_argument("--profile", default="tiny")
+    p.add_argument("--profile", default="tiny", help="a folder under params/")
     p.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
     p.set_defaults(func=_cmd_notebook)
     p = sub.add_parser("reproduce", help="run every notebook of a profile in order")
-    p.add_argument("--profile", default="tiny")
+    p.add_argument("--profile", default="tiny", help="a folder under params/")
     p.add_argument("--kernel", default=None)
     p.set_defaults(func=_cmd_reproduce)
     p = sub.add_parser("check-params", help="validate every params/*/*.yaml")

@@ -6,13 +6,17 @@ hold only what a profile sets differently (plus ``profile`` and the pointers to 
 stages' files), and a notebook's ``parameters`` cell names only the few knobs its text is about,
 set to ``None`` ("from the profile's file"). ``load_params`` builds a dataclass from a YAML file
 or a dict; ``notebook_params`` is what the notebooks call: the profile's file, then the values
-the notebook (or papermill) sets. Both reject unknown keys and values of the wrong type *before
-any work starts*, naming the file and the key.
+the notebook (or papermill) sets. Both reject unknown keys, values of the wrong type, values out
+of range (counts, rates, probabilities; nan and inf anywhere), duplicate YAML keys and layer or
+head indices the backbone does not have *before any work starts*, naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -34,9 +38,46 @@ class ParamsError(ValueError):
 
 
 def check_layers(key: str, value: str | list[int]) -> None:
-    """A layer selection is ``last_half``, ``all`` or a list of indices (ValueError naming ``key``)."""
-    if isinstance(value, str) and value not in ("last_half", "all"):
-        raise ValueError(f"key {key!r}: {value!r}: use last_half, all or indices")
+    """A layer selection is ``last_half``, ``all`` or a non-empty list of distinct indices
+    (ValueError naming ``key``); whether the backbone has them is checked by ``check_indices``."""
+    if isinstance(value, str):
+        if value not in ("last_half", "all"):
+            raise ValueError(f"key {key!r}: {value!r}: use last_half, all or indices")
+        return
+    if not value:
+        raise ValueError(f"key {key!r}: an empty list selects no layer; use last_half, all or "
+                         f"indices")
+    check_distinct(key, value)
+
+
+def check_distinct(key: str, values: list[Any], allow_empty: bool = False) -> None:
+    """``values`` is non-empty (unless ``allow_empty``) and holds no value twice."""
+    if not values and not allow_empty:
+        raise ValueError(f"key {key!r}: must not be empty")
+    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if twice:
+        raise ValueError(f"key {key!r}: {twice} listed more than once in {values}")
+
+
+def check_variants(key: str, values: list[str], known: tuple[str, ...],
+                   allow_empty: bool = False) -> None:
+    """``values`` are distinct names out of ``known`` (non-empty unless ``allow_empty``)."""
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ValueError(f"key {key!r}: unknown {bad}; known {list(known)}")
+    check_distinct(key, values, allow_empty)
+
+
+def check_at_least(params: Any, low: float, *keys: str) -> None:
+    """Each of ``keys`` of ``params`` is >= ``low`` (ValueError naming the first that is not)."""
+    for key in keys:
+        value = getattr(params, key)
+        if value < low:
+            raise ValueError(f"key {key!r}: must be >= {low}, got {value}")
+
+
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A profile is a plain folder name under ``params/`` (no separators, no ``..``)."""
 
 
 @dataclasses.dataclass
@@ -49,6 +90,10 @@ class CommonParams:
     """Root of all run artifacts, relative to the project root unless absolute."""
     figures_dir: str = "figures"
     """Where figures are written, relative to the project root unless absolute."""
+
+    def validate_common(self) -> None:
+        """The profile is a plain folder name (it names ``params/<profile>/`` and a run folder)."""
+        check_profile_name(self.profile)
 
 
 @dataclasses.dataclass
@@ -138,6 +183,9 @@ class DataParams(SeedParams, CommonParams):
     def validate(self) -> None:
         """Check value ranges that types alone cannot express."""
         self._validate_source()
+        check_at_least(self, 1, "n_train", "n_test_id", "n_test_ood")
+        check_at_least(self, 0, "n_warmup", "n_distractors", "n_blobs", "intervention_pad",
+                       "n_show")
         if self.image_size % 28 or self.image_size < 56:
             raise ValueError(f"key 'image_size': {self.image_size} must be a multiple of 28 >= 56")
         families = {"color", "shape", "count", "relation", "exists"}
@@ -257,6 +305,9 @@ class BuildParams:
 
     def validate_build(self) -> None:
         """Value checks of the build settings."""
+        check_at_least(self, 1, "image_min_pixels", "hidden_size", "num_layers", "num_heads",
+                       "num_kv_heads", "intermediate_size", "vision_depth", "vision_hidden",
+                       "vision_heads", "vocab_size")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("keys 'hidden_size'/'num_heads'/'num_kv_heads': hidden_size must divide "
                              "by num_heads, and num_heads by num_kv_heads")
@@ -285,6 +336,14 @@ class AdapterParams:
     freeze_vision: bool = False
     """Freeze the vision tower (and its merger) during training."""
 
+    def validate_adapter(self) -> None:
+        """Value checks of the LoRA settings."""
+        check_at_least(self, 1, "lora_r", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"key 'lora_dropout': {self.lora_dropout} is not in [0, 1)")
+        if self.lora:
+            check_distinct("lora_targets", self.lora_targets)
+
 
 @dataclasses.dataclass
 class ModelParams(AdapterParams, BuildParams, ModelLoadParams):
@@ -296,9 +355,10 @@ class ModelParams(AdapterParams, BuildParams, ModelLoadParams):
     """Allow code from the checkpoint folder (off unless you trust it)."""
 
     def validate_model(self) -> None:
-        """Value checks of the loading and build settings."""
+        """Value checks of the loading, build and adapter settings."""
         self.validate_load()
         self.validate_build()
+        self.validate_adapter()
 
 
 @dataclasses.dataclass
@@ -312,6 +372,11 @@ class EvalSettings:
     """Examples per generation batch."""
     max_new_tokens: int = 24
     """Longest response generated (greedy evaluation; stage 2 also caps its rollouts with it)."""
+
+    def validate_eval(self) -> None:
+        """Value checks of the evaluation settings."""
+        check_at_least(self, 0, "eval_n")
+        check_at_least(self, 1, "eval_batch_size", "max_new_tokens")
 
 
 @dataclasses.dataclass
@@ -337,7 +402,7 @@ class OptimParams(EvalSettings):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     log_every: int = 25
-    """Log metrics every this many steps."""
+    """Log metrics every this many steps (0: off)."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
@@ -349,9 +414,12 @@ class OptimParams(EvalSettings):
             raise ValueError(f"key 'lr_schedule': {self.lr_schedule!r} not in constant/linear/cosine")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"key 'mixed_precision': {self.mixed_precision!r} not in no/bf16/fp16")
-        for key in ("steps", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"key {key!r}: must be >= 1")
+        self.validate_eval()
+        check_at_least(self, 1, "steps", "grad_accum")
+        if not self.lr > 0:
+            raise ValueError(f"key 'lr': must be > 0, got {self.lr}")
+        check_at_least(self, 0, "weight_decay", "lr_warmup_steps", "grad_clip", "log_every",
+                       "checkpoint_every")
 
 
 @dataclasses.dataclass
@@ -364,8 +432,7 @@ class TrainParams(OptimParams):
     def validate_train(self) -> None:
         """Value checks for the optimisation settings and the batch size."""
         self.validate_optim()
-        if self.batch_size < 1:
-            raise ValueError("key 'batch_size': must be >= 1")
+        check_at_least(self, 1, "batch_size")
 
 
 @dataclasses.dataclass
@@ -390,6 +457,9 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
 
     The backbone comes from ``backbone_params_file`` (its ``model_name`` and the like are there).
     """
+
+    VARIANTS: typing.ClassVar[tuple[str, ...]] = ("plain", "text_perception", "focus_anchor")
+    """The stage-1 variants (``variants``, ``python -m fmr1lib anchor --variants``)."""
 
     steps: int = 200
     """Optimiser steps per variant. Tiny: 200, what three seeds of every row allow within
@@ -420,17 +490,21 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
         """Value checks."""
         self.validate_load()
         self.validate_build()
+        self.validate_adapter()
         self.validate_train()
-        bad = sorted(set(self.variants) - {"plain", "text_perception", "focus_anchor"})
-        if bad:
-            raise ValueError(f"key 'variants': unknown {bad}; use plain, text_perception, focus_anchor")
+        check_variants("variants", self.variants, self.VARIANTS)
         if self.attn_loss not in ("kl", "mass"):
             raise ValueError(f"key 'attn_loss': {self.attn_loss!r} not in ['kl', 'mass']")
         check_layers("anchor_layers", self.anchor_layers)
-        if isinstance(self.head_select, str) and self.head_select != "mean":
-            raise ValueError(f"key 'head_select': {self.head_select!r}: use mean or indices")
-        if self.lambda_attn < 0:
-            raise ValueError("key 'lambda_attn': must be >= 0")
+        if isinstance(self.head_select, str):
+            if self.head_select != "mean":
+                raise ValueError(f"key 'head_select': {self.head_select!r}: use mean or indices")
+        else:
+            check_distinct("head_select", self.head_select)
+            if min(self.head_select) < 0:
+                raise ValueError(f"key 'head_select': head indices must be >= 0, got "
+                                 f"{self.head_select}")
+        check_at_least(self, 0, "lambda_attn", "smooth_sigma", "n_show")
 
 
 @dataclasses.dataclass
@@ -440,6 +514,10 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     The start models come from stage 1 (``anchor_params_file``) or its backbone; a step's batch
     is ``prompts_per_step`` x ``group_size`` completions.
     """
+
+    VARIANTS: typing.ClassVar[tuple[str, ...]] = ("grpo_backbone", "grpo", "faithful",
+                                                  "faithful_occlusion")
+    """The stage-2 variants (``variants``, ``efficiency_variants``, ``rl --variants``)."""
 
     steps: int = 24
     """GRPO steps."""
@@ -526,26 +604,28 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     def validate(self) -> None:
         """Value checks."""
         self.validate_load()
+        self.validate_adapter()
         self.validate_optim()
-        known = {"grpo_backbone", "grpo", "faithful", "faithful_occlusion"}
-        bad = sorted(set(self.variants) - known)
-        if bad:
-            raise ValueError(f"key 'variants': unknown {bad}; known {sorted(known)}")
+        check_variants("variants", self.variants, self.VARIANTS)
         if self.loss_agg not in ("token_mean", "seq_mean"):
             raise ValueError(f"key 'loss_agg': {self.loss_agg!r} not in token_mean/seq_mean")
         if self.faithful_form not in ("raw", "group_tanh"):
             raise ValueError(f"key 'faithful_form': {self.faithful_form!r} not in raw/group_tanh")
         if self.group_size < 2:
             raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
-        if self.faithful_std_floor < 0:
-            raise ValueError(f"key 'faithful_std_floor': must be >= 0, got {self.faithful_std_floor}")
-        if self.top_k < 0:
-            raise ValueError(f"key 'top_k': must be >= 0 (0: off), got {self.top_k}")
-        if not 0 < self.top_p <= 1 or not self.temperature > 0:
-            raise ValueError(f"keys 'top_p', 'temperature': need 0 < top_p <= 1 and "
-                             f"temperature > 0, got {self.top_p}, {self.temperature}")
+        check_at_least(self, 1, "prompts_per_step", "num_iterations", "kappa", "occlusion_cells")
+        check_at_least(self, 0, "n_prompts", "rollout_prompts", "top_k", "max_refill", "beta",
+                       "faithful_std_floor", "lambda_attn_rl", "clip_high", "n_show")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"key 'top_p': {self.top_p} is not in (0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"key 'temperature': must be > 0, got {self.temperature}")
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"key 'clip_low': {self.clip_low} is not in [0, 1) (the ratio's lower "
+                             f"clip is 1 - clip_low)")
         if self.intervention not in ("mask", "background", "blur", "noise"):
             raise ValueError(f"key 'intervention': {self.intervention!r} unknown")
+        check_layers("reward_layers", self.reward_layers)
 
 
 ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
@@ -592,17 +672,21 @@ class EvalParams(EvalSettings, CommonParams):
 
     def validate(self) -> None:
         """Value checks."""
+        self.validate_eval()
         bad = sorted(set(self.rows) - set(ABLATION_ROWS))
         if bad:
             raise ValueError(f"key 'rows': unknown {bad}; known {list(ABLATION_ROWS)}")
-        if not self.seeds:
-            raise ValueError("key 'seeds': at least one seed")
-        bad = sorted(set(self.efficiency_variants) - {"grpo_backbone", "grpo", "faithful",
-                                                      "faithful_occlusion"})
-        if bad:
-            raise ValueError(f"key 'efficiency_variants': unknown {bad}")
+        check_distinct("rows", self.rows)
+        check_distinct("seeds", self.seeds)
+        check_distinct("splits", self.splits)
+        check_variants("efficiency_variants", self.efficiency_variants, RLParams.VARIANTS,
+                       allow_empty=True)
+        check_distinct("efficiency_prompts", self.efficiency_prompts, allow_empty=True)
         if any(k <= 0 for k in self.efficiency_prompts):
             raise ValueError("key 'efficiency_prompts': prompt counts must be positive")
+        check_distinct("efficiency_seeds", self.efficiency_seeds, allow_empty=True)
+        check_at_least(self, 1, "n_boot")
+        check_at_least(self, 0, "n_show")
         check_layers("eval_layers", self.eval_layers)
 
     def smoke_version(self) -> EvalParams:
@@ -664,6 +748,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         raise ParamsError(f"{where}: expected int, got {type(value).__name__} {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ParamsError(f"{where}: expected a finite float, got {value!r}")
             return float(value)
         raise ParamsError(f"{where}: expected float, got {type(value).__name__} {value!r}")
     if tp is str:
@@ -686,17 +772,56 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     raise ParamsError(f"{where}: unsupported parameter type {_type_name(tp)}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of a parameter file that sets one key twice."""
+
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} is set twice (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping may not set a key twice (the plain loader
+    keeps the last value silently). A merge (``<<``) may still be overridden by the mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    """The mapping of a parameter file: UTF-8 YAML, no key set twice, not empty (``{}`` is
+    the explicit "all defaults")."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read parameter file ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); parameter "
+                          f"files are UTF-8 YAML") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ParamsError(f"{path}: key {exc.key!r} is set twice (lines {exc.first} and "
+                          f"{exc.again}); set it once") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: invalid YAML ({exc})") from exc
     if data is None:
-        return {}
+        raise ParamsError(f"{path}: no parameters (the file is empty or only comments); name "
+                          f"at least its profile (profile: ...), or write {{}} for all defaults")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of parameter names to values, "
                           f"got {type(data).__name__}")
@@ -717,12 +842,14 @@ def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
         )
     checked = {k: _check(v, hints[k], f"{origin}: key {k!r}") for k, v in values.items()}
     params = cls(**checked)
-    validate = getattr(params, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as exc:
-            raise ParamsError(f"{origin}: {exc}") from exc
+    for name in ("validate_common", "validate"):
+        validate = getattr(params, name, None)
+        if callable(validate):
+            try:
+                validate()
+            except ValueError as exc:
+                raise ParamsError(f"{origin}: {exc}") from exc
+    _check_against_backbone(params, origin)
     return params
 
 
@@ -739,8 +866,9 @@ def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
         An instance of ``cls`` whose every field has the declared type.
 
     Raises:
-        ParamsError: unknown key, wrong type, unreadable or invalid YAML; the message
-            names the file (or ``<dict>``) and the key.
+        ParamsError: unknown key, wrong type, value out of range, unreadable, empty, non-UTF-8
+            or invalid YAML, a key set twice, a layer or head index the backbone lacks; the
+            message names the file (or ``<dict>``) and the key.
     """
     if source is None:
         origin, values = "<defaults>", {}
@@ -758,6 +886,160 @@ PARAMS_ROOT = Path(__file__).resolve().parents[1]
 def notebook_params_file(profile: str, notebook: str, root: str | Path | None = None) -> Path:
     """``params/<profile>/<notebook>.yaml`` under ``root`` (default: ``PARAMS_ROOT``)."""
     return Path(root if root is not None else PARAMS_ROOT) / "params" / profile / f"{notebook}.yaml"
+
+
+def check_profile_name(profile: str, where: str = "key 'profile'") -> None:
+    """A profile is a plain folder name (ValueError naming ``where`` otherwise)."""
+    if not PROFILE_NAME.fullmatch(profile):
+        raise ValueError(f"{where}: {profile!r} is not a profile name (a plain folder name under "
+                         f"params/: letters, digits, '_', '-', '.'; no '/' and no leading '.')")
+
+
+def profiles(root: str | Path | None = None) -> list[str]:
+    """The profiles under ``<root>/params/``: folders holding a notebook's parameter file."""
+    folder = Path(root if root is not None else PARAMS_ROOT) / "params"
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir()
+                  if d.is_dir() and any((d / f"{nb}.yaml").is_file() for nb in PARAMS_BY_NOTEBOOK))
+
+
+def check_profile(profile: Any, root: str | Path | None = None,
+                  where: str = "key 'profile'") -> str:
+    """``profile`` if it names a profile folder under ``<root>/params/``, else ParamsError naming
+    ``where`` and listing the profiles that exist."""
+    if not isinstance(profile, str):
+        raise ParamsError(f"{where}: expected str, got {profile!r}")
+    try:
+        check_profile_name(profile, where)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from exc
+    known = profiles(root)
+    if profile not in known:
+        folder = Path(root if root is not None else PARAMS_ROOT) / "params"
+        raise ParamsError(f"{where}: no profile {profile!r} under {folder}; profiles: {known}")
+    return profile
+
+
+# --------------------------------------------------------------------------------------
+# Layer and head indices against the backbone, before any weights load
+# --------------------------------------------------------------------------------------
+
+KNOWN_CHECKPOINTS: dict[str, tuple[int, int]] = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": (36, 16),
+    "Qwen/Qwen2.5-VL-7B-Instruct": (28, 28),
+}
+"""(decoder layers, attention heads) of the hub checkpoints the GPU profiles name, from their
+``config.json``: used when that file is neither a local folder's nor in the hub cache."""
+
+LAYER_KEYS = ("anchor_layers", "reward_layers", "eval_layers")
+"""Fields holding decoder-layer selections (``check_indices``)."""
+
+
+def shape_from_config(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(decoder layers, attention heads) of a transformers ``config.json`` (its ``text_config``
+    where it has one), or None if it does not say."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else {}
+    layers = text.get("num_hidden_layers", cfg.get("num_hidden_layers"))
+    heads = text.get("num_attention_heads", cfg.get("num_attention_heads"))
+    if isinstance(layers, int) and isinstance(heads, int):
+        return layers, heads
+    return None
+
+
+def backbone_shape(bp: ModelParams) -> tuple[int, int, str] | None:
+    """(decoder layers, attention heads, where they come from) of the backbone ``bp`` names,
+    known without loading weights, or None.
+
+    ``tiny``: ``num_layers`` / ``num_heads``. A local checkpoint folder: its ``config.json``. A
+    hub id: its ``config.json`` if the hub cache holds it (no download), else
+    ``KNOWN_CHECKPOINTS``. None otherwise: the indices are then checked only once the model has
+    loaded (``attention.resolve_layers``); ``check_indices(p, n_layers, n_heads, ...)`` is the
+    same check for a loader to run on the config before the weights.
+    """
+    if bp.model_name == "tiny":
+        return bp.num_layers, bp.num_heads, "its num_layers / num_heads"
+    name = Path(bp.model_name)
+    candidates = [name] if name.is_absolute() else [Path.cwd() / name, PARAMS_ROOT / name]
+    cfg_file = next((c / "config.json" for c in candidates if (c / "config.json").is_file()), None)
+    if cfg_file is None and not name.is_absolute():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(bp.model_name, "config.json")
+            cfg_file = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 - not a repo id, or no hub client: nothing known
+            cfg_file = None
+    if cfg_file is not None:
+        try:
+            shape = shape_from_config(json.loads(cfg_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            shape = None
+        if shape is not None:
+            return (*shape, str(cfg_file))
+    if bp.model_name in KNOWN_CHECKPOINTS:
+        return (*KNOWN_CHECKPOINTS[bp.model_name], f"the known config of {bp.model_name}")
+    return None
+
+
+def check_indices(p: Any, n_layers: int, n_heads: int, source: str, origin: str) -> None:
+    """Every explicit layer index of ``p`` (``LAYER_KEYS``) is one of the ``n_layers`` decoder
+    layers (negative: from the end, each layer once) and every ``head_select`` index one of the
+    ``n_heads`` heads; ParamsError starting with ``origin`` and naming the key otherwise."""
+    for key in LAYER_KEYS:
+        spec = getattr(p, key, None)
+        if not isinstance(spec, list):
+            continue
+        bad = [i for i in spec if not -n_layers <= i < n_layers]
+        if bad:
+            raise ParamsError(f"{origin}: key {key!r}: layer index {bad} out of range: the backbone "
+                              f"has {n_layers} decoder layers (0..{n_layers - 1} or "
+                              f"-{n_layers}..-1; from {source})")
+        resolved = [i % n_layers for i in spec]
+        if len(set(resolved)) != len(resolved):
+            raise ParamsError(f"{origin}: key {key!r}: {spec} names one of the {n_layers} layers "
+                              f"twice (negative indices count from the end)")
+    heads = getattr(p, "head_select", None)
+    if isinstance(heads, list):
+        bad = [h for h in heads if not 0 <= h < n_heads]
+        if bad:
+            raise ParamsError(f"{origin}: key 'head_select': head index {bad} out of range: the "
+                              f"backbone has {n_heads} attention heads (0..{n_heads - 1}; from "
+                              f"{source})")
+
+
+def _upstream_backbone(p: Any) -> tuple[Any, str] | None:
+    """The ``BackboneParams`` ``p``'s pointers lead to (``backbone_params_file``, or the
+    ``anchor_params_file``'s), with their file; None where a pointed file does not exist (the
+    stage reports that when it reads it)."""
+    for key, cls in (("backbone_params_file", BackboneParams), ("anchor_params_file", AnchorParams)):
+        name = getattr(p, key, None)
+        if not name:
+            continue
+        path = Path(name) if Path(name).is_absolute() else PARAMS_ROOT / name
+        if not path.is_file():
+            return None
+        up = load_params(cls, path)
+        return (up, name) if cls is BackboneParams else _upstream_backbone(up)
+    return None
+
+
+def _check_against_backbone(p: Any, origin: str) -> None:
+    """``check_indices`` of ``p`` against the backbone its pointers name, where its shape is
+    known without loading it (``backbone_shape``)."""
+    explicit = [k for k in (*LAYER_KEYS, "head_select") if isinstance(getattr(p, k, None), list)]
+    if not explicit:
+        return
+    found = _upstream_backbone(p)
+    if found is None:
+        return
+    bp, name = found
+    shape = backbone_shape(bp)
+    if shape is None:
+        return
+    n_layers, n_heads, source = shape
+    check_indices(p, n_layers, n_heads, f"{name}: {source}" if bp.model_name == "tiny" else source,
+                  origin)
 
 
 def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *,
@@ -781,21 +1063,25 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *
         The notebook's dataclass (``PARAMS_BY_NOTEBOOK[notebook]``), checked like ``load_params``.
 
     Raises:
-        ParamsError: unknown notebook, missing file, a file whose ``profile`` is not its folder's,
-            or a value that does not fit the dataclass; the message names the file and the key.
+        ParamsError: unknown notebook, a profile that is not a folder under ``params/`` (the
+            message lists those that are), missing file, a file that does not name its profile
+            or whose ``profile`` is not its folder's, or a value that does not fit the dataclass;
+            the message names the file and the key.
     """
     if notebook not in PARAMS_BY_NOTEBOOK:
         raise ParamsError(f"unknown notebook {notebook!r}; known: {list(PARAMS_BY_NOTEBOOK)}")
     cls = PARAMS_BY_NOTEBOOK[notebook]
     namespace = namespace or {}
     profile = overrides.pop("profile", None) or namespace.get("profile") or CommonParams.profile
-    if not isinstance(profile, str):
-        raise ParamsError(f"<notebook {notebook}>: key 'profile': expected str, got {profile!r}")
+    check_profile(profile, root, f"<notebook {notebook}>: key 'profile'")
     path = notebook_params_file(profile, notebook, root)
     if not path.exists():
         raise ParamsError(f"{path}: no parameter file for notebook {notebook!r} "
                           f"in profile {profile!r}")
     values = _read_yaml(path)
+    if "profile" not in values:
+        raise ParamsError(f"{path}: key 'profile' missing: a profile's file names its profile "
+                          f"(profile: {profile})")
     params = _build(cls, values, str(path))  # errors in the file name the file
     if params.profile != profile:
         raise ParamsError(f"{path}: key 'profile' is {params.profile!r}, but the file is in the "

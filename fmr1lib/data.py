@@ -25,9 +25,9 @@ result per profile.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from fmr1lib import counterfactual, records
+from fmr1lib import counterfactual, records, repro
 from fmr1lib.config import DataParams
 from fmr1lib.repro import atomic_write_json, run_dir, saved_params_equal
 
@@ -518,13 +518,8 @@ def load_jsonl_split(p: DataParams, split: str) -> tuple[datasets.Dataset, int]:
     return ds, skipped
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = repro.file_sha256
+"""Hex SHA-256 of a file's bytes (``repro.file_sha256``)."""
 
 
 def source_files(p: DataParams) -> dict[str, str]:
@@ -604,15 +599,31 @@ def data_dir(p: Any) -> Path:
 def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams,
                  info: dict[str, Any] | None = None) -> Path:
     """``save_to_disk`` (images embedded) plus the resolved params that made the data and,
-    when given, ``info.json`` (``make_dataset``'s info)."""
+    when given, ``info.json`` (``make_dataset``'s info).
+
+    The dataset is written to a temp folder next to ``folder`` (fsynced) and swapped in
+    (``repro.swap_folder``): a rebuild that fails or is killed midway leaves the previous
+    dataset and its ``params.json`` as they were. Temp folders of killed saves go first.
+    """
     folder = Path(folder)
-    # An empty split (``n_warmup: 0``, a JSONL source without a warm-up file) gets one empty
-    # shard; by default it would get none, and ``load_from_disk`` fails on it.
-    dsd.save_to_disk(str(folder), num_shards={k: 1 for k, ds in dsd.items() if not len(ds)})
-    if info is not None:
-        atomic_write_json(folder / "info.json", info)
-    atomic_write_json(folder / "params.json", {"class": "DataParams",
-                                               "params": json.loads(json.dumps(p.__dict__))})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    repro.recover_interrupted_swap(folder)
+    repro.clean_stale_temps(folder.parent, f".{folder.name}.")
+    tmp = repro.make_temp_dir(folder.parent, f".{folder.name}.")
+    try:
+        # An empty split (``n_warmup: 0``, a JSONL source without a warm-up file) gets one
+        # empty shard; by default it would get none, and ``load_from_disk`` fails on it.
+        dsd.save_to_disk(str(tmp), num_shards={k: 1 for k, ds in dsd.items() if not len(ds)})
+        if info is not None:
+            atomic_write_json(tmp / "info.json", info)
+        atomic_write_json(tmp / "params.json", {"class": "DataParams",
+                                                "params": json.loads(json.dumps(p.__dict__))})
+        repro.apply_umask_modes(tmp)
+        repro.fsync_tree(tmp)
+        repro.swap_folder(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -641,6 +652,7 @@ def load_or_make(p: DataParams) -> datasets.DatasetDict:
     """The saved dataset of ``p``'s profile if present with the same params (and, for JSONL,
     the same records files), else build it (``make_dataset``)."""
     folder = data_dir(p)
+    repro.recover_interrupted_swap(folder)
     if saved_params_equal(folder, p) and _same_source(folder, p):
         return load_dataset_dir(folder)
     if (folder / "params.json").exists():

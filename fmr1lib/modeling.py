@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -318,38 +317,56 @@ def save_backbone(model: Any, processor: Any, folder: str | Path,
                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save model (safetensors) and processor; written to a temp folder, then swapped in.
 
+    The temp folder is fsynced before the swap (``repro.swap_folder``) and gets the umask's
+    permissions; temp folders of killed saves (``.<name>.*``) are deleted first, and a swap
+    killed between its renames is undone (``repro.recover_interrupted_swap``).
+
     Args:
         state_dict: the weights to write instead of ``model``'s own (under FSDP / ZeRO-3: the
             full state gathered from every process's shard, ``train.full_state_dict``).
     """
+    from fmr1lib import repro
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    repro.recover_interrupted_swap(folder)
+    repro.clean_stale_temps(folder.parent, f".{folder.name}.")
+    tmp = repro.make_temp_dir(folder.parent, f".{folder.name}.")
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old)
+        repro.apply_umask_modes(tmp)
+        repro.fsync_tree(tmp)
+        repro.swap_folder(tmp, folder)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def load_saved_backbone(folder: str | Path, params: ModelParams) -> tuple[Any, Any]:
-    """Load a backbone written by ``save_backbone`` (safetensors, no remote code)."""
+    """Load a backbone written by ``save_backbone`` (safetensors, no remote code).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``folder``, or no safetensors weights (a
+            ``.bin`` / pickle checkpoint is never loaded); the message names the folder.
+    """
+    from fmr1lib import repro
+
     folder = Path(folder)
+    repro.recover_interrupted_swap(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no backbone at {folder}: run notebooks/02_backbone.ipynb "
                                 f"(or `python -m fmr1lib backbone --params ...`)")
+    if not any(folder.glob("*.safetensors")):
+        others = sorted(f.name for f in folder.iterdir()
+                        if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f" (found {', '.join(others)})" if others else ""
+        raise FileNotFoundError(
+            f"no safetensors weights in {folder}{found}: only safetensors are loaded, never "
+            f"pickle (.bin) checkpoints; convert the weights to safetensors "
+            f"(save_pretrained(..., safe_serialization=True))")
     processor = load_processor(folder)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype=DTYPES[params.dtype], attn_implementation=params.attn_implementation,

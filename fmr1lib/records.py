@@ -39,7 +39,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -315,6 +314,43 @@ def _validate_box(
     return [x0, y0, x1, y1]
 
 
+def resolve_image_path(
+    root: str | os.PathLike[str],
+    ref: str,
+    fail: _Fail,
+    allow_outside_root: bool = False,
+) -> Path:
+    """The absolute path of image ``ref`` (relative to ``root``), confined to ``root``.
+
+    The path is resolved (``..`` and symlinks followed) before the check, so neither an
+    absolute path, nor ``../..``, nor a symlink can reach a file outside the image root. The
+    error is the same whether the target exists or not.
+
+    Args:
+        root: the image root.
+        ref: the record's ``image`` string.
+        fail: builds the located ``DataError``.
+        allow_outside_root: skip the check (absolute paths and paths out of the root allowed).
+
+    Returns:
+        ``root / ref`` made absolute (symlinks kept in the name, as the records store it).
+
+    Raises:
+        DataError: the resolved path lies outside ``root`` (field ``image``).
+    """
+    path = Path(os.path.abspath(Path(root) / ref))
+    if allow_outside_root:
+        return path
+    real_root = Path(os.path.realpath(root))
+    if not Path(os.path.realpath(path)).is_relative_to(real_root):
+        raise fail(
+            "image",
+            f"image = {ref!r}: the path leads outside the image root {root} (absolute paths, "
+            f"'..' and symlinks out of it are refused unless allow_outside_root is set)",
+        )
+    return path
+
+
 def _read_image(
     image_path: Path, load: bool, fail: _Fail
 ) -> tuple[Image.Image | None, tuple[int, int]]:
@@ -361,11 +397,13 @@ def _iter_jsonl(
     image_root: str | os.PathLike[str] | None,
     load_images: bool,
     decode_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[dict[str, Any] | DataError]:
     """Yield each validated record, or the DataError of each bad one, in file order.
 
     ``decode_images`` (default: ``load_images``) decodes every pixel, so that a truncated image
-    is a bad record, even when only the path is kept."""
+    is a bad record, even when only the path is kept. Image paths must stay inside the image
+    root (``resolve_image_path``) unless ``allow_outside_root``."""
     decode = load_images if decode_images is None else decode_images
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -386,7 +424,7 @@ def _iter_jsonl(
                 ref = rec.get("image")
                 image, size, image_path = None, None, None
                 if isinstance(ref, str) and ref.strip():
-                    image_path = Path(os.path.abspath(root / ref))
+                    image_path = resolve_image_path(root, ref, fail, allow_outside_root)
                     image, size = _read_image(image_path, decode, fail)
                 valid = validate_record(rec, image_size=size, path=path, line=line_no)
                 if valid["id"] in first_line:
@@ -407,6 +445,8 @@ def load_jsonl(
     on_bad_record: str = "error",
     load_images: bool = True,
     verify_images: bool = False,
+    *,
+    allow_outside_root: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
     """Load and validate a JSONL file of records.
 
@@ -424,6 +464,8 @@ def load_jsonl(
         verify_images: with ``load_images`` False, still decode every image (an unreadable or
             truncated one is a bad record) without keeping it in memory: what a loader that
             stores paths needs to fail before training rather than during it.
+        allow_outside_root: allow image paths that lead outside ``image_root`` (absolute
+            paths, ``..``, symlinks); by default such a record is bad (``resolve_image_path``).
 
     Returns:
         ``(records, n_skipped)``; every record also has ``image_path``, the absolute path.
@@ -431,13 +473,16 @@ def load_jsonl(
     Raises:
         ValueError: ``on_bad_record`` is not ``"error"`` or ``"skip"``.
         DataError: in error mode, the first bad record (invalid JSON, missing or unreadable
-            image, schema violation, duplicate id).
+            image, an image path outside the root, schema violation, duplicate id); in either
+            mode, a file without any valid record (``_no_records``).
         FileNotFoundError: ``path`` does not exist.
     """
     _check_on_bad_record(on_bad_record)
     records: list[dict[str, Any]] = []
     n_skipped = 0
-    for item in _iter_jsonl(path, image_root, load_images, load_images or verify_images):
+    items = _iter_jsonl(path, image_root, load_images, load_images or verify_images,
+                        allow_outside_root)
+    for item in items:
         if isinstance(item, DataError):
             if on_bad_record == "error":
                 raise item
@@ -445,15 +490,28 @@ def load_jsonl(
             logger.warning("skipping bad record: %s", item)
             continue
         records.append(item)
+    if not records:
+        raise _no_records(path, n_skipped)
     if n_skipped:
         logger.warning("%s: skipped %d bad record(s), kept %d", path, n_skipped, len(records))
     return records, n_skipped
+
+
+def _no_records(path: str | os.PathLike[str], n_skipped: int) -> DataError:
+    """The error of a file that leaves no record: empty (blank lines only), or every record
+    bad in skip mode. The loader, ``check`` and the benchmark all raise it."""
+    if n_skipped:
+        return DataError(f"no valid record in the file ({n_skipped} bad record(s) skipped)",
+                         path=path)
+    return DataError("no records in the file", path=path)
 
 
 def check_jsonl(
     path: str | os.PathLike[str],
     image_root: str | os.PathLike[str] | None = None,
     on_bad_record: str = "error",
+    *,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Validate a JSONL file, decoding every image, without keeping the images in memory.
 
@@ -461,18 +519,21 @@ def check_jsonl(
         path: the JSONL file.
         image_root: as in ``load_jsonl``.
         on_bad_record: as in ``load_jsonl``.
+        allow_outside_root: as in ``load_jsonl``.
 
     Returns:
         ``{"records": n_good, "skipped": n_bad, "with_boxes": n_good_with_boxes,
         "answer_types": {type: count}}``.
 
     Raises:
-        ValueError, DataError: as in ``load_jsonl``.
+        ValueError, DataError, FileNotFoundError: as in ``load_jsonl`` (an empty file, or one
+            whose every record is bad, is a DataError in both).
     """
     _check_on_bad_record(on_bad_record)
     n_good = n_bad = n_boxes = 0
     types: Counter[str] = Counter()
-    for item in _iter_jsonl(path, image_root, load_images=True):
+    for item in _iter_jsonl(path, image_root, load_images=True,
+                            allow_outside_root=allow_outside_root):
         if isinstance(item, DataError):
             if on_bad_record == "error":
                 raise item
@@ -482,6 +543,8 @@ def check_jsonl(
         n_good += 1
         n_boxes += bool(item["evidence_boxes"])
         types[item["answer_type"]] += 1
+    if not n_good:
+        raise _no_records(path, n_bad)
     return {
         "records": n_good,
         "skipped": n_bad,
@@ -662,14 +725,17 @@ def visual_cot_to_record(src: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _atomic_text_writer(out_path: Path) -> Iterator[TextIO]:
     """Stream lines to a temp file next to ``out_path``; ``os.replace`` it only on success."""
+    from fmr1lib import repro
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    fd, tmp = repro.make_temp_file(out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out_path)
+        repro.fsync_dir(out_path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -689,6 +755,7 @@ def convert_visual_cot(
     image_root: str | os.PathLike[str] | None = None,
     *,
     on_bad_record: str = "error",
+    allow_outside_root: bool = False,
 ) -> dict[str, int]:
     """Convert a Visual CoT JSONL file (``bboxs`` format) to our record JSONL.
 
@@ -706,6 +773,8 @@ def convert_visual_cot(
             ``os.replace``; nothing is written when error mode raises).
         image_root: folder the ``image`` paths are relative to (default: ``src_path``'s folder).
         on_bad_record: ``"error"`` or ``"skip"`` (warn per bad record, count them).
+        allow_outside_root: allow image paths that lead outside ``image_root``
+            (``resolve_image_path``); by default such a record is bad.
 
     Returns:
         ``{"written": n, "skipped": m}``.
@@ -744,8 +813,11 @@ def convert_visual_cot(
                 size = _declared_size(src)
                 ref = rec["image"]
                 has_image = False
-                if isinstance(ref, str) and ref.strip() and (root / ref).is_file():
-                    _, real = _read_image(root / ref, False, fail)
+                image_path = None
+                if isinstance(ref, str) and ref.strip():
+                    image_path = resolve_image_path(root, ref, fail, allow_outside_root)
+                if image_path is not None and image_path.is_file():
+                    _, real = _read_image(image_path, False, fail)
                     if size is not None and real != size:
                         raise fail(
                             "image",
@@ -801,6 +873,12 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="records JSONL")
     check.add_argument("--image-root", default=None, help="folder image paths are relative to")
     check.add_argument("--on-bad-record", default="error", choices=ON_BAD_RECORD)
+    for cmd in (conv, check):
+        cmd.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="allow image paths outside the image root (absolute, '..', symlinks)",
+        )
     return parser
 
 
@@ -811,19 +889,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on a ``DataError`` (its message goes to stderr).
+        0 on success, 1 on a ``DataError`` or a file that cannot be read (the message goes to
+        stderr, no traceback).
     """
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    kw = {"on_bad_record": args.on_bad_record, "allow_outside_root": args.allow_outside_root}
     try:
         if args.command == "convert":
             counts: dict[str, Any] = CONVERTERS[args.format](
-                args.src, args.out, args.image_root, on_bad_record=args.on_bad_record
+                args.src, args.out, args.image_root, **kw
             )
         else:
-            counts = check_jsonl(args.file, args.image_root, on_bad_record=args.on_bad_record)
+            counts = check_jsonl(args.file, args.image_root, **kw)
     except DataError as exc:
         sys.stderr.write(f"DataError: {exc}\n")
+        return 1
+    except OSError as exc:  # a missing or unreadable input file
+        sys.stderr.write(f"error: {exc.strerror or exc}: {exc.filename or ''}\n")
         return 1
     # The counts are the command's result, so they go to stdout for scripts to parse.
     sys.stdout.write(json.dumps(counts) + "\n")

@@ -10,17 +10,25 @@ trained ``model/``. A stage's params name the params files of the stages before 
 (``data_params_file``, ``backbone_params_file``, ``anchor_params_file``); ``upstream_params``
 follows those pointers, so a stage-2 run of seed ``k`` starts from stage 1 of seed ``k``. Only
 this module names run folders: the notebooks, the CLI and the ablation call it.
+
+A stage holds the folder's ``runlock.RunLock`` while it writes (one writer per folder). Starting
+a run removes the folder's completion marker ``complete.json``; the run writes it again last,
+after ``model/`` and ``info.json``, with the hash of the params it finished with, and only when
+it ran every step. ``is_complete`` trusts a folder only through that marker, so a run that
+was killed (or stopped early) never vouches for a model an earlier run left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import anchoring, config, data, grpo, modeling, repro, train
+from fmr1lib import anchoring, config, data, grpo, modeling, repro, runlock, train
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +126,61 @@ def eval_path(p: Any, name: str) -> Path:
     return repro.run_dir(p, "eval") / f"{name}.json"
 
 
+COMPLETE = "complete.json"
+"""A run folder's completion marker, written last by the run that finished (``mark_complete``)."""
+
+
+def params_hash(params: Any) -> str:
+    """SHA-256 of the resolved params (class and every field, canonical JSON)."""
+    blob = json.dumps({"class": type(params).__name__, "params": config.params_to_dict(params)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def mark_complete(folder: Path, params: Any, **info: Any) -> Path:
+    """Write ``folder/complete.json`` (atomically): the run that made ``folder`` finished, with
+    ``params``. Call it after everything else of the run is on disk."""
+    return repro.atomic_write_json(Path(folder) / COMPLETE, {
+        "class": type(params).__name__, "params_sha256": params_hash(params), **info})
+
+
+def _finished(folder: Path) -> bool:
+    """A run folder whose last run finished (completion marker and saved model), with any params."""
+    return (folder / COMPLETE).exists() and (folder / "model" / "config.json").exists()
+
+
 def is_complete(folder: Path, params: Any) -> bool:
-    """A finished run (``info.json`` and a saved model) made with exactly ``params``."""
-    return ((folder / "info.json").exists() and (folder / "model" / "config.json").exists()
-            and repro.saved_params_equal(folder, params))
+    """A finished run made with exactly ``params``: the completion marker of the run that
+    finished names their hash, the saved model is there, and ``params.json`` holds them.
+
+    A run started later in the folder removed the marker, so a killed restart (with these
+    params or others) is never complete.
+    """
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not (marker.exists() and (folder / "model" / "config.json").exists()):
+        return False
+    try:
+        saved = json.loads(marker.read_text()).get("params_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return saved == params_hash(params) and repro.saved_params_equal(folder, params)
+
+
+def start_run(folder: Path, params: Any, acc: Any) -> None:
+    """What a stage does to its run folder before training: drop the completion marker of an
+    earlier run (first, so a kill from here on leaves the folder incomplete), then record
+    ``params`` (``params.json``). The main process writes."""
+    if acc.is_main_process:
+        (Path(folder) / COMPLETE).unlink(missing_ok=True)
+        repro.save_params(params, folder)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path, acc: Any) -> Any:
+    """Hold ``folder``'s run lock (main process only) while a stage writes it."""
+    with runlock.RunLock(folder, enabled=acc.is_main_process):
+        yield
 
 
 # --------------------------------------------------------------------------------------
@@ -150,8 +209,8 @@ def load_model(folder: Path, p: Any, made_by: str) -> tuple[Any, Any]:
 def ensure_backbone(p: Any) -> tuple[Any, Any]:
     """The profile's saved stage-0 backbone, built (notebook 02's step) if it is missing."""
     folder = model_folder(p, "backbone")
-    if not (folder / "config.json").exists():
-        logger.info("no backbone at %s: building it (notebook 02)", folder)
+    if not _finished(folder.parent):
+        logger.info("no finished backbone at %s: building it (notebook 02)", folder)
         backbone_stage(upstream_params(p, "backbone"))
     return modeling.load_saved_backbone(folder, p)
 
@@ -163,8 +222,8 @@ def start_model(p: Any, variant: str) -> tuple[Any, Any]:
     if variant == "grpo_backbone":
         return ensure_backbone(ap)
     folder = model_folder(ap, "anchor", "focus_anchor")
-    if not (folder / "config.json").exists():
-        logger.info("no stage-1 model at %s: training it (notebook 03)", folder)
+    if not _finished(folder.parent):
+        logger.info("no finished stage-1 model at %s: training it (notebook 03)", folder)
         anchor_stage(ap, "focus_anchor")
     return modeling.load_saved_backbone(folder, p)
 
@@ -181,8 +240,10 @@ def prepare_trainable(model: Any, processor: Any, p: Any) -> Any:
 
 def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant: str,
                result: train.TrainResult) -> Any:
-    """Save a trained stage under ``out``: the adapter (LoRA), the merged model in ``model/``
-    and ``info.json``; the main process writes, every process waits for it.
+    """Save a trained stage under ``out``: the adapter (LoRA), the merged model in ``model/``,
+    ``info.json`` and, last, the completion marker (only when ``result`` ran all ``p.steps``);
+    the main process writes, every process waits for it. ``info.json``'s ``wall_time_s`` is the
+    training time of every segment of a resumed run.
 
     Under FSDP / ZeRO-3 every process first takes part in gathering the full weights
     (``train.full_state_dict``), which the main process saves (LoRA is refused there by
@@ -203,6 +264,11 @@ def save_stage(model: Any, processor: Any, p: Any, acc: Any, out: Path, variant:
         repro.atomic_write_json(out / "info.json", {"variant": variant,
                                                     "wall_time_s": result.wall_time_s,
                                                     "steps": result.steps})
+        if result.steps >= p.steps:
+            mark_complete(out, p, variant=variant, steps=result.steps)
+        else:
+            logger.warning("%s: stopped after %d of %d steps; not marked complete", out,
+                           result.steps, p.steps)
     acc.wait_for_everyone()  # the next stage loads this folder on every process
     return model
 
@@ -229,10 +295,16 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     # Under ``accelerate launch`` every process runs this; only the main one writes.
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = run_folder(p, "backbone")
-    if acc.is_main_process:
-        repro.save_params(p, out)
+    with _writing(out, acc):
+        return _backbone_stage(p, dsd, acc, out)
+
+
+def _backbone_stage(p: Any, dsd: Any, acc: Any, out: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """``backbone_stage``'s work, under the run lock of ``out``."""
+    start_run(out, p, acc)
     repro.seed_everything(p.seed)
     info: dict[str, Any] = {"model_name": p.model_name}
+    finished = True
     t0 = time.perf_counter()
     if p.model_name == "tiny":
         data_p = upstream_params(p, "data")
@@ -243,6 +315,7 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
                                              variant="plain", accelerator=acc)
             info["warmup_wall_time_s"] = res.wall_time_s
             info["warmup_final_ce"] = res.metrics[-1]["ce"] if res.metrics else None
+            finished = res.steps >= p.steps
     else:
         model, processor = modeling.load_backbone(p.model_name, p)
     model.eval()
@@ -252,6 +325,8 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
         modeling.save_backbone(model, processor, out / "model")
         info["total_time_s"] = time.perf_counter() - t0
         repro.atomic_write_json(out / "info.json", info)
+        if finished:
+            mark_complete(out, p)
     acc.wait_for_everyone()  # no process reads the folder before it is complete
     return model, processor, info
 
@@ -271,14 +346,14 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "anchor", variant)
-    if acc.is_main_process:
-        repro.save_params(p, out)
-    repro.seed_everything(p.seed)
-    model, processor = ensure_backbone(p)
-    model = prepare_trainable(model, processor, p)
-    result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
-                                        variant=variant, accelerator=acc)
-    model = save_stage(model, processor, p, acc, out, variant, result)
+    with _writing(out, acc):
+        start_run(out, p, acc)
+        repro.seed_everything(p.seed)
+        model, processor = ensure_backbone(p)
+        model = prepare_trainable(model, processor, p)
+        result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
+                                            variant=variant, accelerator=acc)
+        model = save_stage(model, processor, p, acc, out, variant, result)
     return model, processor, result
 
 
@@ -287,13 +362,14 @@ def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.Tra
     acc = train.make_accelerator(p)
     dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "rl", variant)
-    if acc.is_main_process:
-        repro.save_params(p, out)
-    repro.seed_everything(p.seed)
-    model, processor = start_model(p, variant)
-    model = prepare_trainable(model, processor, p)
-    result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant, accelerator=acc)
-    model = save_stage(model, processor, p, acc, out, variant, result)
+    with _writing(out, acc):
+        start_run(out, p, acc)
+        repro.seed_everything(p.seed)
+        model, processor = start_model(p, variant)
+        model = prepare_trainable(model, processor, p)
+        result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant,
+                                 accelerator=acc)
+        model = save_stage(model, processor, p, acc, out, variant, result)
     return model, processor, result
 
 

@@ -5,10 +5,16 @@ A stage is a step function and a loss; this module owns everything around them:
 * ``setup_training``: gradient checkpointing, AdamW over the trainable parameters, the learning-
   rate schedule, resume from the latest checkpoint (weights, optimiser, schedule, RNG), and the
   accelerate wrapping;
-* ``TrainState.backward``: the non-finite guard (a NaN/inf loss stops the run, naming the step and
-  the last good checkpoint) in front of ``accelerator.backward``;
+* ``TrainState.backward`` and ``TrainState.clip_and_step``: the non-finite guard (a NaN/inf loss
+  or gradient norm stops the run before the optimiser steps, naming the step and the last good
+  checkpoint) in front of ``accelerator.backward`` and ``optimizer.step``;
 * ``fit``: the loop: log truncation on resume, the step function, the metrics logs, the
   checkpoint cadence and the final save.
+
+Every checkpoint records the run's trajectory parameters (``trajectory_params``: every
+parameter except those in ``RESUMABLE_KEYS``) and the training time so far; a resume with a
+changed trajectory parameter is refused (``ResumeMismatchError``) before anything is loaded,
+and the ``TrainResult``'s wall time covers every segment of a resumed run.
 
 Under sharding (FSDP, DeepSpeed) every process takes part in a save: the full model state is
 gathered (``full_state_dict``), FSDP's optimiser state is gathered to full tensors and DeepSpeed
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +51,64 @@ StepFn = Callable[["TrainState", int], tuple[dict[str, Any] | None, dict[str, li
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+    """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is kept."""
+
+
+class ResumeMismatchError(ValueError):
+    """A resume would continue a checkpoint with parameters that change its trajectory."""
+
+
+RESUMABLE_KEYS = frozenset({
+    "resume",  # how the run starts, not what it computes
+    "log_every", "n_show",  # what is logged (metrics rows, sample completions)
+    "checkpoint_every",  # when checkpoints are written; saving draws no random numbers
+    "run_root", "profile", "figures_dir",  # where outputs go (the run folder moved or renamed)
+    "variants",  # which variants a stage function trains; each run folder is one variant
+})
+"""Parameters that may differ between a checkpoint and the run resuming it, together with
+every ``eval_*`` key (evaluation settings; no training step reads them). Every other
+parameter (``lr``, ``steps``, ``batch_size``, ``grad_accum``, ``seed``, the schedule, ``lora``,
+``freeze_vision``, the precision, the data and start-model files, the method's settings, and
+``max_new_tokens``, which bounds stage 2's rollouts) alters the run's trajectory."""
+
+
+def trajectory_params(params: Any) -> dict[str, Any]:
+    """The parameters a checkpoint must share with the run that resumes it, JSON-normalised."""
+    import dataclasses
+    import json
+
+    values = {k: v for k, v in dataclasses.asdict(params).items()
+              if k not in RESUMABLE_KEYS and not k.startswith("eval_")}
+    return json.loads(json.dumps(values, default=str))
+
+
+def check_resume(checkpoint: Path, params: Any) -> dict[str, Any]:
+    """Refuse to resume ``checkpoint`` with parameters that alter its trajectory.
+
+    Returns:
+        The checkpoint's ``state.json``.
+
+    Raises:
+        ResumeMismatchError: naming every changed key with its old and new value.
+    """
+    meta = repro.read_checkpoint_meta(checkpoint)
+    saved = (meta.get("extra") or {}).get("params")
+    if saved is None:
+        logger.warning("%s records no parameters (written before they were stored): resuming "
+                       "it without checking that they are unchanged", checkpoint)
+        return meta
+    now = trajectory_params(params)
+    absent = "<absent>"
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, absent) != now.get(k, absent))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k, absent)!r} -> {now.get(k, absent)!r}"
+                          for k in changed)
+        raise ResumeMismatchError(
+            f"cannot resume {checkpoint}: these parameters changed since it was written and "
+            f"would alter the run's trajectory: {diffs}. Restore them, or start the run anew "
+            f"with resume: false (its checkpoints and logs are then replaced). Keys that may "
+            f"change on resume: {', '.join(sorted(RESUMABLE_KEYS))}, eval_*.")
+    return meta
 
 
 @dataclass
@@ -186,9 +250,18 @@ class TrainState:
     """Steps already done (from the checkpoint loaded by ``setup_training``)."""
     resumed_from: Path | None = None
     step: int = 0
-    """The step being run (set by ``fit``)."""
+    """The step being run, 0-based (set by ``fit``); the logs call it ``step + 1``."""
     fail_at_step: int | None = field(default=None, repr=False)
-    """Test hook: the loss of this step is made NaN inside ``backward``."""
+    """Test hook: the loss of the step with this 0-based index is made NaN inside ``backward``
+    (logged as step ``fail_at_step + 1``)."""
+    trajectory: dict[str, Any] | None = field(default=None, repr=False)
+    """``trajectory_params`` of the run, stored in every checkpoint."""
+    elapsed_before_s: float = 0.0
+    """Training seconds of the earlier segments of a resumed run (from its checkpoint)."""
+
+    def _last_good(self) -> str:
+        last = repro.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        return str(last or "none")
 
     def backward(self, loss: torch.Tensor, what: str = "loss") -> None:
         """``accelerator.backward(loss)`` behind the non-finite guard.
@@ -200,21 +273,44 @@ class TrainState:
         if self.fail_at_step is not None and self.step == self.fail_at_step:
             loss = loss * float("nan")
         if not torch.isfinite(loss):
-            last = repro.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
             raise NonFiniteLossError(
-                f"non-finite {what} {float(loss.detach())} at step {self.step} (0-based); last "
-                f"good checkpoint: {last or 'none'}. Lower the learning rate or check the data.")
+                f"non-finite {what} {float(loss.detach())} at step {self.step + 1}; last good "
+                f"checkpoint: {self._last_good()}. Lower the learning rate or check the data.")
         self.accelerator.backward(loss)
 
     def clip_and_step(self, grad_clip: float) -> float | None:
         """Clip the gradient norm (``grad_clip > 0``), step the optimiser, clear gradients.
 
+        The gradient norm is checked before the optimiser steps, also when nothing is clipped:
+        a finite loss can still give a NaN/inf gradient, and stepping on it would poison the
+        weights and every later checkpoint. Under fp16 the gradient scaler skips such steps
+        itself (overflow is expected there), and DeepSpeed clips inside its engine: neither
+        is checked here.
+
         Returns:
             The gradient norm before clipping, or None when not clipped.
+
+        Raises:
+            NonFiniteLossError: the gradient norm is NaN/inf; names the step (1-based) and the
+                last good checkpoint. No optimiser step and no checkpoint happen.
         """
+        acc = self.accelerator
         norm = None
-        if grad_clip > 0 and self.accelerator.sync_gradients:
-            norm = float(self.accelerator.clip_grad_norm_(self.trainable, grad_clip))
+        if acc.sync_gradients and not uses_deepspeed(acc):
+            # max_norm inf: the norm only, gradients scaled by exactly 1.
+            total = acc.clip_grad_norm_(self.trainable, grad_clip if grad_clip > 0 else math.inf)
+            if total is not None:
+                total = float(total)
+                if not math.isfinite(total) and getattr(acc, "scaler", None) is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm {total} at step {self.step + 1} (the loss "
+                        f"was finite); last good checkpoint: {self._last_good()}. Lower the "
+                        f"learning rate or check the data.")
+                norm = total if grad_clip > 0 else None
+        elif grad_clip > 0 and acc.sync_gradients:
+            total = acc.clip_grad_norm_(self.trainable, grad_clip)
+            norm = None if total is None else float(total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -252,6 +348,14 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
     scheduler = lr_schedule(optimizer, params.lr_schedule, params.lr_warmup_steps, params.steps)
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
     ck = repro.latest_checkpoint(ckpt_dir) if params.resume and ckpt_dir is not None else None
+    elapsed = 0.0
+    if ck is not None:  # before anything is loaded: a changed run is refused untouched
+        elapsed = float((check_resume(ck, params).get("extra") or {}).get("elapsed_s", 0.0))
+    elif ckpt_dir is not None and ckpt_dir.exists() and accelerator.is_main_process:
+        # A fresh start replaces the run: an earlier run's checkpoints would otherwise outrank
+        # this run's own (by step) as "latest" and in the cleanup of old checkpoints.
+        logger.info("fresh start in %s: removing the earlier run's checkpoints", out_dir)
+        shutil.rmtree(ckpt_dir)
     start = 0
     # Sharded optimiser state (and ZeRO-3's partitioned weights) load after the wrapping.
     late = ck is not None and (uses_fsdp(accelerator) or uses_deepspeed(accelerator))
@@ -269,7 +373,8 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
         _load_sharded_state(accelerator, ck, model, optimizer)
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler,
                       accelerator=accelerator, trainable=trainable, checkpoint_dir=ckpt_dir,
-                      start_step=start, resumed_from=ck)
+                      start_step=start, resumed_from=ck, trajectory=trajectory_params(params),
+                      elapsed_before_s=elapsed)
 
 
 def _load_sharded_state(acc: Any, ck: Path, model: Any, optimizer: Any) -> None:
@@ -312,11 +417,23 @@ def _open_logs(state: TrainState, out_dir: Path, names: Sequence[str]) -> dict[s
     return logs
 
 
+def _check_extra(checkpoint: Path, extra: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint written with other stage metadata (e.g. another variant)."""
+    saved = (repro.read_checkpoint_meta(checkpoint).get("extra") or {})
+    changed = sorted(k for k in extra if k in saved and saved[k] != extra[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {extra[k]!r}" for k in changed)
+        raise ResumeMismatchError(f"cannot resume {checkpoint}: it was written by another "
+                                  f"run ({diffs})")
+
+
 def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
     """Write the checkpoint of ``step``; under sharding every process must call it."""
     acc = state.accelerator
     if state.checkpoint_dir is None:
         return
+    if state.trajectory is not None:
+        extra = {**extra, "params": state.trajectory}
     if not (uses_fsdp(acc) or uses_deepspeed(acc)):
         if acc.is_main_process:
             repro.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
@@ -363,7 +480,8 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
 
     Every step's ``stats`` row goes to ``metrics.jsonl`` with ``time_s`` (seconds since this
     process started training); rows of the other logs go to their own files. A checkpoint is
-    written every ``params.checkpoint_every`` steps and after the last step.
+    written every ``params.checkpoint_every`` steps and after the last step; it holds the
+    training time so far (``elapsed_s``: this segment plus the earlier ones of a resumed run).
 
     Args:
         state: from ``setup_training``.
@@ -374,23 +492,33 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
         logs: JSONL logs of the run; the first is the metrics log returned.
         checkpoint_extra: metadata stored with every checkpoint.
         stop_after: test hook: return after this many steps, as if the run were killed.
-        fail_at_step: test hook: make the loss of this step NaN.
+        fail_at_step: test hook: make the loss of the step with this 0-based index NaN (the
+            error and the logs call it step ``fail_at_step + 1``).
         postfix: the progress bar's postfix from a stats row.
 
     Returns:
-        ``TrainResult``; the model (``state.model`` unwrapped) is left in eval mode.
+        ``TrainResult``; the model (``state.model`` unwrapped) is left in eval mode. Its
+        ``wall_time_s`` is the training time of the whole run: the earlier segments' (up to
+        the checkpoint resumed from) plus this one's.
 
     Raises:
-        NonFiniteLossError: a loss became NaN/inf; the last good checkpoint stays on disk.
+        NonFiniteLossError: a loss or gradient norm became NaN/inf; the last good checkpoint
+            stays on disk.
     """
     out_dir = Path(out_dir)
     acc = state.accelerator
     state.fail_at_step = fail_at_step
+    extra = checkpoint_extra or {}
+    if state.resumed_from is not None:  # before the logs are truncated to the checkpoint
+        _check_extra(state.resumed_from, extra)
     open_logs = _open_logs(state, out_dir, logs)
     metrics_log = open_logs[logs[0]]
-    extra = checkpoint_extra or {}
     start = state.start_step
     t0 = time.perf_counter()
+
+    def elapsed() -> float:  # the run's training time: earlier segments plus this one
+        return state.elapsed_before_s + time.perf_counter() - t0
+
     final = start
     bar = tqdm(range(start, params.steps), desc=desc, initial=start, total=params.steps,
                disable=not acc.is_main_process)
@@ -407,13 +535,13 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
                 for row in rows:
                     open_logs[name].log(done, **row)
         if params.checkpoint_every and done % params.checkpoint_every == 0 and done < params.steps:
-            _save(state, done, extra)
+            _save(state, done, {**extra, "elapsed_s": elapsed()})
             acc.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
             break
-    wall = time.perf_counter() - t0
+    wall = elapsed()
     if final >= params.steps:
-        _save(state, final, extra)
+        _save(state, final, {**extra, "elapsed_s": wall})
     model = acc.unwrap_model(state.model)
     model.eval()
     return TrainResult(out_dir=out_dir, metrics=metrics_log.read(), wall_time_s=wall, steps=final,

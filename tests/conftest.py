@@ -45,6 +45,10 @@ TRAIN_TESTS = {
     ("test_grpo.py", "test_grad_accum_chunks_give_the_same_loss"),
     ("test_grpo.py", "test_faithful_reward_free_of_dropout_noise"),
     ("test_jsonl_data.py", "test_stages_train_and_evaluate_on_jsonl"),
+    ("test_runs.py", "test_killed_or_stopped_restart_is_never_complete"),
+    ("test_runs.py", "test_resume_refuses_changed_trajectory_params_and_allows_logging_ones"),
+    ("test_runs.py", "test_nan_gradient_with_finite_loss_stops_before_the_step"),
+    ("test_runs.py", "test_resumed_run_reports_the_time_of_every_segment"),
 }
 
 

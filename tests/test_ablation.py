@@ -90,6 +90,7 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
         (out / "model").mkdir(parents=True, exist_ok=True)
         (out / "model" / "config.json").write_text("{}")
         (out / "info.json").write_text("{}")
+        stages.mark_complete(out, p)  # written last by a run that finished
         trained.append((variant, p.seed))
 
     monkeypatch.setattr(stages, "anchor_stage", fake_anchor_stage)

@@ -243,6 +243,11 @@ def _fresh(backbone_params, state=None):
     return model, processor
 
 
+NO_LR = 1e-12
+"""A learning rate for tests that read one step's rollouts and rewards only (computed before the
+update); ``lr`` must be > 0."""
+
+
 def _rl(**kw):
     base = {"steps": 4, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12,
             "lr": 1e-3, "lr_warmup_steps": 0, "lr_schedule": "constant", "log_every": 1,
@@ -450,7 +455,7 @@ def test_group_tanh_scores_distinct_correct_trajectories(backbone_params, rows, 
     monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: groups)
     # No floor: the untrained model's concentrations differ by less than the default 0.01, and
     # this test is about which trajectories are compared (the floor has its own tests).
-    ctx = grpo.setup_grpo(model, processor, _rl(lr=0.0, n_show=8, faithful_std_floor=0.0), variant)
+    ctx = grpo.setup_grpo(model, processor, _rl(lr=NO_LR, n_show=8, faithful_std_floor=0.0), variant)
     stats, samples = grpo.grpo_step(ctx, rows, 0)
     faith = [s["faithful"] for s in samples]
     assert faith[3] == 0.0 and faith[7] == 0.0  # wrong answers
@@ -502,7 +507,8 @@ def test_resume_matches_an_uninterrupted_run(backbone_params, sft_state, rows, t
 def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(backbone_params, rows, tmp_path):
     model, processor = _fresh(backbone_params)
     p = _rl(steps=4, checkpoint_every=1, max_new_tokens=6)
-    with pytest.raises(train.NonFiniteLossError, match="step 2"):
+    # fail_at_step is the 0-based index: the third step (step 3 in the logs) fails.
+    with pytest.raises(train.NonFiniteLossError, match="step 3;.*step_0000002"):
         grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo", fail_at_step=2)
     last = repro.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name.endswith("0000002")
@@ -544,7 +550,7 @@ def test_grad_accum_chunks_give_the_same_loss(backbone_params, rows):
     stats = {}
     for accum, lam in ((1, 0.0), (2, 0.0), (2, 1.0)):
         model, processor = _fresh(backbone_params)
-        p = _rl(grad_accum=accum, lambda_attn_rl=lam, lr=0.0)
+        p = _rl(grad_accum=accum, lambda_attn_rl=lam, lr=NO_LR)
         ctx = grpo.setup_grpo(model, processor, p, "grpo",
                               extra_reward=_low_ids(len(processor.tokenizer)))
         repro.seed_everything(0)
@@ -573,7 +579,7 @@ def test_rollouts_in_micro_batches_keep_groups_and_prompts(tiny, rows):
         calls.append(len(rows_))
         return real(ctx, rows_)
 
-    ctx = grpo.setup_grpo(model, processor, _rl(lr=0.0, rollout_prompts=1), "grpo")
+    ctx = grpo.setup_grpo(model, processor, _rl(lr=NO_LR, rollout_prompts=1), "grpo")
     import unittest.mock
 
     with unittest.mock.patch.object(grpo, "_rollout", counting):
@@ -581,7 +587,7 @@ def test_rollouts_in_micro_batches_keep_groups_and_prompts(tiny, rows):
     assert calls == [1, 1, 1]  # one generate call per prompt
     assert [g.row["id"] for g in groups] == [r["id"] for r in rows[:3]]
     assert all(len(g.tokens) == ctx.params.group_size for g in groups)
-    ctx_all = grpo.setup_grpo(model, processor, _rl(lr=0.0), "grpo")
+    ctx_all = grpo.setup_grpo(model, processor, _rl(lr=NO_LR), "grpo")
     with unittest.mock.patch.object(grpo, "_rollout", counting):
         grpo.rollout(ctx_all, rows[:3])
     assert calls[3:] == [3]  # default: all prompts in one call
@@ -605,7 +611,7 @@ def test_faithful_reward_free_of_dropout_noise(backbone_params, rows, monkeypatc
     _, processor = _fresh(backbone_params)
     groups = _hand_groups(rows[:1], processor, texts)
     monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: groups)
-    p = _rl(lr=0.0, n_show=4, prompts_per_step=1, faithful_form="raw")
+    p = _rl(lr=NO_LR, n_show=4, prompts_per_step=1, faithful_form="raw")
 
     def rewards_of(m, seed):
         ctx = grpo.setup_grpo(m, processor, p, "faithful")

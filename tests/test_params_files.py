@@ -55,6 +55,16 @@ def test_yaml_builds(path):
             assert (ROOT / getattr(p, key)).exists(), (path, key)
 
 
+TEST_DATA_YAMLS = sorted((ROOT / "tests" / "data").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TEST_DATA_YAMLS, ids=_yaml_id)
+def test_test_data_params_files_load(path):
+    """The params files under tests/data load with the same checks as the profiles' files."""
+    p = config.load_params(config.PARAMS_BY_NOTEBOOK[path.stem], path)
+    assert p.profile == path.parent.name
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=_yaml_id)
 def test_yaml_holds_only_what_differs_from_the_defaults(path):
     """(b) No key repeats its dataclass default, so a value cannot exist twice.
