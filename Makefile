@@ -3,24 +3,43 @@
 #   make reproduce PROFILE=qwen2_5_vl_3b
 #   make test                 unit tests + notebooks under nbval (every tier)
 #   make test-unit | test-train | test-notebooks   one tier (tests/README.md)
-#   make lint | figures | bench | clean-venv
-# GPU users: make reproduce TORCH_SPEC='torch==2.8.0' (or any CUDA build pip can find).
+#   make lab                  JupyterLab on notebooks/ with the fmr1 kernel
+#   make lint | figures | bench | bench-real-width | clean-venv
+# Torch build: TORCH_SPEC holds pip arguments, e.g.
+#   make reproduce TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
+#   make reproduce TORCH_SPEC='torch==2.8.0 --index-url https://download.pytorch.org/whl/cu128'
+# The spec is recorded in .venv: later calls without TORCH_SPEC keep it; a different one
+# reinstalls torch (only torch).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+TORCH_DEFAULT := torch==2.13.0
+TORCH_RECORDED := $(shell cat $(VENV)/.fmr1-torch-* 2>/dev/null | head -n 1)
+TORCH_SPEC ?= $(or $(TORCH_RECORDED),$(TORCH_DEFAULT))
+# One shell word per make word (so '>=' and '<' in a spec are not redirections).
+TORCH_ARGS := $(foreach w,$(TORCH_SPEC),'$(w)')
+TORCH_STAMP := $(VENV)/.fmr1-torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 PROFILE ?= tiny
 STAMP := $(VENV)/.fmr1-installed
+LAB_ARGS ?=
 
-.PHONY: venv reproduce figures test test-unit test-train test-notebooks lint bench clean-venv
+.PHONY: venv reproduce figures test test-unit test-train test-notebooks lab lint bench bench-real-width clean-venv
 
-$(STAMP): pyproject.toml
+# torch first and on its own: an unpinned torch may resolve to a multi-GB CUDA build. The stamp's
+# name holds a checksum of TORCH_SPEC, the file holds the spec itself.
+$(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned torch may resolve to a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Installed from another spec: remove that torch (pip keeps any torch that satisfies the new spec).
+	if ls $(VENV)/.fmr1-torch-* >/dev/null 2>&1; then $(BIN)/python -m pip uninstall --quiet -y torch && rm -f $(VENV)/.fmr1-torch-*; fi
+	$(BIN)/python -m pip install --quiet $(TORCH_ARGS)
+	printf '%s\n' '$(TORCH_SPEC)' > $@
+
+# The package and its dev extra: on the first install and when pyproject.toml changes, not when
+# only TORCH_SPEC does (pip keeps the installed torch, which satisfies the package's range).
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	$(if $(filter pyproject.toml,$?),$(BIN)/python -m pip install --quiet -e ".[dev]")
 	# The notebooks' kernel lives inside the venv, not in the home folder.
 	$(BIN)/python -m ipykernel install --sys-prefix --name fmr1 --display-name "Python (fmr1)" >/dev/null
 	# Strip notebook outputs on commit (git filter from .gitattributes); harmless outside git.
@@ -48,6 +67,12 @@ test-train: $(STAMP)
 test-notebooks: $(STAMP)
 	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env -q
 
+# JupyterLab rooted at the repository, opened on notebooks/; new notebooks get the fmr1 kernel too.
+# LAB_ARGS adds options, e.g. make lab LAB_ARGS='--no-browser --port 8899'.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
+		--MultiKernelManager.default_kernel_name=fmr1 $(LAB_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check fmr1lib tests bench scripts
 	$(BIN)/ruff check notebooks
@@ -64,6 +89,12 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/attention_capture.py
 	$(BIN)/python bench/grpo_step.py
 	$(BIN)/python bench/scaling.py
+
+# Qwen2.5-VL at the 3B / 7B widths (2 decoder layers, 2 vision blocks) at 448 px: one anchoring
+# step, one faithful GRPO step, capture vs eager; about 20 min (3B) on 2 cores, 12 GB RAM (7B).
+bench-real-width: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python bench/real_width.py --width 3b
+	OMP_NUM_THREADS=2 $(BIN)/python bench/real_width.py --width 7b --skip-activations
 	@echo "tables and JSON in runs/bench/ (bench/README.md explains them)"
 
 clean-venv:

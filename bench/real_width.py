@@ -40,9 +40,9 @@ phase above what was allocated before (CPU: the torch profiler's allocation even
 current RSS after the phase. On the CPU the wall times include the profiler's bookkeeping, which
 is small next to the matmuls at these widths.
 
-    python bench/real_width.py --width 3b    # about 6 min on 2 cores, peak RSS about 7 GB
-    python bench/real_width.py --width 7b    # about 15 min, peak RSS about 16 GB
-    python bench/real_width.py --width 3b --skip-activations
+    python bench/real_width.py --width 3b                     # 10-20 min on 2 cores, peak RSS 7 GB
+    python bench/real_width.py --width 7b --skip-activations  # about 4 min, peak RSS 12 GB
+    python bench/real_width.py --width 7b                     # + about 20 min of activation runs
 """
 
 from __future__ import annotations

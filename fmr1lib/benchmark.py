@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import string
 import sys
 import time
@@ -496,6 +497,52 @@ def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
 # --- command line -------------------------------------------------------------------------
 
 
+_MAKERS = {
+    "backbone": ("02_backbone", "backbone"),
+    "anchor": ("03_anchoring", "anchor"),
+    "rl": ("04_counterfactual_rl", "rl"),
+}
+"""Run-folder stage -> (the notebook that trains it, the CLI command)."""
+
+_RUN_NAME = re.compile(r"(?P<variant>.+?)(?:_seed(?P<seed>\d+))?(?:_n(?P<n>\d+))?")
+
+
+def missing_model_message(folder: str | os.PathLike[str]) -> str:
+    """What to run to make the model a ``--model`` folder without ``config.json`` should hold.
+
+    A run folder's model (``runs/<profile>/backbone/model``,
+    ``runs/<profile>/<anchor|rl>/<variant>[_seed<k>][_n<prompts>]/model``) names the notebook
+    and the command of its stage; any other folder gets the layout of those.
+    """
+    path = Path(folder)
+    if path.name != "model" and (path / "model" / "config.json").exists():
+        return f"no model at {path}: its trained model is in {path / 'model'}"
+    parts = path.parts
+    where = None
+    if len(parts) >= 3 and parts[-1] == "model" and parts[-2] == "backbone":
+        where = (parts[-3], "backbone", None)
+    elif len(parts) >= 4 and parts[-1] == "model" and parts[-3] in ("anchor", "rl"):
+        where = (parts[-4], parts[-3], parts[-2])
+    if where is None:
+        return (f"no backbone or trained model at {path} (no config.json): --model is a "
+                f"saved model folder, e.g. "
+                f"runs/tiny/rl/faithful/model, made by notebooks 02-04 or "
+                f"`python -m fmr1lib backbone|anchor|rl --params params/<profile>/...`")
+    profile, stage, name = where
+    notebook, command = _MAKERS[stage]
+    cmd = f"python -m fmr1lib {command} --params params/{profile}/{notebook}.yaml"
+    if name is not None:
+        m = _RUN_NAME.fullmatch(name)
+        cmd += f" --variants {m['variant']}"
+        if m["seed"]:
+            cmd += f" --set seed={m['seed']}"
+        if m["n"] and stage == "rl":
+            cmd += f" --set n_prompts={m['n']}"
+    what = "backbone" if stage == "backbone" else "trained model"
+    return (f"no {what} at {path} (no config.json): train it with notebooks/{notebook}.ipynb "
+            f"(profile {profile}) or `{cmd}`")
+
+
 def load_model(folder: str | os.PathLike[str], dtype: str = "float32",
                device: str | None = None) -> tuple[Any, Any]:
     """A model folder written by ``modeling.save_backbone`` (any stage), on ``device``.
@@ -510,6 +557,8 @@ def load_model(folder: str | os.PathLike[str], dtype: str = "float32",
     """
     from fmr1lib import config
 
+    if not (Path(folder) / "config.json").exists():
+        raise FileNotFoundError(missing_model_message(folder))
     params = config.load_params(config.ModelParams, {"dtype": dtype})
     model, processor = modeling.load_saved_backbone(folder, params)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,27 +11,59 @@
 
 Stages run the same library calls as their notebooks, so ``accelerate launch -m fmr1lib
 <stage> --params FILE`` runs them on GPUs. Every command validates its parameter files (unknown
-keys, wrong types, values out of range), ``--variants`` (known variants, each once) and
-``--profile`` (a folder under ``params/``; an unknown one lists those that exist) *before* any
-work: an error exits with status 2 and a ``ParamsError`` line naming the file or flag and the key.
+keys, wrong types, values out of range), ``--set KEY=VALUE`` overrides (YAML values, checked
+like the file), ``--variants`` (known variants, each once) and ``--profile`` (a folder under
+``params/``; an unknown one lists those that exist) *before* any work: an error exits with
+status 2 and a ``ParamsError`` line naming the file or flag and the key. ``--dry-run`` prints
+the resolved parameters and what would run, and stops there.
+
+``anchor`` and ``rl`` start from the model of the stage before; when it is missing they stop
+(status 1) with the command that makes it, unless ``--build-missing`` asks to build it first.
+The notebooks, ``reproduce`` and ``ablation`` build what is missing, in order.
+
+``notebook`` and ``reproduce`` print a line as each code cell starts, forward the kernel's
+stderr (a ``[train]`` line per training run every ``KERNEL_TQDM_MININTERVAL`` seconds, and text
+progress bars, refreshed as rarely there) and estimate what is left from the times of the last
+finished run (``runs/<profile>/reproduce_times.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from fmr1lib import config
+import yaml
+
+from fmr1lib import config, repro
 from fmr1lib.repro import project_root, run_dir
 
 logger = logging.getLogger("fmr1lib")
 
 NOTEBOOK_ORDER = list(config.PARAMS_BY_NOTEBOOK)
+
+TIMES_FILE = "reproduce_times.json"
+"""Per-notebook and per-cell seconds of the last finished run of each notebook (no overrides),
+next to the executed notebooks' folder: ``runs/<profile>/reproduce_times.json``."""
+
+KERNEL_TQDM_MININTERVAL = 30
+"""Seconds between two refreshes of a progress bar inside a notebook kernel (tqdm's
+``TQDM_MININTERVAL``): a bar then writes a few lines, not one per refresh."""
+
+PROGRESS_LINES_ENV = "FMR1_PROGRESS_LINES"
+"""``train.PROGRESS_LINES_ENV`` (not imported from there: that imports torch): set in the kernels'
+environment, every training run there writes a progress line every ``KERNEL_TQDM_MININTERVAL``
+seconds to stderr, which reaches the terminal, also where the notebook's bars are widgets."""
+
+_ENGINE = "fmr1-progress"
 
 
 def params_file(profile: str, notebook: str) -> Path:
@@ -39,8 +71,169 @@ def params_file(profile: str, notebook: str) -> Path:
     return config.notebook_params_file(profile, notebook, project_root())
 
 
+# --------------------------------------------------------------------------------------
+# Progress of a notebook run
+# --------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min``, ``1.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def times_path(profile: str, out_dir: Path | None = None) -> Path:
+    """Where the notebook times of ``profile`` are kept (``TIMES_FILE``): next to the default
+    output folder ``runs/<profile>/notebooks``, or inside an explicit ``out_dir``."""
+    if out_dir is not None:
+        return Path(out_dir) / TIMES_FILE
+    return project_root() / "runs" / profile / TIMES_FILE
+
+
+def read_times(path: Path) -> dict[str, Any]:
+    """``{notebook: {"total_s", "cells_s", "finished"}}`` of ``path`` ({} if missing or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    notebooks = data.get("notebooks") if isinstance(data, dict) else None
+    return notebooks if isinstance(notebooks, dict) else {}
+
+
+def _record_times(path: Path, notebook: str, total_s: float, cells_s: list[float]) -> None:
+    times = read_times(path)
+    times[notebook] = {"total_s": round(total_s, 2), "cells_s": [round(c, 2) for c in cells_s],
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    repro.atomic_write_json(path, {"notebooks": times})
+
+
+class NotebookProgress:
+    """The terminal's view of one notebook run: a line as each code cell starts (with an
+    estimate of what is left, from the last run's times), a line when a long cell ends, and the
+    kernel's stderr forwarded (papermill's ``stderr_file``)."""
+
+    LONG_CELL_S = 2.0
+    """A cell that took at least this long gets a ``done`` line."""
+
+    def __init__(self, notebook: str, last: dict[str, Any] | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.notebook = notebook
+        self.last = last or {}
+        self.stream = stream if stream is not None else sys.stderr
+        self.cells_s: list[float] = []
+        self.n_code = 0
+        self.t0 = time.perf_counter()
+        self._cell_t0 = self.t0
+        self._line_open = False
+
+    # papermill's stderr_file: the kernel's stderr, as it comes
+    def write(self, text: str) -> int:
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+            self._line_open = not text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        """One whole line, after whatever partial line the kernel left."""
+        self.stream.write(("\n" if self._line_open else "") + text + "\n")
+        self.stream.flush()
+        self._line_open = False
+
+    def begin(self, n_code: int) -> None:
+        self.n_code = n_code
+        self.t0 = time.perf_counter()
+
+    def estimate_left(self, index: int) -> str:
+        """What is left of the notebook before code cell ``index`` starts, labelled as an
+        estimate from the last run ('' when nothing was recorded)."""
+        cells = self.last.get("cells_s")
+        if isinstance(cells, list) and len(cells) == self.n_code:
+            return f"~{_duration(sum(cells[index:]))} left (estimate: last run's cell times)"
+        total = self.last.get("total_s")
+        if isinstance(total, (int, float)):
+            left = max(0.0, total - (time.perf_counter() - self.t0))
+            return f"~{_duration(left)} left (estimate: last run took {_duration(total)})"
+        return ""
+
+    def cell_started(self, index: int, source: str) -> None:
+        self._cell_t0 = time.perf_counter()
+        first = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+        first = first if len(first) <= 60 else first[:57] + "..."
+        est = self.estimate_left(index)
+        self.line(f"[{self.notebook}] cell {index + 1}/{self.n_code}: {first}  "
+                  f"({_duration(self._cell_t0 - self.t0)} in{'; ' + est if est else ''})")
+
+    def cell_done(self, index: int) -> None:
+        dt = time.perf_counter() - self._cell_t0
+        self.cells_s.append(dt)
+        if dt >= self.LONG_CELL_S:
+            self.line(f"[{self.notebook}] cell {index + 1}/{self.n_code} done in {dt:.1f} s")
+
+
+def _watch_cells(nb_man: Any, progress: NotebookProgress) -> None:
+    """Report the code cells papermill's execution manager starts and completes."""
+    code = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
+    rank = {i: k for k, i in enumerate(code)}
+    progress.begin(len(code))
+    start, complete = nb_man.cell_start, nb_man.cell_complete
+
+    def cell_start(cell: Any, cell_index: int | None = None, **kwargs: Any) -> Any:
+        out = start(cell, cell_index, **kwargs)
+        if cell_index in rank:
+            progress.cell_started(rank[cell_index], cell.source)
+        return out
+
+    def cell_complete(cell: Any, cell_index: int | None = None, **kwargs: Any) -> Any:
+        out = complete(cell, cell_index, **kwargs)
+        if cell_index in rank:
+            progress.cell_done(rank[cell_index])
+        return out
+
+    nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
+
+
+def _register_engine() -> str:
+    """papermill's nbclient engine, reporting cells to a ``progress`` keyword argument."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str,
+                                     progress: NotebookProgress | None = None,
+                                     **kwargs: Any) -> Any:
+            if progress is not None:
+                _watch_cells(nb_man, progress)
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(_ENGINE, ProgressEngine)
+    return _ENGINE
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables (for the kernel papermill starts) for a block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
-                 kernel: str | None = None, overrides: dict[str, Any] | None = None) -> Path:
+                 kernel: str | None = None, overrides: dict[str, Any] | None = None,
+                 progress: bool = True) -> Path:
     """Validate the profile's parameter file and ``overrides``, then execute the notebook.
 
     Papermill injects only ``profile`` and ``overrides``: the notebook reads every other value
@@ -52,6 +245,11 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     ``<notebook>.ipynb`` only when every cell ran. An earlier output is removed first: the
     notebook resets its results file when it starts, so ``<notebook>.ipynb`` exists only for
     a run that finished, and an interrupted run leaves only the ``.partial`` one.
+
+    With ``progress`` (``NotebookProgress``, on stderr): a line per code cell with an estimate
+    of what is left from the last finished run's times (``times_path``; a run without
+    overrides records its own there), and the kernel's stderr, whose progress bars refresh
+    at most every ``KERNEL_TQDM_MININTERVAL`` seconds.
 
     Returns the path of the executed notebook (``runs/<profile>/notebooks/`` by default).
     """
@@ -68,38 +266,123 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
         raise config.ParamsError("override 'profile': give the profile as run_notebook's profile argument")
     # Fails here, before any work: the same checks the notebook's config cell runs.
     config.notebook_params(notebook, {"profile": profile}, root=root, **overrides)
+    times_file = times_path(profile, out_dir)
     out_dir = out_dir or (root / "runs" / profile / "notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{notebook}.ipynb"
     partial = out_dir / f"{notebook}.partial.ipynb"
     out.unlink(missing_ok=True)
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(root / "notebooks" / f"{notebook}.ipynb"), str(partial),
-        parameters={"profile": profile, **overrides}, cwd=str(root / "notebooks"),
-        kernel_name=kernel, progress_bar=False, log_output=False)
+    reporter = NotebookProgress(notebook, read_times(times_file).get(notebook)) if progress else None
+    engine = {"engine_name": _register_engine(), "progress": reporter,
+              "stderr_file": reporter} if reporter is not None else {}
+    with _environ(TQDM_MININTERVAL=str(KERNEL_TQDM_MININTERVAL),
+                  TQDM_MAXINTERVAL=str(4 * KERNEL_TQDM_MININTERVAL),
+                  **{PROGRESS_LINES_ENV: str(KERNEL_TQDM_MININTERVAL)}):
+        papermill.execute_notebook(
+            str(root / "notebooks" / f"{notebook}.ipynb"), str(partial),
+            parameters={"profile": profile, **overrides}, cwd=str(root / "notebooks"),
+            kernel_name=kernel, progress_bar=False, log_output=False, **engine)
     if partial.exists():  # papermill wrote it (always, unless replaced by a stand-in)
         os.replace(partial, out)
-    logger.info("%s done in %.1f s -> %s", notebook, time.perf_counter() - start, out)
+    total = time.perf_counter() - start
+    if reporter is not None and reporter.cells_s and not overrides:
+        _record_times(times_file, notebook, total, reporter.cells_s)
+    logger.info("%s done in %.1f s -> %s", notebook, total, out)
     return out
 
 
+def reproduce_estimate(names: list[str], times: dict[str, Any], where: Path) -> str:
+    """What is left of a ``reproduce`` run before ``names`` run, from the last run's times,
+    labelled as an estimate."""
+    known = {n: times[n]["total_s"] for n in names
+             if isinstance(times.get(n), dict) and isinstance(times[n].get("total_s"), (int, float))}
+    if not known:
+        return f"no estimate of what is left (no finished run recorded in {where})"
+    text = f"~{_duration(sum(known.values()))} left (estimate from the last run's times in {where}"
+    unknown = [n for n in names if n not in known]
+    return text + (f"; none recorded for {', '.join(unknown)})" if unknown else ")")
+
+
+# --------------------------------------------------------------------------------------
+# Parameters from the command line
+# --------------------------------------------------------------------------------------
+
+
+def parse_sets(items: list[str] | None, cls: type, where: str = "--set") -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as overrides of ``cls``: each KEY a field, given once, each
+    VALUE parsed as YAML (``steps=50`` an int, ``variants=[plain]`` a list); ParamsError naming
+    the item otherwise. Types and ranges are checked when the overrides are applied."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise config.ParamsError(f"{where} {item!r}: expected KEY=VALUE, e.g. {where} steps=50")
+        if key not in fields:
+            raise config.ParamsError(f"{where} {key}: unknown key {key!r} for {cls.__name__}; "
+                                     f"allowed keys: {sorted(fields)}")
+        if key in out:
+            raise config.ParamsError(f"{where} {key}: given twice")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise config.ParamsError(f"{where} {key}: {text!r} is not a YAML value: {exc}") from exc
+    return out
+
+
+def load_stage_params(cls: type, path: str, sets: list[str] | None) -> Any:
+    """``cls`` from the file ``path`` with the ``--set`` overrides, each checked like the file.
+    An error of the file names the file; one of an override names ``--set`` and the key."""
+    params = config.load_params(cls, path)
+    overrides = parse_sets(sets, cls)
+    if not overrides:
+        return params
+    try:
+        return config.load_params(cls, path, **overrides)
+    except config.ParamsError as exc:
+        given = " ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise config.ParamsError(f"--set {given} (with {path}): {exc}") from exc
+
+
+def _dry_run(lines: list[str]) -> int:
+    print("dry run: nothing was run or written")
+    for ln in lines:
+        print(f"  would {ln}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
+    p = load_stage_params(config.DataParams, args.params, args.set)
+    print(config.format_params(p))
     from fmr1lib import data
 
-    p = config.load_params(config.DataParams, args.params)
-    print(config.format_params(p))
+    folder = data.data_dir(p)
+    if args.dry_run:
+        return _dry_run([f"build the dataset ({p.source}) and save it to {folder}"
+                         + (" (replacing the one there)" if folder.exists() else "")])
     dsd, info = data.make_dataset(p)  # FocusShapes or the JSONL records the params name
-    folder = data.save_dataset(dsd, data.data_dir(p), p, info)
+    folder = data.save_dataset(dsd, folder, p, info)
     print(f"saved {dict(dsd.num_rows)} to {folder}")
     return 0
 
 
 def _cmd_backbone(args: argparse.Namespace) -> int:
+    p = load_stage_params(config.BackboneParams, args.params, args.set)
+    print(config.format_params(p))
     from fmr1lib import stages
 
-    p = config.load_params(config.BackboneParams, args.params)
-    print(config.format_params(p))
+    if args.dry_run:
+        what = "build the tiny backbone" + (" and warm it up" if p.warmup else "") \
+            if p.model_name == "tiny" else f"load {p.model_name}"
+        return _dry_run([f"{what} and save it to {stages.run_folder(p, 'backbone', create=False)}"
+                         " (the dataset is built first if it is missing)"])
     _, _, info = stages.backbone_stage(p)
     print(info)
     return 0
@@ -118,15 +401,33 @@ def _variants(args: argparse.Namespace, cls: type, p: Any) -> list[str]:
 
 def _run_variants(args: argparse.Namespace, cls: type, stage_name: str) -> int:
     # Parameters and variants are checked before the stages (torch, the model) are imported.
-    p = config.load_params(cls, args.params)
+    p = load_stage_params(cls, args.params, args.set)
     variants = _variants(args, cls, p)
     print(config.format_params(p))
     from fmr1lib import stages
 
-    stage = getattr(stages, stage_name)
-    for variant in variants:
-        _, _, res = stage(p, variant)
-        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
+    stage = {"anchor_stage": "anchor", "rl_stage": "rl"}[stage_name]
+    if args.dry_run:
+        lines = []
+        for what, cmd in dict.fromkeys(
+                m for v in variants for m in stages.missing_prerequisites(p, stage, v)):
+            lines.append(f"{'build' if args.build_missing else 'stop: missing'} {what}"
+                         + ("" if args.build_missing else f"; make it with: {cmd}"))
+        lines += [f"train {stage} {v} -> {stages.run_folder(p, stage, v, create=False)}"
+                  for v in variants]
+        return _dry_run(lines)
+    before = getattr(stages, "BUILD_MISSING", True)
+    stages.BUILD_MISSING = args.build_missing
+    try:
+        check = getattr(stages, "check_prerequisites", None)  # every variant's, before any trains
+        if check is not None:
+            check(p, stage, variants)
+        run = getattr(stages, stage_name)
+        for variant in variants:
+            _, _, res = run(p, variant)
+            print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
+    finally:
+        stages.BUILD_MISSING = before
     return 0
 
 
@@ -139,13 +440,17 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
+    ep = load_stage_params(config.EvalParams, args.params, args.set)
+    print(config.format_params(ep))
+    out = Path(args.out) if args.out else run_dir(ep, "ablation", create=False)
+    if args.dry_run:
+        return _dry_run([f"train the missing runs of rows {ep.rows} for seeds {ep.seeds}, "
+                         f"evaluate them on {ep.splits} and write ablation.md/.csv to {out}"])
     from fmr1lib import ablation, stages
 
-    ep = config.load_params(config.EvalParams, args.params)
-    print(config.format_params(ep))
     dsd = stages.stage_data(ep)
     long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)
-    out = Path(args.out) if args.out else run_dir(ep, "ablation")
+    out.mkdir(parents=True, exist_ok=True)
     md, _ = ablation.write_table(long, ep.splits, out)
     print(md.read_text())
     return 0
@@ -158,7 +463,30 @@ def _check_profile(args: argparse.Namespace) -> None:
 
 def _cmd_notebook(args: argparse.Namespace) -> int:
     _check_profile(args)
-    run_notebook(args.name, args.profile, kernel=args.kernel)
+    if args.name not in config.PARAMS_BY_NOTEBOOK:
+        raise config.ParamsError(f"notebook {args.name!r}: unknown; known: {NOTEBOOK_ORDER}")
+    cls = config.PARAMS_BY_NOTEBOOK[args.name]
+    overrides = parse_sets(args.set, cls)
+    if "profile" in overrides:
+        raise config.ParamsError("--set profile: give the profile as --profile")
+    nulls = [k for k, v in overrides.items() if v is None]
+    if nulls:
+        raise config.ParamsError(f"--set {nulls[0]}: null reaches a notebook as 'from the "
+                                 f"profile's file'; give a value")
+    try:
+        params = config.notebook_params(args.name, {"profile": args.profile},
+                                        root=project_root(), **overrides)
+    except config.ParamsError as exc:
+        raise config.ParamsError(f"--set (with {args.name}, profile {args.profile}): {exc}"
+                                 if overrides else str(exc)) from exc
+    if args.dry_run:
+        print(config.params_summary(params, params_file(args.profile, args.name)))
+        last = read_times(times_path(args.profile)).get(args.name) or {}
+        est = (f" (the last finished run took {_duration(last['total_s'])}: an estimate)"
+               if isinstance(last.get("total_s"), (int, float)) else "")
+        out = project_root() / "runs" / args.profile / "notebooks" / f"{args.name}.ipynb"
+        return _dry_run([f"execute notebooks/{args.name}.ipynb -> {out}{est}"])
+    run_notebook(args.name, args.profile, kernel=args.kernel, overrides=overrides)
     return 0
 
 
@@ -170,8 +498,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     # Validate every file first: a typo in the last notebook's params fails in a second.
     for n in names:
         config.load_params(config.PARAMS_BY_NOTEBOOK[n], params_file(args.profile, n))
+    where = times_path(args.profile)
+    times = read_times(where)
+    shown = where.relative_to(project_root()) if where.is_relative_to(project_root()) else where
+    if args.dry_run:
+        return _dry_run([f"execute notebooks/{n}.ipynb (profile {args.profile})" for n in names]
+                        + [f"take {reproduce_estimate(names, times, shown)}"])
     total = time.perf_counter()
-    for n in names:
+    for i, n in enumerate(names):
+        print(f"[reproduce] notebook {i + 1}/{len(names)}: {n}; "
+              f"{reproduce_estimate(names[i:], times, shown)}", flush=True)
         start = time.perf_counter()
         run_notebook(n, args.profile, kernel=args.kernel)
         print(f"[reproduce] {n}: {time.perf_counter() - start:.1f} s", flush=True)
@@ -192,48 +528,90 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m fmr1lib``."""
+def _stage_flags(p: argparse.ArgumentParser, params_help: str = "YAML parameter file") -> None:
+    p.add_argument("--params", required=True, help=params_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one key of the file (YAML value, checked like the file); "
+                        "repeatable, e.g. --set steps=50 --set lr=0.001")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved parameters and what would run; run nothing")
+
+
+def _build_missing_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--build-missing", action="store_true",
+                   help=f"build {what} first if it is missing (default: stop and print the "
+                        f"command that makes it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m fmr1lib``."""
     parser = argparse.ArgumentParser(prog="python -m fmr1lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    profile_help = (f"a folder under params/: one of {', '.join(config.profiles(project_root()))}"
+                    f" (default: tiny)")
     p = sub.add_parser("data", help="generate FocusShapes (notebook 01's data step)")
-    p.add_argument("--params", required=True, help="YAML parameter file")
+    _stage_flags(p)
     p.set_defaults(func=_cmd_data)
     p = sub.add_parser("backbone", help="build/load the backbone and warm it up (notebook 02)")
-    p.add_argument("--params", required=True, help="YAML parameter file")
+    _stage_flags(p)
     p.set_defaults(func=_cmd_backbone)
     p = sub.add_parser("anchor", help="stage 1: train the anchoring variants (notebook 03)")
-    p.add_argument("--params", required=True, help="YAML parameter file")
+    _stage_flags(p)
     p.add_argument("--variants", nargs="*", metavar="VARIANT",
                    help=f"variants to train, out of {list(config.AnchorParams.VARIANTS)} "
                         f"(default: the file's)")
+    _build_missing_flag(p, "the stage-0 backbone")
     p.set_defaults(func=_cmd_anchor)
     p = sub.add_parser("rl", help="stage 2: GRPO variants with the faithful reward (notebook 04)")
-    p.add_argument("--params", required=True, help="YAML parameter file")
+    _stage_flags(p)
     p.add_argument("--variants", nargs="*", metavar="VARIANT",
                    help=f"variants to train, out of {list(config.RLParams.VARIANTS)} "
                         f"(default: the file's)")
+    _build_missing_flag(p, "the start model (stage-1 focus_anchor model, or the backbone)")
     p.set_defaults(func=_cmd_rl)
     p = sub.add_parser("ablation", help="train what is missing and build the ablation table (notebook 05)")
-    p.add_argument("--params", required=True, help="YAML parameter file (05_evaluation)")
+    _stage_flags(p, "YAML parameter file (05_evaluation)")
     p.add_argument("--out", default=None, help="folder for ablation.md/.csv (default runs/<profile>/ablation)")
     p.set_defaults(func=_cmd_ablation)
     p = sub.add_parser("notebook", help="run one notebook headless on a profile")
     p.add_argument("name", help=f"one of {NOTEBOOK_ORDER}")
-    p.add_argument("--profile", default="tiny", help="a folder under params/")
+    p.add_argument("--profile", default="tiny", metavar="PROFILE", help=profile_help)
     p.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one key of the notebook's parameters (a papermill parameter, "
+                        "YAML value, checked like the file); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved parameters and what would run; run nothing")
     p.set_defaults(func=_cmd_notebook)
     p = sub.add_parser("reproduce", help="run every notebook of a profile in order")
-    p.add_argument("--profile", default="tiny", help="a folder under params/")
-    p.add_argument("--kernel", default=None)
+    p.add_argument("--profile", default="tiny", metavar="PROFILE", help=profile_help)
+    p.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks')")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every parameter file, print what would run and the time estimate")
     p.set_defaults(func=_cmd_reproduce)
     p = sub.add_parser("check-params", help="validate every params/*/*.yaml")
     p.set_defaults(func=_cmd_check_params)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m fmr1lib``.
+
+    Returns:
+        0 on success, 2 on a ``ParamsError`` (a bad file, flag or override), 1 when a stage's
+        start model is missing and ``--build-missing`` was not given.
+    """
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except config.ParamsError as exc:
         print(f"ParamsError: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        stages = sys.modules.get("fmr1lib.stages")  # only an imported stage layer raises it
+        if not isinstance(exc, getattr(stages, "MissingPrerequisiteError", ())):
+            raise
+        print(f"MissingPrerequisiteError: {exc}", file=sys.stderr)
+        return 1

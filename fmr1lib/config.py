@@ -379,6 +379,21 @@ class EvalSettings:
         check_at_least(self, 1, "eval_batch_size", "max_new_tokens")
 
 
+TRACKERS: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "trackio": ("trackio",),
+    "wandb": ("wandb",),
+}
+"""accelerate trackers ``log_with`` may name -> the packages that provide each (any one)."""
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether a package providing tracker ``name`` (``TRACKERS``) can be imported."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(pkg) is not None for pkg in TRACKERS[name])
+
+
 @dataclasses.dataclass
 class OptimParams(EvalSettings):
     """Optimisation, logging and checkpointing of every training stage, and its quick evaluations."""
@@ -407,9 +422,21 @@ class OptimParams(EvalSettings):
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
     """Continue from the latest checkpoint of the run folder if there is one."""
+    log_with: list[str] = dataclasses.field(default_factory=list)
+    """Experiment trackers that also get every ``metrics.jsonl`` row (accelerate's trackers):
+    any of tensorboard, trackio, wandb; empty (the default): ``metrics.jsonl`` only. Each needs
+    its package (``pip install tensorboard``, ...), checked when the parameters load.
+    tensorboard writes to ``<run folder>/tensorboard``, wandb to ``<run folder>/wandb``; trackio
+    keeps its own local store."""
 
     def validate_optim(self) -> None:
         """Value checks for the optimisation settings."""
+        check_variants("log_with", self.log_with, tuple(TRACKERS), allow_empty=True)
+        missing = [t for t in self.log_with if not tracker_installed(t)]
+        if missing:
+            pkgs = " ".join(TRACKERS[t][0] for t in missing)
+            raise ValueError(f"key 'log_with': tracker {missing} needs a package that is not "
+                             f"installed: pip install {pkgs} (or drop it from log_with)")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"key 'lr_schedule': {self.lr_schedule!r} not in constant/linear/cosine")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -427,12 +454,17 @@ class TrainParams(OptimParams):
     """The supervised stages (0 and 1): optimisation plus the size of a batch of examples."""
 
     batch_size: int = 16
-    """Examples per optimiser step (per process, before gradient accumulation)."""
+    """Examples per optimiser step and process; they are split into ``grad_accum``
+    micro-batches of ``batch_size / grad_accum`` (so ``grad_accum`` <= ``batch_size``)."""
 
     def validate_train(self) -> None:
         """Value checks for the optimisation settings and the batch size."""
         self.validate_optim()
         check_at_least(self, 1, "batch_size")
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"key 'grad_accum': {self.grad_accum} micro-batches of a batch of "
+                             f"{self.batch_size} examples would leave some empty; batch_size "
+                             f"counts the examples of a whole optimiser step (grad_accum <= batch_size)")
 
 
 @dataclasses.dataclass

@@ -1,34 +1,165 @@
-"""Figures: one ``fig_*`` function per figure, one style.
+"""Figures: one ``fig_*`` function per figure, one theme, one name per variant.
 
 Each function takes data (datasets, dicts of numbers, arrays), draws one figure, saves
-it as PNG when ``path`` is given (atomically, through a temp file), and returns the
-``matplotlib.figure.Figure`` so a notebook shows it inline.
+it as PNG when ``path`` is given (atomically, through a temp file, with fixed metadata so
+that the bytes repeat), and returns the ``matplotlib.figure.Figure`` so a notebook shows it
+inline.
+
+Every figure is drawn inside ``theme()`` (seaborn's ``whitegrid`` style and ``notebook``
+context, applied as an rc context so the global matplotlib state is left alone). Variants and
+ablation rows are shown under one name each (``DISPLAY_NAMES``, the labels of the ablation
+table) and in one colour each (``color_of``), in every figure. Overlays use one scheme:
+evidence boxes solid green, the shortcut cue dashed magenta, control regions dotted blue.
 """
 
 from __future__ import annotations
 
+import csv
 import io
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
+import seaborn as sns
+from matplotlib.colors import PowerNorm
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
+from fmr1lib import records
 from fmr1lib.repro import atomic_write_bytes
 
-STYLE = {
+# --------------------------------------------------------------------------------------
+# Theme, names, colours
+# --------------------------------------------------------------------------------------
+
+THEME = {"style": "whitegrid", "context": "notebook", "font_scale": 0.9, "palette": "colorblind"}
+"""The one seaborn theme of every figure (``theme()``)."""
+
+_RC_EXTRA = {
     "figure.dpi": 100,
     "savefig.dpi": 110,
-    "font.size": 9,
-    "axes.titlesize": 9,
     "axes.spines.top": False,
     "axes.spines.right": False,
+    "axes.titleweight": "normal",
+    "legend.frameon": False,
+    "image.interpolation": "nearest",
 }
-EVIDENCE_COLOR = "#00c853"
+
+DISPLAY_NAMES: dict[str, str] = {
+    # stage 0
+    "backbone": "stage-0 backbone",
+    "warm-up": "stage-0 warm-up",
+    "warmup": "stage-0 warm-up",
+    "stage 0 warm-up": "stage-0 warm-up",
+    # stage 1: variant names (notebook 03) and ablation rows (notebook 05)
+    "plain": "plain SFT",
+    "text_perception": "text-perception SFT",
+    "focus_anchor": "anchoring (stage 1)",
+    "anchoring": "anchoring (stage 1)",
+    "anchored (start)": "anchoring (stage 1)",
+    # stage 2: variant names (notebook 04) and ablation rows (notebook 05)
+    "grpo_backbone": "GRPO from backbone",
+    "grpo": "anchoring + GRPO",
+    "anchoring_grpo": "anchoring + GRPO",
+    "faithful": "Faithful-MR1 (boxes)",
+    "faithful_mr1": "Faithful-MR1 (boxes)",
+    "faithful_occlusion": "Faithful-MR1 (occlusion)",
+    "faithful_mr1_occlusion": "Faithful-MR1 (occlusion)",
+}
+"""One display name per variant / ablation row, used by every figure. The values are the
+labels of the ablation table (``ablation.ROW_LABELS``), so figures and tables agree."""
+
+METRIC_NAMES: dict[str, str] = {
+    "accuracy": "accuracy",
+    "focus_mass": "Focus mass in evidence",
+    "pointing": "pointing game",
+    "cue_rate": "cue rate",
+    "format_rate": "format rate",
+    "conflict_accuracy": "conflict accuracy",
+    "faithfulness_gap": "faithfulness gap",
+    "answer_mass": "answer-token mass in evidence",
+    "consistency": "perception-use consistency",
+    "ce": "cross-entropy",
+    "attn_loss": "attention loss",
+    "reward_mean": "mean reward",
+    "completion_len": "completion length",
+    "faithful_mean": "faithful reward",
+    "concentration": "concentration c",
+    "s_t_mean": "mean s_t (scored)",
+    "faithful_group_std": "within-group std (faithful)",
+    "grad_norm": "gradient norm",
+    "lr": "learning rate",
+}
+"""How figures name metrics and log keys (a key not listed shows as itself)."""
+
+COLORS: dict[str, str] = {
+    "stage-0 backbone": "#949494",
+    "stage-0 warm-up": "#595959",
+    "plain SFT": "#ca9161",
+    "text-perception SFT": "#de8f05",
+    "anchoring (stage 1)": "#029e73",
+    "GRPO from backbone": "#56b4e9",
+    "anchoring + GRPO": "#0173b2",
+    "Faithful-MR1 (boxes)": "#d55e00",
+    "Faithful-MR1 (occlusion)": "#cc78bc",
+}
+"""One colour per display name (seaborn's colorblind palette), the same in every figure."""
+
+EVIDENCE_COLOR = "#00a844"
 CUE_COLOR = "#d500f9"
 CONTROL_COLOR = "#2962ff"
+HEATMAP_CMAP = "rocket"
+
+
+def _theme_rc() -> dict[str, Any]:
+    rc = dict(sns.axes_style(THEME["style"]))
+    rc.update(sns.plotting_context(THEME["context"], font_scale=THEME["font_scale"]))
+    rc["axes.prop_cycle"] = plt.cycler(color=sns.color_palette(THEME["palette"]))
+    rc.update(_RC_EXTRA)
+    return rc
+
+
+THEME_RC: dict[str, Any] = _theme_rc()
+
+
+@contextmanager
+def theme() -> Iterator[None]:
+    """The figures' seaborn theme, as an rc context (every ``fig_*`` draws inside it)."""
+    with plt.rc_context(THEME_RC):
+        yield
+
+
+def display_name(name: str) -> str:
+    """The figure name of a variant or ablation row (unknown names, labels included, as is)."""
+    return DISPLAY_NAMES.get(name, name)
+
+
+def metric_name(key: str) -> str:
+    """The figure name of a metric or log key, with the split appended as ``key (split)``."""
+    if key.endswith(")") and " (" in key:
+        base, split = key[:-1].split(" (", 1)
+        return f"{METRIC_NAMES.get(base, base)} ({split})"
+    return METRIC_NAMES.get(key, key)
+
+
+_PALETTE = [tuple(c) for c in sns.color_palette(THEME["palette"], 10)]
+
+
+def color_of(name: str) -> Any:
+    """The colour of a variant: fixed per display name (``COLORS``), the same in every figure."""
+    label = display_name(name)
+    if label in COLORS:
+        return COLORS[label]
+    # Names outside the table: a stable colour from the name's characters.
+    return _PALETTE[sum(label.encode()) % len(_PALETTE)]
+
+
+def _wrap(text: str, width: int = 14) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)) or text
 
 
 def _save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
@@ -40,40 +171,84 @@ def _save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
     return fig
 
 
-def _draw_boxes(ax: plt.Axes, boxes: Sequence[Sequence[float]], color: str, lw: float = 1.5,
+# --------------------------------------------------------------------------------------
+# Overlays (one scheme)
+# --------------------------------------------------------------------------------------
+
+
+def _draw_boxes(ax: plt.Axes, boxes: Sequence[Sequence[float]], color: str, lw: float = 1.8,
                 ls: str = "-") -> None:
     for x0, y0, x1, y1 in boxes:
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
                                edgecolor=color, linewidth=lw, linestyle=ls))
 
 
+def _cue_box(row: Mapping[str, Any]) -> list[float] | None:
+    try:
+        cue = records.decode_meta(row.get("meta")).get("cue")
+    except ValueError:
+        return None
+    return list(cue["box"]) if cue else None
+
+
+def _overlay(ax: plt.Axes, row: Mapping[str, Any], cue: bool = True) -> None:
+    """Evidence boxes (solid green) and, when the record has one, the cue (dashed magenta)."""
+    _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
+    box = _cue_box(row) if cue else None
+    if box is not None:
+        _draw_boxes(ax, [box], CUE_COLOR, lw=1.6, ls="--")
+
+
+def _overlay_handles(cue: bool = True, control: bool = False) -> list[Line2D]:
+    handles = [Line2D([], [], color=EVIDENCE_COLOR, lw=2, label="evidence box")]
+    if cue:
+        handles.append(Line2D([], [], color=CUE_COLOR, lw=2, ls="--", label="shortcut cue"))
+    if control:
+        handles.append(Line2D([], [], color=CONTROL_COLOR, lw=2, ls=":", label="control region"))
+    return handles
+
+
+def _legend_below(fig: plt.Figure, handles: Sequence[Any], labels: Sequence[str] | None = None,
+                  ncol: int | None = None) -> None:
+    labels = [h.get_label() for h in handles] if labels is None else list(labels)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=ncol or min(len(handles), 5), frameon=False)
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 01: data
+# --------------------------------------------------------------------------------------
+
+
 def fig_sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path | None = None,
                     ncols: int = 6) -> plt.Figure:
-    """Scenes with their question/answer, evidence boxes (green) and the cue (magenta).
+    """Scenes with their question/answer, evidence boxes and the cue (labelled whether it
+    agrees with the answer).
 
     Args:
         rows: records with ``image``, ``question``, ``answer``, ``evidence_boxes`` and a
-            decoded ``meta`` dict.
+            ``meta`` (dict or JSON string).
     """
     n = len(rows)
     nrows = max(1, int(np.ceil(n / ncols)))
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.45 * nrows), squeeze=False)
+    with theme():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.75 * nrows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, row in zip(axes.flat, rows, strict=False):
+            meta = records.decode_meta(row.get("meta"))
             ax.imshow(row["image"])
-            _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
-            cue = row["meta"].get("cue")
+            _overlay(ax, row)
+            cue = meta.get("cue")
             if cue is not None:
-                agree = row["meta"].get("shortcut_agrees")
-                _draw_boxes(ax, [cue["box"]], CUE_COLOR, lw=1.2, ls="--")
-                ax.text(cue["box"][0], cue["box"][1] - 2, "cue=" + ("ans" if agree else "other"),
-                        color=CUE_COLOR, fontsize=6)
-            ax.set_title(f"{row['question']}\n→ {row['answer']}  [{row['meta']['split']}]",
-                         fontsize=7)
-        fig.suptitle("FocusShapes: evidence boxes (green), shortcut cue (magenta)", fontsize=10)
+                agree = meta.get("shortcut_agrees")
+                ax.text(cue["box"][0], cue["box"][1] - 2, "cue = " + ("answer" if agree else "other"),
+                        color=CUE_COLOR, fontsize=8, fontweight="bold")
+            ax.set_title(_wrap(f"{row['question']} → {row['answer']}", 24)
+                         + f"\n[{meta.get('split', '')}]", fontsize=9)
+        fig.suptitle("FocusShapes scenes", fontsize=12)
         fig.tight_layout()
+        _legend_below(fig, _overlay_handles())
     return _save(fig, path)
 
 
@@ -82,32 +257,38 @@ def fig_data_summary(task_counts: Mapping[str, Mapping[str, int]],
                      agreement: Mapping[str, float], path: str | Path | None = None) -> plt.Figure:
     """Question families and answers per split, and the cue's agreement rate per split."""
     splits = list(task_counts)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-        fams = sorted({f for c in task_counts.values() for f in c})
-        answers = sorted({a for c in answer_counts.values() for a in c})
-        width = 0.8 / len(splits)
-        for i, s in enumerate(splits):
-            tot = max(1, sum(task_counts[s].values()))
-            axes[0].bar(np.arange(len(fams)) + i * width, [task_counts[s].get(f, 0) / tot for f in fams],
-                        width, label=s)
-            tot = max(1, sum(answer_counts[s].values()))
-            axes[1].bar(np.arange(len(answers)) + i * width,
-                        [answer_counts[s].get(a, 0) / tot for a in answers], width, label=s)
-        axes[0].set_xticks(np.arange(len(fams)) + 0.4 - width / 2, fams)
-        axes[0].set_ylabel("share of split")
-        axes[0].set_title("question families")
-        axes[1].set_xticks(np.arange(len(answers)) + 0.4 - width / 2, answers, rotation=45)
-        axes[1].set_title("answers")
-        axes[1].legend(fontsize=7)
+    fams = sorted({f for c in task_counts.values() for f in c})
+    answers = sorted({a for c in answer_counts.values() for a in c})
+    split_colors = dict(zip(splits, sns.color_palette("deep", len(splits)), strict=True))
+    with theme():
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8),
+                                 gridspec_kw={"width_ratios": [max(1, len(fams)) + 1, len(answers) + 1, 4]})
+        for ax, counts, cats, title in ((axes[0], task_counts, fams, "question families"),
+                                        (axes[1], answer_counts, answers, "answers")):
+            x, y, hue = [], [], []
+            for s in splits:
+                tot = max(1, sum(counts[s].values()))
+                for c in cats:
+                    x.append(c)
+                    y.append(counts[s].get(c, 0) / tot)
+                    hue.append(s)
+            sns.barplot(x=x, y=y, hue=hue, order=cats, hue_order=splits, palette=split_colors,
+                        ax=ax, legend=ax is axes[1])
+            ax.set_title(title)
+            ax.set_ylabel("share of split")
+            ax.set_xlabel("")
+            if len(cats) > 4:
+                ax.tick_params(axis="x", rotation=45)
+        axes[1].legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         vals = [agreement[s] for s in splits]
         axes[2].bar(splits, [0 if np.isnan(v) else v for v in vals],
-                    color=["#888" if np.isnan(v) else "#d500f9" for v in vals])
+                    color=["#999999" if np.isnan(v) else CUE_COLOR for v in vals])
         for j, v in enumerate(vals):
             axes[2].text(j, (0 if np.isnan(v) else v) + 0.02, "no cue" if np.isnan(v) else f"{v:.2f}",
-                         ha="center", fontsize=8)
-        axes[2].set_ylim(0, 1.1)
-        axes[2].set_title("cue agrees with answer (cued examples)")
+                         ha="center", fontsize=9)
+        axes[2].set_ylim(0, 1.12)
+        axes[2].set_ylabel("share of cued examples")
+        axes[2].set_title("cue agrees with the answer")
         fig.tight_layout()
     return _save(fig, path)
 
@@ -115,20 +296,28 @@ def fig_data_summary(task_counts: Mapping[str, Mapping[str, int]],
 def fig_interventions(rows: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> plt.Figure:
     """Original, evidence-intervened and control-intervened views side by side."""
     n = len(rows)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n), squeeze=False)
+    with theme():
+        fig, axes = plt.subplots(n, 3, figsize=(7.4, 2.5 * n), squeeze=False)
         for r, row in enumerate(rows):
-            views = [("original", row["image"], row["evidence_boxes"], EVIDENCE_COLOR),
-                     ("evidence removed", row["image_cf_evidence"], row["evidence_boxes"], EVIDENCE_COLOR),
-                     ("control removed", row["image_cf_control"], row["control_boxes"], CONTROL_COLOR)]
-            for c, (title, img, boxes, color) in enumerate(views):
+            views = [("original I", row["image"], row["evidence_boxes"], EVIDENCE_COLOR, "-"),
+                     ("I': evidence removed", row["image_cf_evidence"], row["evidence_boxes"],
+                      EVIDENCE_COLOR, "-"),
+                     ("control removed", row["image_cf_control"], row["control_boxes"], CONTROL_COLOR, ":")]
+            for c, (title, img, boxes, color, ls) in enumerate(views):
                 ax = axes[r, c]
                 ax.imshow(img)
-                _draw_boxes(ax, boxes, color, ls=":")
+                _draw_boxes(ax, boxes, color, ls=ls)
                 ax.axis("off")
-                ax.set_title(title if c else f"{row['question']} → {row['answer']}", fontsize=7)
+                ax.set_title(title if c else _wrap(f"{row['question']} → {row['answer']}", 26),
+                             fontsize=9)
         fig.tight_layout()
+        _legend_below(fig, _overlay_handles(cue=False, control=True))
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# Notebook 02-03: the token grid and attention heatmaps
+# --------------------------------------------------------------------------------------
 
 
 def fig_token_grid(image: Any, grid_thw: Sequence[int], boxes: Sequence[Sequence[float]] = (),
@@ -137,9 +326,9 @@ def fig_token_grid(image: Any, grid_thw: Sequence[int], boxes: Sequence[Sequence
     _, gh, gw = (int(v) for v in grid_thw)
     rows, cols = gh // 2, gw // 2
     w, h = image.size
-    with plt.rc_context(STYLE):
+    with theme():
         n = 2 if target is not None else 1
-        fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
         ax = axes[0, 0]
         ax.imshow(image)
         for r in range(rows + 1):
@@ -149,16 +338,18 @@ def fig_token_grid(image: Any, grid_thw: Sequence[int], boxes: Sequence[Sequence
         for r in range(rows):
             for c in range(cols):
                 ax.text((c + 0.5) * w / cols, (r + 0.5) * h / rows, str(r * cols + c),
-                        color="black", ha="center", va="center", fontsize=7, alpha=0.6)
+                        color="black", ha="center", va="center", fontsize=9, alpha=0.6)
         _draw_boxes(ax, boxes, EVIDENCE_COLOR)
-        ax.set_title(f"{rows}x{cols} image tokens (k -> cell (k // {cols}, k % {cols}))")
+        ax.set_title(_wrap(f"{rows}x{cols} image tokens: token k is cell (k // {cols}, k % {cols})", 34))
         ax.axis("off")
         if target is not None:
-            im = axes[0, 1].imshow(np.asarray(target), cmap="viridis", vmin=0)
-            axes[0, 1].set_title("anchoring target q (box overlap)")
+            im = axes[0, 1].imshow(np.asarray(target), cmap=HEATMAP_CMAP, vmin=0)
+            axes[0, 1].set_title("anchoring target q\n(box overlap per cell)")
             axes[0, 1].axis("off")
-            fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+            cb = fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+            cb.set_label("q")
         fig.tight_layout()
+        _legend_below(fig, _overlay_handles(cue=False))
     return _save(fig, path)
 
 
@@ -166,35 +357,51 @@ def fig_attention_maps(rows: Sequence[Mapping[str, Any]], maps: Mapping[str, Seq
                        path: str | Path | None = None, title: str = "") -> plt.Figure:
     """Focus attention heatmaps (one column per model/variant) over the same test images.
 
+    One colour scale for every panel (a square-root scale, so the uniform level of a diffuse
+    map stays visible), with its colour bar; evidence boxes and the cue drawn on every panel.
+
     Args:
-        rows: records with ``image``, ``question``, ``answer``, ``evidence_boxes``.
+        rows: records with ``image``, ``question``, ``answer``, ``evidence_boxes`` and
+            ``meta`` (for the cue; dict or JSON string).
         maps: variant name -> one ``[rows, cols]`` attention grid per record.
     """
     names = list(maps)
     n = len(rows)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(n, len(names) + 1, figsize=(2.2 * (len(names) + 1), 2.3 * n),
+    grids = {name: [np.asarray(g, dtype=float) for g in maps[name]] for name in names}
+    vmax = max([float(g.max()) for gs in grids.values() for g in gs] + [1e-6])
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=vmax)
+    ncols = len(names) + 1
+    with theme():
+        fig, axes = plt.subplots(n, ncols, figsize=(2.35 * ncols + 0.8, 2.55 * n + 0.6),
                                  squeeze=False)
+        im = None
         for i, row in enumerate(rows):
             ax = axes[i, 0]
             ax.imshow(row["image"])
-            _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
-            ax.set_title(f"{row['question']}\n→ {row['answer']}", fontsize=7)
+            _overlay(ax, row)
+            ax.set_title(_wrap(f"{row['question']} → {row['answer']}", 22), fontsize=9)
             ax.axis("off")
             w, h = row["image"].size
+            gray = np.asarray(row["image"].convert("L"), dtype=float)
             for j, name in enumerate(names):
-                grid = np.asarray(maps[name][i])
+                grid = grids[name][i]
                 ax = axes[i, j + 1]
-                ax.imshow(row["image"], alpha=0.45)
-                ax.imshow(grid, cmap="magma", alpha=0.65, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-                          vmin=0, vmax=max(float(grid.max()), 1e-6), interpolation="nearest")
-                _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR, lw=1.0)
+                ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+                im = ax.imshow(grid, cmap=HEATMAP_CMAP, norm=norm, alpha=0.78,
+                               extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+                _overlay(ax, row)
                 mass = float(grid[_cells_inside(row["evidence_boxes"], grid.shape, (w, h))].sum())
-                ax.set_title(f"{name}\nmass in evidence {mass:.2f}", fontsize=7)
+                head = _wrap(display_name(name), 22) + "\n" if i == 0 else ""
+                ax.set_title(f"{head}mass in evidence {mass:.2f}", fontsize=9)
                 ax.axis("off")
         if title:
-            fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+            fig.suptitle(title, fontsize=12)
+        fig.tight_layout(rect=(0, 0, 0.93, 1))
+        if im is not None:
+            cax = fig.add_axes((0.945, 0.25, 0.012, 0.5))
+            cb = fig.colorbar(im, cax=cax)
+            cb.set_label("<Focus> attention share per cell (sqrt scale)")
+        _legend_below(fig, _overlay_handles())
     return _save(fig, path)
 
 
@@ -213,90 +420,87 @@ def _cells_inside(boxes: Sequence[Sequence[float]], shape: tuple[int, int],
     return mask
 
 
+# --------------------------------------------------------------------------------------
+# Curves and bars
+# --------------------------------------------------------------------------------------
+
+
 def fig_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str],
                         path: str | Path | None = None, title: str = "") -> plt.Figure:
-    """One panel per metric key, one line per run (rows of a ``metrics.jsonl``)."""
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    """One panel per metric key, one line per run (rows of a ``metrics.jsonl``); the legend
+    sits below the panels."""
+    with theme():
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.3), squeeze=False)
+        handles: dict[str, Any] = {}
         for ax, key in zip(axes[0], keys, strict=True):
             for name, rows in logs.items():
                 pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, label=name, lw=1.4)
+                    line, = ax.plot(xs, ys, lw=1.6, color=color_of(name), label=display_name(name))
+                    handles.setdefault(display_name(name), line)
             ax.set_xlabel("step")
-            ax.set_title(key)
-        axes[0, 0].legend(fontsize=7)
+            ax.set_title(_wrap(metric_name(key), 30))
         if title:
-            fig.suptitle(title, fontsize=10)
+            fig.suptitle(title, fontsize=12)
         fig.tight_layout()
+        if handles:
+            _legend_below(fig, list(handles.values()), list(handles))
     return _save(fig, path)
+
+
+def _group_bars(ax: plt.Axes, groups: Sequence[str], series: Sequence[str],
+                mean: Mapping[tuple[str, str], float], err: Mapping[tuple[str, str], float] | None = None,
+                points: Mapping[tuple[str, str], Sequence[float]] | None = None,
+                annotate: bool = False) -> None:
+    """Grouped bars (groups on x, one bar per series in its colour), error bars and dots."""
+    width = 0.8 / max(1, len(series))
+    for i, s in enumerate(series):
+        xs = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+        ys = np.array([mean.get((g, s), np.nan) for g in groups], dtype=float)
+        es = np.array([(err or {}).get((g, s), np.nan) for g in groups], dtype=float)
+        ax.bar(xs, np.nan_to_num(ys), width, color=color_of(s), label=display_name(s),
+               edgecolor="white", linewidth=0.5)
+        ok = ~np.isnan(es) & ~np.isnan(ys)
+        if ok.any():
+            ax.errorbar(xs[ok], ys[ok], yerr=es[ok], fmt="none", ecolor="#333333", elinewidth=1,
+                        capsize=3)
+        if points:
+            for x, g in zip(xs, groups, strict=True):
+                pts = [v for v in points.get((g, s), []) if not np.isnan(v)]
+                ax.scatter([x] * len(pts), pts, s=14, color="black", zorder=3, linewidths=0)
+        if annotate:
+            for x, y in zip(xs, ys, strict=True):
+                if not np.isnan(y):
+                    ax.text(x, y + 0.012, f"{y:.2f}", ha="center", va="bottom", fontsize=7.5)
+    ax.set_xticks(np.arange(len(groups)), [_wrap(g, 16) for g in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.grid(axis="x", visible=False)
 
 
 def fig_metric_bars(values: Mapping[str, Mapping[str, float]], path: str | Path | None = None,
                     title: str = "", ylim: tuple[float, float] | None = (0, 1.05),
                     chance: Mapping[str, float] | None = None) -> plt.Figure:
-    """Grouped bars: ``values[group][series]`` (e.g. split -> metric), chance lines optional."""
+    """Grouped bars: ``values[group][series]`` (e.g. ``"metric (split)"`` -> variant), with
+    the value on each bar, wrapped group labels and the legend below; chance lines optional."""
     groups = list(values)
     series = list(dict.fromkeys(s for g in groups for s in values[g]))
-    width = 0.8 / max(1, len(series))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * max(1, len(series)) / 2, 3))
-        for i, s in enumerate(series):
-            ys = [values[g].get(s, np.nan) for g in groups]
-            xs = np.arange(len(groups)) + i * width
-            ax.bar(xs, ys, width, label=s)
-            for x, y in zip(xs, ys, strict=True):
-                if not np.isnan(y):
-                    ax.text(x, y + 0.01, f"{y:.2f}", ha="center", fontsize=6)
+    labels = [metric_name(g) for g in groups]
+    with theme():
+        fig, ax = plt.subplots(figsize=(1.5 + 0.42 * len(groups) * max(2, len(series)), 4.0))
+        _group_bars(ax, labels, series,
+                    {(metric_name(g), s): v for g in groups for s, v in values[g].items()}, annotate=True)
         if chance:
             for j, g in enumerate(groups):
                 if g in chance:
-                    ax.hlines(chance[g], j - width / 2, j + 0.8 - width / 2, colors="grey",
-                              linestyles=":", label="chance" if j == 0 else None)
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+                    ax.hlines(chance[g], j - 0.45, j + 0.45, colors="grey", linestyles=":",
+                              label="chance" if j == 0 else None)
         if ylim:
             ax.set_ylim(*ylim)
-        ax.legend(fontsize=7)
         ax.set_title(title)
         fig.tight_layout()
-    return _save(fig, path)
-
-
-def fig_visual_dependency(row: Mapping[str, Any], cf_image: Any,
-                          explained: Sequence[Mapping[str, Any]], labels: Sequence[str],
-                          path: str | Path | None = None) -> plt.Figure:
-    """The faithful reward's worked example: image, its counterfactual, and per-token ``s_t``
-    (bars) with each token's attention share inside the region (dots), per trajectory."""
-    n = len(explained)
-    with plt.rc_context(STYLE):
-        fig = plt.figure(figsize=(4.4 + 5.2, 2.6 * max(1, n)))
-        gs = fig.add_gridspec(n, 3, width_ratios=[1, 1, 2.6])
-        ax = fig.add_subplot(gs[:, 0])
-        ax.imshow(row["image"])
-        _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR)
-        ax.set_title(f"I: {row['question']} → {row['answer']}", fontsize=7)
-        ax.axis("off")
-        ax = fig.add_subplot(gs[:, 1])
-        ax.imshow(cf_image)
-        ax.set_title("I': evidence removed", fontsize=7)
-        ax.axis("off")
-        for i, (ex, label) in enumerate(zip(explained, labels, strict=True)):
-            ax = fig.add_subplot(gs[i, 2])
-            xs = np.arange(len(ex["tokens"]))
-            ax.bar(xs, ex["s_t"], color="#ff7043", label="s_t = KL(π(·|I) ‖ π(·|I'))")
-            ax.set_ylabel("s_t")
-            ax2 = ax.twinx()
-            ax2.plot(xs, ex["share"], "o", color="#1e88e5", ms=3, label="attention share in C")
-            ax2.set_ylim(0, 1.05)
-            ax.set_xticks(xs, [t.replace("\n", "\\n") for t in ex["tokens"]], rotation=70, fontsize=6)
-            ax.set_title(f"{label}: c = {ex['concentration']:.2f} "
-                         f"({'correct' if ex['correct'] else 'wrong'})", fontsize=8)
-            if i == 0:
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
-        fig.tight_layout()
+        h, lab = ax.get_legend_handles_labels()
+        _legend_below(fig, h, lab, ncol=min(len(h), 4))
     return _save(fig, path)
 
 
@@ -306,30 +510,122 @@ def fig_bars_with_errors(values: Mapping[str, Mapping[str, tuple[float, float]]]
     """Grouped bars with error bars: ``values[group][series] = (mean, std)``.
 
     ``points`` (same keys) overlays the individual values (e.g. one dot per seed). A NaN std
-    draws no error bar; a zero line is drawn when the values change sign.
+    draws no error bar; a zero line is drawn. Groups are variants or ablation rows (shown by
+    their display names), series are splits.
     """
     groups = list(values)
     series = list(dict.fromkeys(s for g in groups for s in values[g]))
+    labels = [display_name(g) for g in groups]
+    split_colors = dict(zip(series, sns.color_palette("deep", len(series)), strict=True))
     width = 0.8 / max(1, len(series))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(1.8 + 0.55 * len(groups) * max(1, len(series)), 3.2))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dots_labelled = False
+    with theme():
+        fig, ax = plt.subplots(figsize=(2.0 + 0.75 * len(groups) * max(1, len(series)) ** 0.5, 4.0))
         for i, s in enumerate(series):
-            xs = np.arange(len(groups)) + i * width
-            means = [values[g].get(s, (np.nan, np.nan))[0] for g in groups]
-            errs = [values[g].get(s, (np.nan, np.nan))[1] for g in groups]
-            ax.bar(xs, means, width, label=s, color=colors[i % len(colors)],
-                   yerr=[0 if np.isnan(e) else e for e in errs], capsize=2, error_kw={"lw": 0.8})
+            xs = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
+            means = np.array([values[g].get(s, (np.nan, np.nan))[0] for g in groups], dtype=float)
+            errs = np.array([values[g].get(s, (np.nan, np.nan))[1] for g in groups], dtype=float)
+            ax.bar(xs, np.nan_to_num(means), width, label=s, color=split_colors[s])
+            ok = ~np.isnan(errs) & ~np.isnan(means)
+            if ok.any():
+                ax.errorbar(xs[ok], means[ok], yerr=errs[ok], fmt="none", ecolor="#333333",
+                            elinewidth=1, capsize=3)
             if points:
                 for x, g in zip(xs, groups, strict=True):
-                    ys = list(points.get(g, {}).get(s, []))
-                    ax.scatter([x] * len(ys), ys, s=6, color="black", zorder=3)
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=20, ha="right")
+                    ys = [v for v in points.get(g, {}).get(s, []) if not np.isnan(v)]
+                    ax.scatter([x] * len(ys), ys, s=14, color="black", zorder=3, linewidths=0,
+                               label=None if dots_labelled or not ys else "seeds")
+                    dots_labelled = dots_labelled or bool(ys)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(np.arange(len(groups)), [_wrap(lab, 14) for lab in labels])
+        ax.grid(axis="x", visible=False)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
         ax.set_title(title)
         fig.tight_layout()
+        h, lab = ax.get_legend_handles_labels()
+        _legend_below(fig, h, lab)
+    return _save(fig, path)
+
+
+def fig_visual_dependency(row: Mapping[str, Any], cf_image: Any,
+                          explained: Sequence[Mapping[str, Any]], labels: Sequence[str],
+                          path: str | Path | None = None, kappa: int | None = None,
+                          focus_row: bool = False, equal_within: float = 0.01) -> plt.Figure:
+    """The faithful reward's worked example: image, its counterfactual, and per trajectory each
+    token's visual dependency ``s_t`` (bars, left axis, one scale for all trajectories) and its
+    attention share inside the region (dots, right axis).
+
+    With ``kappa``, the top-``kappa`` candidate tokens by ``s_t`` (those that make the
+    concentration ``c``; the first row, the ``<Focus>`` position, is no candidate unless
+    ``focus_row``) are drawn solid, the others pale. When every trajectory's ``c`` lies within
+    ``equal_within`` (the faithful reward's ``std_floor``) of the others, the title says that
+    the reward cannot tell them apart.
+    """
+    n = len(explained)
+    st_max = max([max(ex["s_t"]) for ex in explained if ex["s_t"]] + [0.0])
+    exp = int(np.floor(np.log10(st_max))) if st_max > 0 else 0
+    scale = 10.0 ** exp
+    conc = [float(ex["concentration"]) for ex in explained]
+    equal = n > 1 and max(conc) - min(conc) <= equal_within
+    # Shares are fractions: the right axis starts at 0 and ends just above the largest one.
+    share_max = max([max(ex["share"]) for ex in explained if ex["share"]] + [0.0])
+    share_top = min(1.05, max(0.25, 1.25 * share_max))
+    with theme():
+        fig = plt.figure(figsize=(12.5, 2.9 * max(1, n) + 0.9))
+        gs = fig.add_gridspec(n, 3, width_ratios=[1, 1, 3.2])
+        ax = fig.add_subplot(gs[:, 0])
+        ax.imshow(row["image"])
+        _overlay(ax, row)
+        ax.set_title(_wrap(f"I: {row['question']} → {row['answer']}", 24), fontsize=10)
+        ax.axis("off")
+        ax = fig.add_subplot(gs[:, 1])
+        ax.imshow(cf_image)
+        _draw_boxes(ax, row["evidence_boxes"], EVIDENCE_COLOR, ls=":")
+        ax.set_title("I': evidence removed", fontsize=10)
+        ax.axis("off")
+        first = None
+        for i, (ex, label) in enumerate(zip(explained, labels, strict=True)):
+            ax = fig.add_subplot(gs[i, 2], sharey=first)
+            first = first or ax
+            st = np.asarray(ex["s_t"], dtype=float)
+            xs = np.arange(len(st))
+            top = np.zeros(len(st), dtype=bool)
+            if kappa:
+                cand = np.arange(len(st)) >= (0 if focus_row else 1)
+                order = [k for k in np.argsort(-st, kind="stable") if cand[k]][:kappa]
+                top[order] = True
+            else:
+                top[:] = True
+            ax.bar(xs[top], st[top] / scale, color="#e4572e",
+                   label="s_t = KL(π(·|I) ‖ π(·|I')), top-κ tokens (they make c)" if kappa
+                   else "s_t = KL(π(·|I) ‖ π(·|I'))")
+            if (~top).any():
+                ax.bar(xs[~top], st[~top] / scale, color="#e4572e", alpha=0.3,
+                       label="s_t (other tokens)")
+            ax.set_ylabel(f"s_t (×1e{exp} nats)" if exp else "s_t (nats)")
+            ax.set_ylim(0, 1.15 * st_max / scale if st_max > 0 else 1)
+            ax.grid(axis="x", visible=False)
+            ax2 = ax.twinx()
+            ax2.plot(xs, ex["share"], "o", color="#1e88e5", ms=5, label="attention share in C")
+            ax2.set_ylim(0, share_top)
+            ax2.set_ylabel("attention share in C")
+            ax2.grid(False)
+            ax2.spines["right"].set_visible(True)
+            ax.set_xticks(xs, [t.replace("\n", "\\n") for t in ex["tokens"]], rotation=60,
+                          fontsize=8, ha="right")
+            ax.set_title(f"{label}: c = {ex['concentration']:.3f} "
+                         f"({'correct' if ex['correct'] else 'wrong'})", fontsize=10)
+            if i == 0:
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = ax2.get_legend_handles_labels()
+        head = "Faithful reward, worked example"
+        if equal:
+            head += (f": the trajectories' concentrations are equal (within {equal_within:g}), "
+                     "so the faithful reward cannot tell them apart")
+        fig.suptitle(_wrap(head, 110), fontsize=11)
+        fig.tight_layout()
+        if n:
+            _legend_below(fig, h1 + h2, l1 + l2)
     return _save(fig, path)
 
 
@@ -340,24 +636,26 @@ def fig_data_efficiency(points: Sequence[Mapping[str, Any]], path: str | Path | 
     ``points`` are dicts with ``variant``, ``prompts`` and ``key`` (several seeds per
     x average, the spread shown as a band when there are several).
     """
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    with theme():
+        fig, ax = plt.subplots(figsize=(5.4, 3.8))
         for variant in dict.fromkeys(p["variant"] for p in points):
             xs = sorted({p["prompts"] for p in points if p["variant"] == variant})
             ys = [[p[key] for p in points if p["variant"] == variant and p["prompts"] == x] for x in xs]
             mean = np.array([np.mean(y) for y in ys])
-            line, = ax.plot(xs, mean, marker="o", lw=1.4, label=variant)
+            color = color_of(variant)
+            ax.plot(xs, mean, marker="o", lw=1.8, color=color, label=display_name(variant))
             if any(len(y) > 1 for y in ys):
                 sd = np.array([np.std(y, ddof=1) if len(y) > 1 else 0.0 for y in ys])
-                ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+                ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.2)
         if chance is not None:
-            ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+            ax.axhline(chance, color="grey", ls=":", lw=1.2, label="chance")
         ax.set_xscale("log")
         ax.set_xlabel("distinct RL training prompts")
-        ax.set_ylabel(key)
-        ax.legend(fontsize=7)
+        ax.set_ylabel(metric_name(key))
         ax.set_title(title)
         fig.tight_layout()
+        h, lab = ax.get_legend_handles_labels()
+        _legend_below(fig, h, lab, ncol=3)
     return _save(fig, path)
 
 
@@ -365,24 +663,214 @@ def fig_stage_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[
                      path: str | Path | None = None, title: str = "") -> plt.Figure:
     """One panel per ``(title, {name: [metrics rows of each seed]}, key)``: ``key`` against step.
 
-    Every seed of a name is drawn in the name's colour (thin lines), labelled once.
+    Every seed of a name is drawn in the name's colour (thin lines); one legend below the
+    panels names every run once.
     """
-    with plt.rc_context(STYLE):
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.9), squeeze=False)
+    with theme():
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
+        handles: dict[str, Any] = {}
         for ax, (name, logs, key) in zip(axes[0], panels, strict=True):
-            for i, (run, seeds) in enumerate(logs.items()):
-                for k, rows in enumerate(seeds):
+            for run, seeds in logs.items():
+                for rows in seeds:
                     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
                     if pts:
                         xs, ys = zip(*pts, strict=True)
-                        ax.plot(xs, ys, lw=0.9, alpha=0.8, color=colors[i % len(colors)],
-                                label=run if k == 0 else None)
+                        line, = ax.plot(xs, ys, lw=1.0, alpha=0.85, color=color_of(run))
+                        handles.setdefault(display_name(run), line)
             ax.set_xlabel("step")
-            ax.set_title(f"{name}: {key}")
-            if logs:
-                ax.legend(fontsize=6)
+            ax.set_title(_wrap(f"{name}: {metric_name(key)}", 30))
         if title:
-            fig.suptitle(title, fontsize=10)
+            fig.suptitle(title, fontsize=12)
         fig.tight_layout()
+        if handles:
+            _legend_below(fig, list(handles.values()), list(handles), ncol=min(len(handles), 4))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# The README's figures: the headline numbers and the method
+# --------------------------------------------------------------------------------------
+
+HEADLINE_PANELS: tuple[tuple[str, str], ...] = (
+    ("focus_mass", "test_id"), ("focus_mass", "test_ood"),
+    ("conflict_accuracy", "test_ood"), ("faithfulness_gap", "test_ood"),
+)
+"""The ablation's key metrics (metric, split) shown by ``fig_headline``."""
+
+
+def read_ablation_csv(path: str | Path) -> list[dict[str, Any]]:
+    """``figures/ablation.csv`` (``ablation.table_csv``) back as long-form rows: ``row``,
+    ``split``, ``metric``, ``mean``, ``std``, ``n_seeds`` and ``seed_means`` (floats)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        out = []
+        for r in csv.DictReader(fh):
+            out.append({"row": r["row"], "split": r["split"], "metric": r["metric"],
+                        "mean": float(r["mean"]), "std": float(r["std"]),
+                        "n_seeds": int(r["n_seeds"]),
+                        "seed_means": [float(v) for v in r["seed_means"].split()]})
+    return out
+
+
+def fig_headline(ablation: str | Path | Sequence[Mapping[str, Any]], path: str | Path | None = None,
+                 panels: Sequence[tuple[str, str]] = HEADLINE_PANELS,
+                 chance: Mapping[str, float] | None = None, title: str = "") -> plt.Figure:
+    """The ablation's key metrics, one panel per ``(metric, split)``: per row the mean over
+    seeds (bar) ± std (error bar) and each seed's value (dots).
+
+    Args:
+        ablation: the path of ``ablation.csv`` (so the figure can be drawn from the CSV alone)
+            or the long-form rows of ``ablation.aggregate`` / ``read_ablation_csv``.
+        chance: metric -> chance level, drawn as a dotted line in that metric's panels.
+    """
+    long = read_ablation_csv(ablation) if isinstance(ablation, (str, Path)) else list(ablation)
+    index = {(e["row"], e["split"], e["metric"]): e for e in long}
+    rows = list(dict.fromkeys(e["row"] for e in long))
+    n_seeds = max([int(e["n_seeds"]) for e in long] + [1])
+    with theme():
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2.2, 0.42 * len(rows) + 1.6),
+                                 squeeze=False, sharey=True)
+        ys = np.arange(len(rows))
+        for ax, (metric, split) in zip(axes[0], panels, strict=True):
+            for y, row in zip(ys, rows, strict=True):
+                e = index.get((row, split, metric))
+                if e is None or np.isnan(e["mean"]):
+                    ax.text(0.02, y, "n/a", va="center", fontsize=8, color="grey",
+                            transform=ax.get_yaxis_transform())
+                    continue
+                ax.barh(y, e["mean"], height=0.65, color=color_of(row), alpha=0.85)
+                if not np.isnan(e["std"]):
+                    ax.errorbar(e["mean"], y, xerr=e["std"], fmt="none", ecolor="#333333",
+                                elinewidth=1, capsize=3)
+                seeds = [v for v in e["seed_means"] if not np.isnan(v)]
+                if len(seeds) > 1:
+                    ax.scatter(seeds, [y] * len(seeds), s=16, color="black", zorder=3, linewidths=0)
+            if chance and metric in chance:
+                ax.axvline(chance[metric], color="grey", ls=":", lw=1.2)
+                ax.text(chance[metric], len(rows) - 0.45, " chance", color="grey", fontsize=8,
+                        va="bottom")
+            ax.axvline(0, color="#555555", lw=0.8)
+            ax.set_title(_wrap(f"{metric_name(metric)} ({split})", 26))
+            ax.grid(axis="y", visible=False)
+        axes[0, 0].set_yticks(ys, [display_name(r) for r in rows])
+        axes[0, 0].invert_yaxis()
+        seeds = f"{n_seeds} training seeds" if n_seeds > 1 else "1 training seed"
+        fig.suptitle(title or f"Ablation: bars the mean over {seeds}, whiskers ± std, dots the seeds",
+                     fontsize=11)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def _box(ax: plt.Axes, xy: tuple[float, float], text: str, color: str = "#f2f2f2",
+         edge: str = "#555555", fontsize: float = 9.5, width: float | None = None,
+         height: float = 0.075, **kw: Any) -> None:
+    x, y = xy
+    w = width if width is not None else 0.012 * len(text) + 0.03
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - height / 2), w, height,
+                                boxstyle="round,pad=0.008,rounding_size=0.015",
+                                fc=color, ec=edge, lw=1.0, transform=ax.transAxes))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, transform=ax.transAxes, **kw)
+
+
+def _arrow(ax: plt.Axes, a: tuple[float, float], b: tuple[float, float], color: str = "#555555",
+           lw: float = 1.3, rad: float = 0.0, coords: Any = None) -> None:
+    ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=11, color=color, lw=lw,
+                                 connectionstyle=f"arc3,rad={rad}",
+                                 transform=coords if coords is not None else ax.transAxes))
+
+
+def fig_method(row: Mapping[str, Any], path: str | Path | None = None,
+               cell_px: int = 28) -> plt.Figure:
+    """The method on one real example: stage 1 supervises the ``<Focus>`` token's attention
+    over the image-token grid with the evidence box; stage 2 samples trajectories, compares
+    the policy on ``I`` and on the counterfactual ``I'`` (evidence removed) token by token
+    (``s_t``), and rewards correct trajectories whose vision-dependent tokens attend to ``C``.
+
+    Args:
+        row: a record with ``image``, ``image_cf_evidence``, ``evidence_boxes``, ``question``,
+            ``answer`` and ``meta`` (for the cue).
+        cell_px: pixels per merged image token (28 for Qwen2.5-VL).
+    """
+    img = row["image"]
+    w, h = img.size
+    rows_, cols_ = max(1, round(h / cell_px)), max(1, round(w / cell_px))
+    inside = _cells_inside(row["evidence_boxes"], (rows_, cols_), (w, h))
+    with theme():
+        fig = plt.figure(figsize=(13.5, 5.6))
+        canvas = fig.add_axes((0, 0, 1, 1))
+        canvas.axis("off")
+        canvas.set_xlim(0, 1)
+        canvas.set_ylim(0, 1)
+        # Stage panels.
+        for x0, wd, color, label in ((0.01, 0.39, "#e8f5e9", "Stage 1 · Anchoring (SFT)"),
+                                     (0.42, 0.57, "#fff3e0", "Stage 2 · Reinforcing (GRPO from the stage-1 model)")):
+            canvas.add_patch(FancyBboxPatch((x0, 0.03), wd, 0.9, boxstyle="round,pad=0.005,rounding_size=0.02",
+                                            fc=color, ec="#bbbbbb", lw=1))
+            canvas.text(x0 + 0.015, 0.955, label, fontsize=13, fontweight="bold", va="center")
+        # Stage 1: image with the token grid, the evidence box and q; the <Focus> token.
+        ax1 = fig.add_axes((0.03, 0.36, 0.2, 0.5))
+        ax1.imshow(img)
+        for r in range(rows_):
+            for c in range(cols_):
+                if inside[r, c]:
+                    ax1.add_patch(Rectangle((c * w / cols_ - 0.5, r * h / rows_ - 0.5), w / cols_, h / rows_,
+                                            fc=EVIDENCE_COLOR, alpha=0.25, ec="none"))
+        for r in range(rows_ + 1):
+            ax1.axhline(r * h / rows_ - 0.5, color="white", lw=0.8)
+        for c in range(cols_ + 1):
+            ax1.axvline(c * w / cols_ - 0.5, color="white", lw=0.8)
+        _overlay(ax1, row)
+        ax1.set_title("I, its image tokens, q = evidence cells", fontsize=9.5)
+        ax1.axis("off")
+        _box(canvas, (0.13, 0.24), "<Focus>", color="#c8e6c9", edge=EVIDENCE_COLOR, fontsize=11,
+             width=0.09, fontweight="bold")
+        canvas.text(0.13, 0.16, _wrap(f"{row['question']}  →  <Focus> <think>…</think> "
+                                      f"<answer>{row['answer']}</answer>", 44),
+                    ha="center", va="center", fontsize=8.5, family="monospace")
+        r_ev, c_ev = np.argwhere(inside)[0] if inside.any() else (0, 0)
+        target = ((c_ev + 0.5) * w / cols_, (r_ev + 0.5) * h / rows_)
+        fig_pt = fig.transFigure.inverted().transform(ax1.transData.transform(target))
+        fig.add_artist(FancyArrowPatch((0.13, 0.28), tuple(fig_pt), arrowstyle="-|>", mutation_scale=16,
+                                       color=EVIDENCE_COLOR, lw=2.6, connectionstyle="arc3,rad=-0.3",
+                                       transform=fig.transFigure, zorder=10))
+        canvas.text(0.255, 0.76, "p: the attention of <Focus>\nover the image tokens", fontsize=9.5,
+                    va="center")
+        canvas.text(0.255, 0.58, "L = CE(response)\n   + λ · KL(q ‖ p)", fontsize=11, va="center",
+                    family="monospace")
+        canvas.text(0.255, 0.4, _wrap("perception becomes a subtask before reasoning: the "
+                                      "<Focus> learns to look at the evidence", 26), fontsize=8.5,
+                    va="center", color="#333333")
+        # Stage 2: I and I', the policy on each, s_t, c, the reward.
+        ax2 = fig.add_axes((0.44, 0.5, 0.13, 0.33))
+        ax2.imshow(img)
+        _overlay(ax2, row)
+        ax2.set_title("I", fontsize=10)
+        ax2.axis("off")
+        ax3 = fig.add_axes((0.44, 0.09, 0.13, 0.33))
+        ax3.imshow(row["image_cf_evidence"])
+        _draw_boxes(ax3, row["evidence_boxes"], EVIDENCE_COLOR, ls=":")
+        ax3.set_title("I': evidence C removed", fontsize=10)
+        ax3.axis("off")
+        _box(canvas, (0.65, 0.665), "π(· | I, y<t)", color="white", width=0.1)
+        _box(canvas, (0.65, 0.255), "π(· | I', y<t)", color="white", width=0.1)
+        _arrow(canvas, (0.58, 0.665), (0.598, 0.665))
+        _arrow(canvas, (0.58, 0.255), (0.598, 0.255))
+        xc, bw = 0.868, 0.215
+        steps = [(0.83, "1. sample G trajectories y ~ π(· | I)", "#ffe0b2", 0.075),
+                 (0.64, "2. per token: s_t = KL(π(·|I, y<t) ‖ π(·|I', y<t))", "white", 0.075),
+                 (0.44, _wrap("3. c = attention share inside C of the top-κ tokens by s_t", 34),
+                  "white", 0.1),
+                 (0.235, _wrap("4. r = r_acc + r_format + 1[correct] · r_faithful(c)", 32),
+                  "#ffcc80", 0.1)]
+        for y, text, color, hh in steps:
+            _box(canvas, (xc, y), text, color=color, width=bw, height=hh, fontsize=9.2,
+                 fontweight="bold" if text.startswith("4.") else "normal")
+        for (y0, *_, h0), (y1, *_, h1) in zip(steps, steps[1:], strict=False):
+            _arrow(canvas, (xc, y0 - h0 / 2 - 0.008), (xc, y1 + h1 / 2 + 0.008))
+        _arrow(canvas, (0.70, 0.68), (xc - bw / 2 - 0.008, 0.83), rad=-0.2)
+        _arrow(canvas, (0.70, 0.655), (xc - bw / 2 - 0.008, 0.64))
+        _arrow(canvas, (0.70, 0.27), (xc - bw / 2 - 0.008, 0.625), rad=0.25)
+        canvas.text(xc, 0.12, "→ group-normalised advantages, policy update", fontsize=9,
+                    ha="center", va="center", color="#333333")
+        canvas.legend(handles=_overlay_handles(), loc="lower left", bbox_to_anchor=(0.015, 0.035),
+                      fontsize=8.5, frameon=False, ncol=2)
     return _save(fig, path)

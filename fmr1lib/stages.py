@@ -206,25 +206,123 @@ def load_model(folder: Path, p: Any, made_by: str) -> tuple[Any, Any]:
     return modeling.load_saved_backbone(folder, p)
 
 
-def ensure_backbone(p: Any) -> tuple[Any, Any]:
-    """The profile's saved stage-0 backbone, built (notebook 02's step) if it is missing."""
+BUILD_MISSING = True
+"""Whether ``ensure_backbone`` and ``start_model`` build a missing start model (the backbone,
+the stage-1 model) before the stage that needs it. True for the library and the notebooks (and
+so ``make reproduce``, which runs them in order); the CLI's stage commands set it False unless
+``--build-missing`` is given, so that a missing prerequisite stops them with the command that
+makes it (``MissingPrerequisiteError``). The ablation (``ensure_trained``) trains what it needs
+in order either way."""
+
+
+class MissingPrerequisiteError(RuntimeError):
+    """A stage's start model is missing and building it was not asked for (``BUILD_MISSING``)."""
+
+
+@contextlib.contextmanager
+def build_missing(enabled: bool) -> Any:
+    """Set ``BUILD_MISSING`` for the duration of a block."""
+    global BUILD_MISSING
+    before, BUILD_MISSING = BUILD_MISSING, bool(enabled)
+    try:
+        yield
+    finally:
+        BUILD_MISSING = before
+
+
+def _make_command(stage: str, p: Any, file: str, variant: str | None = None) -> str:
+    """``python -m fmr1lib <stage> --params <file>`` that makes the run ``p`` describes: with
+    ``--variants`` and a ``--set`` for every value the chain gave ``p`` that differs from the
+    file's (e.g. the seed of a stage-2 run)."""
+    import shlex
+
+    cmd = f"python -m fmr1lib {stage} --params {file}"
+    if variant is not None:
+        cmd += f" --variants {variant}"
+    plain = config.load_params(type(p), repro.resolve_path(file))
+    for key, value in config.params_to_dict(p).items():
+        if value != getattr(plain, key):
+            text = value if isinstance(value, str) else json.dumps(value)
+            cmd += f" --set {shlex.quote(f'{key}={text}')}"
+    return cmd
+
+
+def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> list[tuple[str, str]]:
+    """The start models the ``stage`` run of ``p`` (``anchor``, ``rl``; its ``variant``) needs
+    and that no finished run holds, in the order to make them: ``(what, command)`` pairs."""
+    if stage == "rl":
+        ap = upstream_params(p, "anchor")
+        if variant == "grpo_backbone":
+            return missing_prerequisites(ap, "anchor")
+        folder = run_folder(ap, "anchor", "focus_anchor", create=False)
+        if _finished(folder):
+            return []
+        return [*missing_prerequisites(ap, "anchor"),
+                (f"the stage-1 focus_anchor model ({folder}; notebooks/03_anchoring.ipynb)",
+                 _make_command("anchor", ap, p.anchor_params_file, "focus_anchor"))]
+    if stage == "anchor":
+        folder = run_folder(upstream_params(p, "backbone"), "backbone", create=False)
+        if _finished(folder):
+            return []
+        return [(f"the stage-0 backbone ({folder}; notebooks/02_backbone.ipynb)",
+                 _make_command("backbone", upstream_params(p, "backbone"),
+                               p.backbone_params_file))]
+    return []
+
+
+def check_prerequisites(p: Any, stage: str, variants: list[str] | None = None,
+                        build: bool | None = None) -> None:
+    """Stop before any work when a start model of the ``stage`` run(s) is missing and is not to
+    be built (``build``, default ``BUILD_MISSING``).
+
+    Raises:
+        MissingPrerequisiteError: naming each missing model and the commands that make them.
+    """
+    if (BUILD_MISSING if build is None else build) or stage not in ("anchor", "rl"):
+        return
+    missing: dict[str, str] = {}
+    for variant in variants or [None]:
+        for what, cmd in missing_prerequisites(p, stage, variant):
+            missing.setdefault(what, cmd)
+    if missing:
+        names = " and ".join(missing)
+        cmds = "\n".join(f"  {c}" for c in missing.values())
+        it = "them, in this order" if len(missing) > 1 else "it"
+        raise MissingPrerequisiteError(
+            f"{stage} needs {names}; no finished run holds {it.split(',')[0]}. Make {it}:\n"
+            f"{cmds}\nor rerun with --build-missing to build {it.split(',')[0]} first "
+            f"(stages.build_missing(True) from Python).")
+
+
+def ensure_backbone(p: Any, build: bool | None = None) -> tuple[Any, Any]:
+    """The profile's saved stage-0 backbone; if it is missing, built (notebook 02's step) when
+    ``build`` (default ``BUILD_MISSING``), else ``MissingPrerequisiteError``."""
     folder = model_folder(p, "backbone")
     if not _finished(folder.parent):
+        if not (BUILD_MISSING if build is None else build) and isinstance(p, config.BackboneParams):
+            raise MissingPrerequisiteError(f"no finished backbone at {folder}: make it with "
+                                           f"`python -m fmr1lib backbone --params ...` "
+                                           f"(notebooks/02_backbone.ipynb)")
+        check_prerequisites(p, "anchor", build=build)
         logger.info("no finished backbone at %s: building it (notebook 02)", folder)
         backbone_stage(upstream_params(p, "backbone"))
     return modeling.load_saved_backbone(folder, p)
 
 
-def start_model(p: Any, variant: str) -> tuple[Any, Any]:
+def start_model(p: Any, variant: str, build: bool | None = None) -> tuple[Any, Any]:
     """The start policy of a stage-2 variant: the stage-0 backbone for ``grpo_backbone``, else
-    the same seed's stage-1 ``focus_anchor`` model (each built by its notebook's step if missing)."""
+    the same seed's stage-1 ``focus_anchor`` model. A missing one is built by its notebook's
+    step when ``build`` (default ``BUILD_MISSING``), else ``MissingPrerequisiteError`` names
+    the command that makes it."""
     ap = upstream_params(p, "anchor")
     if variant == "grpo_backbone":
-        return ensure_backbone(ap)
+        return ensure_backbone(ap, build)
     folder = model_folder(ap, "anchor", "focus_anchor")
     if not _finished(folder.parent):
+        check_prerequisites(p, "rl", [variant], build=build)
         logger.info("no finished stage-1 model at %s: training it (notebook 03)", folder)
-        anchor_stage(ap, "focus_anchor")
+        with build_missing(True):  # and the backbone, if that is missing too
+            anchor_stage(ap, "focus_anchor")
     return modeling.load_saved_backbone(folder, p)
 
 
@@ -343,6 +441,7 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
         ``(model, processor, result)``; the model is saved under ``run_folder(p, "anchor",
         variant)/model`` (merged weights when LoRA was used, so later stages load one folder).
     """
+    check_prerequisites(p, "anchor", [variant])  # before the run folder is touched
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "anchor", variant)
@@ -359,6 +458,7 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
 
 def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
     """Stage 2: train one variant from its start point and save it under ``run_folder``."""
+    check_prerequisites(p, "rl", [variant])  # before the run folder is touched
     acc = train.make_accelerator(p)
     dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "rl", variant)

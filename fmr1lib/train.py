@@ -61,6 +61,7 @@ class ResumeMismatchError(ValueError):
 RESUMABLE_KEYS = frozenset({
     "resume",  # how the run starts, not what it computes
     "log_every", "n_show",  # what is logged (metrics rows, sample completions)
+    "log_with",  # which experiment trackers also get the metrics rows
     "checkpoint_every",  # when checkpoints are written; saving draws no random numbers
     "run_root", "profile", "figures_dir",  # where outputs go (the run folder moved or renamed)
     "variants",  # which variants a stage function trains; each run folder is one variant
@@ -472,6 +473,114 @@ def _save_engine_state(state: TrainState, step: int) -> Path:
     return folder
 
 
+def tracker_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row (``step`` aside), as the trackers get them."""
+    import numbers
+
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+            and math.isfinite(float(v))}
+
+
+def _tracker_config(params: Any) -> dict[str, Any]:
+    """The run's parameters as tracker hyper-parameters (scalars; anything else as JSON text)."""
+    import dataclasses
+    import json
+
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+            for k, v in dataclasses.asdict(params).items()}
+
+
+def start_trackers(acc: Any, params: Any, out_dir: str | Path) -> bool:
+    """Start the experiment trackers ``params.log_with`` names on the main process.
+
+    tensorboard writes to ``out_dir/tensorboard``; wandb runs in ``out_dir`` (``out_dir/wandb``);
+    trackio keeps its own local store. Every tracker gets the project ``fmr1_<profile>`` and the
+    run folder's name (``anchor/focus_anchor``), and the run's parameters as its configuration.
+
+    Returns:
+        Whether trackers were started (then ``acc.log`` reaches them and ``finish_trackers``
+        must follow).
+    """
+    names = list(getattr(params, "log_with", None) or [])
+    if not names or not acc.is_main_process:
+        return False
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    out_dir = Path(out_dir)
+    project = f"fmr1_{getattr(params, 'profile', 'run')}"
+    try:
+        run_name = out_dir.resolve().relative_to(repro.run_dir(params, create=False).resolve()).as_posix()
+    except (AttributeError, ValueError):
+        run_name = out_dir.name
+    trackers = []
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if name == "tensorboard":
+            trackers.append(cls("tensorboard", str(out_dir)))
+        elif name == "wandb":
+            trackers.append(cls(project, name=run_name, dir=str(out_dir)))
+        else:
+            trackers.append(cls(project, name=run_name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acc.log_with = trackers  # started by init_trackers, in this order
+    acc.init_trackers(project, config=_tracker_config(params))
+    logger.info("tracking %s to %s", ", ".join(names), out_dir)
+    return True
+
+
+def finish_trackers(acc: Any) -> None:
+    """Close the trackers ``start_trackers`` started. Unlike ``Accelerator.end_training`` this
+    keeps the process group: a later stage of the same process still needs it."""
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.trackers = []
+    acc.log_with = []
+
+
+PROGRESS_LINES_ENV = "FMR1_PROGRESS_LINES"
+"""Environment variable: when set to N, ``fit`` also writes a progress line to stderr when a
+run starts, every N seconds and when it ends (``cli.run_notebook`` sets it for the notebook
+kernels, whose progress bars are widgets or refresh rarely, and forwards their stderr)."""
+
+
+class ProgressLines:
+    """A few whole progress lines of one training run on stderr (``PROGRESS_LINES_ENV``)."""
+
+    def __init__(self, name: str, start: int, total: int, every_s: float) -> None:
+        self.name, self.start, self.total, self.every_s = name, start, total, every_s
+        self.t0 = self.last = time.perf_counter()
+        self._write(f"step {start}/{total}, starting")
+
+    @classmethod
+    def from_env(cls, name: str, start: int, total: int) -> ProgressLines | None:
+        try:
+            every = float(os.environ.get(PROGRESS_LINES_ENV, ""))
+        except ValueError:
+            return None
+        return cls(name, start, total, every) if every > 0 else None
+
+    def _write(self, text: str) -> None:
+        import sys
+
+        sys.stderr.write(f"[train] {self.name}: {text}\n")
+        sys.stderr.flush()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s or done >= self.total:
+            return
+        self.last = now
+        spent, ran = now - self.t0, done - self.start
+        left = spent / ran * (self.total - done) if ran else 0.0
+        self._write(f"step {done}/{self.total} ({100 * done / self.total:.0f}%) in {spent:.0f} s; "
+                    f"~{left:.0f} s left (estimate at this run's rate)")
+
+    def close(self, done: int) -> None:
+        self._write(f"{done - self.start} steps in {time.perf_counter() - self.t0:.1f} s "
+                    f"(step {done}/{self.total})")
+
+
 def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, desc: str,
         logs: Sequence[str] = ("metrics",), checkpoint_extra: dict[str, Any] | None = None,
         stop_after: int | None = None, fail_at_step: int | None = None,
@@ -479,7 +588,8 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
     """Run ``step_fn`` from ``state.start_step`` to ``params.steps``, with logs and checkpoints.
 
     Every step's ``stats`` row goes to ``metrics.jsonl`` with ``time_s`` (seconds since this
-    process started training); rows of the other logs go to their own files. A checkpoint is
+    process started training), and its numbers to the trackers ``params.log_with`` names
+    (``start_trackers``); rows of the other logs go to their own files. A checkpoint is
     written every ``params.checkpoint_every`` steps and after the last step; it holds the
     training time so far (``elapsed_s``: this segment plus the earlier ones of a resumed run).
 
@@ -520,25 +630,42 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
         return state.elapsed_before_s + time.perf_counter() - t0
 
     final = start
+    tracking = start_trackers(acc, params, out_dir)
+    # Headless (PROGRESS_LINES_ENV set): a few whole lines instead of the bar.
+    lines = (ProgressLines.from_env(f"{out_dir.parent.name}/{out_dir.name} ({desc})", start,
+                                    params.steps) if acc.is_main_process else None)
     bar = tqdm(range(start, params.steps), desc=desc, initial=start, total=params.steps,
-               disable=not acc.is_main_process)
-    for step in bar:
-        state.step = step
-        stats, extra_rows = step_fn(state, step)
-        done = final = step + 1
-        if acc.is_main_process:
-            if stats is not None:
-                metrics_log.log(done, **stats, time_s=time.perf_counter() - t0)
-                if postfix is not None:
-                    bar.set_postfix(postfix(stats))
-            for name, rows in extra_rows.items():
-                for row in rows:
-                    open_logs[name].log(done, **row)
-        if params.checkpoint_every and done % params.checkpoint_every == 0 and done < params.steps:
-            _save(state, done, {**extra, "elapsed_s": elapsed()})
-            acc.wait_for_everyone()
-        if stop_after is not None and done >= stop_after:
-            break
+               disable=not acc.is_main_process or lines is not None)
+    try:
+        for step in bar:
+            state.step = step
+            stats, extra_rows = step_fn(state, step)
+            done = final = step + 1
+            if acc.is_main_process:
+                if stats is not None:
+                    row = {**stats, "time_s": time.perf_counter() - t0}
+                    metrics_log.log(done, **row)
+                    if tracking:
+                        acc.log(tracker_scalars(row), step=done)
+                    if postfix is not None:
+                        bar.set_postfix(postfix(stats))
+                for name, rows in extra_rows.items():
+                    for row in rows:
+                        open_logs[name].log(done, **row)
+            if (params.checkpoint_every and done % params.checkpoint_every == 0
+                    and done < params.steps):
+                _save(state, done, {**extra, "elapsed_s": elapsed()})
+                acc.wait_for_everyone()
+            if lines is not None:
+                lines.update(done)
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        bar.close()
+        if lines is not None:
+            lines.close(final)
+        if tracking:
+            finish_trackers(acc)
     wall = elapsed()
     if final >= params.steps:
         _save(state, final, {**extra, "elapsed_s": wall})

@@ -49,6 +49,8 @@ TRAIN_TESTS = {
     ("test_runs.py", "test_resume_refuses_changed_trajectory_params_and_allows_logging_ones"),
     ("test_runs.py", "test_nan_gradient_with_finite_loss_stops_before_the_step"),
     ("test_runs.py", "test_resumed_run_reports_the_time_of_every_segment"),
+    ("test_cli.py", "test_fit_sends_metrics_rows_to_trackers_and_progress_lines"),
+    ("test_cli.py", "test_tensorboard_events_hold_the_rows_of_metrics_jsonl"),
 }
 
 

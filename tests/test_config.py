@@ -353,3 +353,22 @@ def test_cli_runs_the_variants_it_is_given(monkeypatch, capsys):
     argv = ["rl", "--params", "params/tiny/04_counterfactual_rl.yaml", "--variants"]
     assert cli.main([*argv, "faithful", "grpo"]) == 0 and ran == ["faithful", "grpo"]
     assert cli.main(argv) == 0 and ran[2:] == ["grpo_backbone", "grpo", "faithful", "faithful_occlusion"]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+def test_every_micro_batch_of_a_profile_holds_examples(profile):
+    """The GPU anchoring files once set batch_size 4 with grad_accum 8: batch_size counts a whole
+    optimiser step, so four of the eight micro-batches were empty and stage 1 crashed."""
+    import numpy as np
+
+    p = config.load_params(config.AnchorParams, config.notebook_params_file(profile, "03_anchoring"))
+    parts = np.array_split(np.arange(p.batch_size), p.grad_accum)
+    assert all(len(part) > 0 for part in parts), (p.batch_size, p.grad_accum)
+
+
+def test_grad_accum_above_batch_size_is_refused(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("batch_size: 4\ngrad_accum: 8\n")
+    with pytest.raises(config.ParamsError, match="grad_accum") as err:
+        config.load_params(config.AnchorParams, f)
+    assert str(f) in str(err.value)
