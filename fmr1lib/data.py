@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -602,15 +601,11 @@ def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams,
     when given, ``info.json`` (``make_dataset``'s info).
 
     The dataset is written to a temp folder next to ``folder`` (fsynced) and swapped in
-    (``repro.swap_folder``): a rebuild that fails or is killed midway leaves the previous
+    (``repro.staged_folder``): a rebuild that fails or is killed midway leaves the previous
     dataset and its ``params.json`` as they were. Temp folders of killed saves go first.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    repro.recover_interrupted_swap(folder)
-    repro.clean_stale_temps(folder.parent, f".{folder.name}.")
-    tmp = repro.make_temp_dir(folder.parent, f".{folder.name}.")
-    try:
+    with repro.staged_folder(folder) as tmp:
         # An empty split (``n_warmup: 0``, a JSONL source without a warm-up file) gets one
         # empty shard; by default it would get none, and ``load_from_disk`` fails on it.
         dsd.save_to_disk(str(tmp), num_shards={k: 1 for k, ds in dsd.items() if not len(ds)})
@@ -618,12 +613,6 @@ def save_dataset(dsd: datasets.DatasetDict, folder: str | Path, p: DataParams,
             atomic_write_json(tmp / "info.json", info)
         atomic_write_json(tmp / "params.json", {"class": "DataParams",
                                                 "params": json.loads(json.dumps(p.__dict__))})
-        repro.apply_umask_modes(tmp)
-        repro.fsync_tree(tmp)
-        repro.swap_folder(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -328,20 +327,10 @@ def save_backbone(model: Any, processor: Any, folder: str | Path,
     from fmr1lib import repro
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    repro.recover_interrupted_swap(folder)
-    repro.clean_stale_temps(folder.parent, f".{folder.name}.")
-    tmp = repro.make_temp_dir(folder.parent, f".{folder.name}.")
-    try:
+    with repro.staged_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
-        repro.apply_umask_modes(tmp)
-        repro.fsync_tree(tmp)
-        repro.swap_folder(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -13,6 +13,7 @@ notebooks read them back as data with ``read_records``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -25,7 +26,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,30 @@ def swap_folder(tmp: str | Path, folder: str | Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return folder
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """Build a replacement of ``folder`` in a temp folder next to it, then swap it in.
+
+    First a save killed mid-swap is undone (``recover_interrupted_swap``) and stale temp
+    folders of killed saves go (``clean_stale_temps``). The block writes into the yielded temp
+    folder; when it returns, the folder gets the umask's modes, is fsynced and swapped in
+    (``swap_folder``). When it raises, the temp folder is removed and ``folder`` is untouched.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(folder)
+    clean_stale_temps(folder.parent, f".{folder.name}.")
+    tmp = make_temp_dir(folder.parent, f".{folder.name}.")
+    try:
+        yield tmp
+        apply_umask_modes(tmp)
+        fsync_tree(tmp)
+        swap_folder(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
