@@ -14,6 +14,7 @@ tiers, the commands that run each and their measured times.
 from __future__ import annotations
 
 import pytest
+import torch
 
 TIERS = ("unit", "train", "notebook")
 
@@ -59,6 +60,16 @@ SLOW_MODULES = {
     "test_multiprocess.py",
     "test_fsdp.py",
 }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests, restored after: the tiny model gains
+    nothing from more, and on a busy 2-core machine oversubscribed threads slow it many times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tier_of(item: pytest.Item) -> str:

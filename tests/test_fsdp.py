@@ -15,14 +15,12 @@ its checkpoint. Checked:
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import NEEDS_GLOO, launch_command, launch_env
 from safetensors.torch import load_file
 
 from fmr1lib import batching, config, data, modeling
@@ -33,31 +31,16 @@ CONFIG = ROOT / "params" / "accelerate" / "cpu_fsdp_2proc.yaml"
 TIMEOUT_S = 180
 STEPS, STOP_AFTER = 4, 2
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = NEEDS_GLOO
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     """The three runs of ``tests/fsdp_train.py`` (full, part, resume) in one launch."""
     folder = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ)
-    # One thread per process: the two processes share the machine's cores.
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-           "--main_process_port", str(_free_port()), str(SCRIPT), "--out", str(folder),
-           "--steps", str(STEPS), "--stop-after", str(STOP_AFTER),
-           "--run", "full", "part", "resume"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    cmd = launch_command(CONFIG, SCRIPT, "--out", str(folder), "--steps", str(STEPS),
+                         "--stop-after", str(STOP_AFTER), "--run", "full", "part", "resume")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)

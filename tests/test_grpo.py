@@ -192,13 +192,8 @@ def test_cell_boxes_scale_back_to_the_original_image():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    # oversubscribed threads slow it down many times over.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs with one torch thread (``one_torch_thread``)."""
 
 
 @pytest.fixture(scope="module")

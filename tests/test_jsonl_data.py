@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -28,11 +27,8 @@ FILES = {s: f"tests/data/jsonl_study/{s}.jsonl" for s in ("train", "test_id", "t
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs with one torch thread (``one_torch_thread``)."""
 
 
 def _jsonl(**kw):

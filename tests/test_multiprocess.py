@@ -16,8 +16,6 @@ attention is captured through the DDP wrapper) and one GRPO step, once on two pr
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import NEEDS_GLOO, launch_command, launch_env
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,24 +31,7 @@ SCRIPT = ROOT / "tests" / "mp_train.py"
 CONFIG = ROOT / "params" / "accelerate" / "cpu_2proc.yaml"
 TIMEOUT_S = 240
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # One thread per process: the two processes share the machine's cores.
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    return env
+pytestmark = NEEDS_GLOO
 
 
 def _finish(proc: subprocess.Popen, what: str, deadline: float) -> None:
@@ -67,10 +49,9 @@ def runs(tmp_path_factory):
     """Run the two-process and the single-process training side by side."""
     two = tmp_path_factory.mktemp("two_processes")
     one = tmp_path_factory.mktemp("one_process")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-              "--main_process_port", str(_free_port()), str(SCRIPT), "--out", str(two), "--rl"]
+    launch = launch_command(CONFIG, SCRIPT, "--out", str(two), "--rl")
     single = [sys.executable, str(SCRIPT), "--out", str(one)]
-    kw = {"cwd": ROOT, "env": _env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+    kw = {"cwd": ROOT, "env": launch_env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
           "text": True}
     deadline = time.monotonic() + TIMEOUT_S
     procs = [(subprocess.Popen(launch, **kw), "accelerate launch (2 processes)"),
