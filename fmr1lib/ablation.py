@@ -27,15 +27,7 @@ from fmr1lib.stages import ROWS
 
 logger = logging.getLogger(__name__)
 
-ROW_LABELS: dict[str, str] = {
-    "backbone": "stage-0 backbone",
-    "text_perception": "text-perception SFT",
-    "anchoring": "anchoring (stage 1)",
-    "grpo_backbone": "GRPO from backbone",
-    "anchoring_grpo": "anchoring + GRPO",
-    "faithful_mr1": "Faithful-MR1 (boxes)",
-    "faithful_mr1_occlusion": "Faithful-MR1 (occlusion)",
-}
+ROW_LABELS: dict[str, str] = config.ABLATION_ROW_LABELS
 """How the table names each row."""
 
 TABLE_METRICS: tuple[str, ...] = (

@@ -663,6 +663,16 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
 ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
                  "faithful_mr1", "faithful_mr1_occlusion")
 """Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
+ABLATION_ROW_LABELS: dict[str, str] = {
+    "backbone": "stage-0 backbone",
+    "text_perception": "text-perception SFT",
+    "anchoring": "anchoring (stage 1)",
+    "grpo_backbone": "GRPO from backbone",
+    "anchoring_grpo": "anchoring + GRPO",
+    "faithful_mr1": "Faithful-MR1 (boxes)",
+    "faithful_mr1_occlusion": "Faithful-MR1 (occlusion)",
+}
+"""How the ablation table and every figure name each row (``plotting.DISPLAY_NAMES``)."""
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from fmr1lib import records
+from fmr1lib.config import ABLATION_ROW_LABELS
 from fmr1lib.repro import atomic_write_bytes
 
 # --------------------------------------------------------------------------------------
@@ -50,28 +51,21 @@ _RC_EXTRA = {
 }
 
 DISPLAY_NAMES: dict[str, str] = {
+    **ABLATION_ROW_LABELS,
     # stage 0
-    "backbone": "stage-0 backbone",
     "warm-up": "stage-0 warm-up",
     "warmup": "stage-0 warm-up",
     "stage 0 warm-up": "stage-0 warm-up",
-    # stage 1: variant names (notebook 03) and ablation rows (notebook 05)
+    # stage-1 and stage-2 variant names (notebooks 03-04) under their ablation row's label
     "plain": "plain SFT",
-    "text_perception": "text-perception SFT",
-    "focus_anchor": "anchoring (stage 1)",
-    "anchoring": "anchoring (stage 1)",
-    "anchored (start)": "anchoring (stage 1)",
-    # stage 2: variant names (notebook 04) and ablation rows (notebook 05)
-    "grpo_backbone": "GRPO from backbone",
-    "grpo": "anchoring + GRPO",
-    "anchoring_grpo": "anchoring + GRPO",
-    "faithful": "Faithful-MR1 (boxes)",
-    "faithful_mr1": "Faithful-MR1 (boxes)",
-    "faithful_occlusion": "Faithful-MR1 (occlusion)",
-    "faithful_mr1_occlusion": "Faithful-MR1 (occlusion)",
+    "focus_anchor": ABLATION_ROW_LABELS["anchoring"],
+    "anchored (start)": ABLATION_ROW_LABELS["anchoring"],
+    "grpo": ABLATION_ROW_LABELS["anchoring_grpo"],
+    "faithful": ABLATION_ROW_LABELS["faithful_mr1"],
+    "faithful_occlusion": ABLATION_ROW_LABELS["faithful_mr1_occlusion"],
 }
-"""One display name per variant / ablation row, used by every figure. The values are the
-labels of the ablation table (``ablation.ROW_LABELS``), so figures and tables agree."""
+"""One display name per variant / ablation row, used by every figure. The ablation rows keep
+the table's labels (``config.ABLATION_ROW_LABELS``), so figures and tables agree."""
 
 METRIC_NAMES: dict[str, str] = {
     "accuracy": "accuracy",
