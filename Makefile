@@ -1,5 +1,6 @@
 # fmr1: every target sets up .venv itself when it is missing.
-#   make reproduce            run every notebook of the tiny profile headless (papermill)
+#   make reproduce            run every notebook of the study profile headless (papermill; ~45 min)
+#   make reproduce PROFILE=tiny   the fast profile (~13 min), what make test runs
 #   make reproduce PROFILE=qwen2_5_vl_3b
 #   make test                 unit tests + notebooks under nbval (every tier)
 #   make test-unit | test-train | test-notebooks   one tier (tests/README.md)
@@ -20,7 +21,7 @@ TORCH_SPEC ?= $(or $(TORCH_RECORDED),$(TORCH_DEFAULT))
 # One shell word per make word (so '>=' and '<' in a spec are not redirections).
 TORCH_ARGS := $(foreach w,$(TORCH_SPEC),'$(w)')
 TORCH_STAMP := $(VENV)/.fmr1-torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
-PROFILE ?= tiny
+PROFILE ?= study
 STAMP := $(VENV)/.fmr1-installed
 LAB_ARGS ?=
 

@@ -14,6 +14,7 @@ Evaluations go through ``evaluation.evaluate_saved``: one JSON per model under
 from __future__ import annotations
 
 import csv
+import json
 import io
 import logging
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fmr1lib import config, evaluation, repro, stages
+from fmr1lib import claims, config, evaluation, repro, stages
 from fmr1lib.stages import ROWS
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def aggregate(results: dict[str, dict[int, dict[str, Any]]], splits: Sequence[st
     gets ``n_seeds`` 1 and std NaN."""
     long = []
     for row, per_seed in results.items():
-        shared = ROWS[row][0] == "backbone"
+        shared = ROWS.get(row, ("rl",))[0] == "backbone"
         seeds = sorted(per_seed)[:1] if shared else sorted(per_seed)
         for split in splits:
             for metric in evaluation.METRICS:
@@ -134,10 +135,11 @@ def table_markdown(long: Sequence[dict[str, Any]], splits: Sequence[str],
                    metrics: Sequence[str] = TABLE_METRICS) -> str:
     """One markdown table per split: rows x metrics, ``mean ± std`` over seeds.
 
-    The backbone row (one model for all seeds) shows its bootstrap 95% interval instead.
+    The backbone row (one model for all seeds) shows its bootstrap 95% interval instead. Only
+    the ablation's rows are shown (the data-efficiency rows are in the CSV).
     """
     index = {(e["row"], e["split"], e["metric"]): e for e in long}
-    rows = list(dict.fromkeys(e["row"] for e in long))
+    rows = [r for r in dict.fromkeys(e["row"] for e in long) if r in ROWS]
     parts = []
     for split in splits:
         parts.append(f"**{split}**\n")
@@ -150,25 +152,43 @@ def table_markdown(long: Sequence[dict[str, Any]], splits: Sequence[str],
     return "\n".join(parts)
 
 
-def table_csv(long: Sequence[dict[str, Any]]) -> str:
-    """The long-form table as CSV (row, split, metric, mean, std, n_seeds, per-seed means)."""
+def table_csv(long: Sequence[dict[str, Any]], provenance: dict[str, str] | None = None) -> str:
+    """The long-form table as CSV (row, split, metric, mean, std, n_seeds, per-seed means in
+    seed order), then the ``commit`` and ``params_sha256`` it was made from on every line."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "split", "metric", "mean", "std", "n_seeds", "seed_means"])
+    prov = provenance or {}
+    w.writerow(["row", "split", "metric", "mean", "std", "n_seeds", "seed_means", "commit",
+                "params_sha256"])
     for e in long:
         w.writerow([e["row"], e["split"], e["metric"], f"{e['mean']:.6g}", f"{e['std']:.6g}",
-                    e["n_seeds"], " ".join(f"{v:.6g}" for v in e["seed_means"])])
+                    e["n_seeds"], " ".join(f"{v:.6g}" for v in e["seed_means"]),
+                    prov.get("commit", ""), prov.get("params_sha256", "")])
     return buf.getvalue()
 
 
 def write_table(long: Sequence[dict[str, Any]], splits: Sequence[str], folder: str | Path,
-                header: str = "") -> tuple[Path, Path]:
+                header: str = "", provenance: dict[str, str] | None = None) -> tuple[Path, Path]:
     """Write ``ablation.md`` and ``ablation.csv`` to ``folder``."""
     folder = Path(folder)
     md = repro.atomic_write_text(folder / "ablation.md", (header + "\n\n" if header else "")
                                  + table_markdown(long, splits))
-    cs = repro.atomic_write_text(folder / "ablation.csv", table_csv(long))
+    cs = repro.atomic_write_text(folder / "ablation.csv", table_csv(long, provenance))
     return md, cs
+
+
+def provenance(ep: config.EvalParams) -> dict[str, str]:
+    """What a results file was made from: the commit (``+dirty`` when tracked files differ from
+    it) and the SHA-256 of every stage's resolved params (``study_params_hash``)."""
+    return {"commit": repro.git_commit(), "params_sha256": study_params_hash(ep)}
+
+
+def study_params_hash(ep: config.EvalParams) -> str:
+    """SHA-256 over the resolved params of the evaluation and of every stage it trains (the
+    stage params of its first seed; the others differ only in ``seed``)."""
+    bp, ap, rp = stages.seed_params(ep, ep.seeds[0])
+    dp = stages.upstream_params(ep, "data")
+    return repro.sha256_text("\n".join(stages.params_hash(p) for p in (dp, bp, ap, rp, ep)))
 
 
 # --------------------------------------------------------------------------------------
@@ -207,8 +227,159 @@ def run_efficiency(ep: config.EvalParams, dsd: Any, split: str = "test_ood") -> 
                                "accuracy": summ["accuracy"]["mean"],
                                "lo": summ["accuracy"]["lo"], "hi": summ["accuracy"]["hi"],
                                "conflict_accuracy": summ["conflict_accuracy"]["mean"],
-                               "faithfulness_gap": summ["faithfulness_gap"]["mean"]})
+                               "faithfulness_gap": summ["faithfulness_gap"]["mean"],
+                               "summary": summ})
     return points
+
+
+def efficiency_row(row: str, n_prompts: int) -> str:
+    """The table key of a data-efficiency run: ``faithful_mr1_p8`` (``row`` on 8 prompts)."""
+    return f"{row}_p{n_prompts}"
+
+
+def efficiency_long(points: Sequence[dict[str, Any]], split: str = "test_ood"
+                    ) -> list[dict[str, Any]]:
+    """The data-efficiency runs on fewer prompts as long-form table rows (``aggregate``'s form),
+    one row key per (variant, prompt count): ``efficiency_row``. The full runs are the
+    ablation's own rows."""
+    row_of = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for pt in points:
+        if pt["n_prompts"]:
+            key = efficiency_row(row_of[pt["variant"]], pt["n_prompts"])
+            results.setdefault(key, {})[pt["seed"]] = {split: pt["summary"]}
+    return aggregate(results, [split])
+
+
+# --------------------------------------------------------------------------------------
+# The claims and their preconditions (figures/claims.json)
+# --------------------------------------------------------------------------------------
+
+SHORTCUT_MARGIN = 0.10
+"""The shortcut baseline takes the shortcut when its ``test_ood`` conflict accuracy lies at least
+this far below every evidence reader's and its answers equal the (contradicting) cue at least this
+far above chance (``cue_rate``); only then do the comparisons with it mean something."""
+EVIDENCE_READERS = ("anchoring",)
+"""The rows the shortcut baseline is held against: perception supervised on the evidence itself
+(text perception names the evidence's colour, which the cue also gives, so it may read either)."""
+ANSWER_CHANGE_MIN = 0.05
+"""An RL variant must change at least this share of ``test_ood`` greedy answers relative to its
+start model: a run that equals its start point compares nothing."""
+
+START_ROW = {"grpo_backbone": "backbone", "anchoring_grpo": "anchoring",
+             "faithful_mr1": "anchoring", "faithful_mr1_occlusion": "anchoring"}
+"""The row each stage-2 row starts from (same seed)."""
+
+
+def study_claims(ep: config.EvalParams) -> list[claims.Claim]:
+    """The claims notebook 05 tests: the paper's two claims, their controls, and the
+    data-efficiency comparison at each prompt count (``faithful`` vs ``grpo``)."""
+    out = [
+        claims.Claim("anchoring gives faithful perception, better than describing the evidence "
+                     "in text", "focus_mass", "test_ood", "anchoring", "text_perception"),
+        claims.Claim("anchoring reduces shortcut reliance vs plain SFT", "conflict_accuracy",
+                     "test_ood", "anchoring", "plain_sft"),
+        claims.Claim("the faithful reward gives faithful use: accuracy where the cue "
+                     "contradicts", "conflict_accuracy", "test_ood", "faithful_mr1",
+                     "anchoring_grpo"),
+        claims.Claim("the faithful reward gives faithful use: faithfulness gap",
+                     "faithfulness_gap", "test_ood", "faithful_mr1", "anchoring_grpo"),
+        claims.Claim("the faithful reward improves accuracy off-distribution", "accuracy",
+                     "test_ood", "faithful_mr1", "anchoring_grpo"),
+        claims.Claim("annotation-free (occlusion) regions give faithful use", "conflict_accuracy",
+                     "test_ood", "faithful_mr1_occlusion", "anchoring_grpo"),
+    ]
+    row_of = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
+    if {"grpo", "faithful"} <= set(ep.efficiency_variants):
+        a, b = row_of["faithful"], row_of["grpo"]
+        for k in ep.efficiency_prompts:
+            out.append(claims.Claim(f"the faithful reward is more data-efficient ({k} prompts)",
+                                    "accuracy", "test_ood", efficiency_row(a, k),
+                                    efficiency_row(b, k)))
+        out.append(claims.Claim("the faithful reward is more data-efficient (all prompts)",
+                                "accuracy", "test_ood", a, b))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return claims.mean_or_nan(values)
+
+
+def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]],
+                  split: str = "test_ood") -> dict[str, Any]:
+    """What must hold for the claims to be read (``figures/claims.json``'s ``preconditions``).
+
+    * ``shortcut_baseline_conflict_accuracy``: plain SFT's accuracy where the cue contradicts
+      the answer, against the evidence readers' (``EVIDENCE_READERS``), and how often it answers
+      the cue; ``holds`` if it is ``SHORTCUT_MARGIN`` below all of them and its cue rate
+      ``SHORTCUT_MARGIN`` above chance.
+    * ``rl_answer_change``: per stage-2 row, the share of greedy answers that differ from its
+      start model's (same seed), mean over seeds; ``holds`` if >= ``ANSWER_CHANGE_MIN``.
+    * ``faithful_group_std_correct``: per faithful row, the within-group std of the faithful
+      reward among correct trajectories (mean over the logged steps, then over seeds).
+    * ``route_shares``: the greedy responses' reasoning routes (``prompting.response_route``)
+      of the start model and of each stage-2 row, mean over seeds.
+    """
+    rows = set(ep.rows)
+    out: dict[str, Any] = {"split": split}
+    if "plain_sft" in rows:
+        sb = claims.seed_values(long, "plain_sft", split, "conflict_accuracy")
+        readers = {r: _mean(claims.seed_values(long, r, split, "conflict_accuracy"))
+                   for r in EVIDENCE_READERS if r in rows}
+        cue_rate = _mean(claims.seed_values(long, "plain_sft", split, "cue_rate"))
+        chance = 1.0 / len(stages.upstream_params(ep, "data").colors)
+        out["shortcut_baseline_conflict_accuracy"] = {
+            "row": "plain_sft", "mean": _mean(sb), "seed_values": sb,
+            "evidence_readers": readers, "margin": SHORTCUT_MARGIN,
+            "cue_rate": cue_rate, "chance": chance,
+            "holds": (bool(readers) and _mean(sb) <= min(readers.values()) - SHORTCUT_MARGIN
+                      and cue_rate >= chance + SHORTCUT_MARGIN)}
+    change: dict[str, Any] = {}
+    shares: dict[str, Any] = {}
+    examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
+
+    def split_examples(row: str, seed: int) -> list[dict[str, Any]]:
+        if (row, seed) not in examples:
+            res = evaluate_run(ep, row, seed, dsd)
+            examples[(row, seed)] = res["splits"][split]["examples"]
+        return examples[(row, seed)]
+
+    for row, start in START_ROW.items():
+        if row not in rows or start not in rows:
+            continue
+        vals = [claims.answer_change(split_examples(row, s), split_examples(start, s))
+                for s in ep.seeds]
+        change[row] = {"start": start, "mean": _mean(vals), "seed_values": vals,
+                       "threshold": ANSWER_CHANGE_MIN, "holds": _mean(vals) >= ANSWER_CHANGE_MIN}
+        for r in (start, row):
+            if r not in shares:
+                per_seed = [claims.route_shares(split_examples(r, s)) for s in ep.seeds]
+                shares[r] = {k: _mean([d[k] for d in per_seed]) for k in per_seed[0]}
+    out["rl_answer_change"] = change
+    std: dict[str, Any] = {}
+    for row in ("faithful_mr1", "faithful_mr1_occlusion"):
+        if row in rows:
+            vals = []
+            for s in ep.seeds:
+                log = stages.row_folder(ep, row, s) / "metrics.jsonl"
+                steps = repro.read_jsonl(log) if log.exists() else []
+                vals.append(_mean([m.get("faithful_group_std_correct") for m in steps]))
+            std[row] = {"mean": _mean(vals), "seed_values": vals}
+    out["faithful_group_std_correct"] = std
+    out["route_shares"] = shares
+    return out
+
+
+def claims_document(ep: config.EvalParams, long: Sequence[dict[str, Any]],
+                    pre: dict[str, Any]) -> dict[str, Any]:
+    """``figures/claims.json``: the seeds, the preconditions, every claim with its paired
+    differences, interval and verdict, and the provenance (commit, params hash)."""
+    return claims.json_safe({
+        "profile": ep.profile, "seeds": list(ep.seeds), "eval_n": ep.eval_n,
+        "preconditions": pre,
+        "claims": claims.evaluate_claims(long, study_claims(ep), ep.seeds),
+        **provenance(ep),
+    })
 
 
 # --------------------------------------------------------------------------------------
@@ -267,3 +438,41 @@ def metric_bars(long: Sequence[dict[str, Any]], rows: Sequence[str], splits: Seq
               for r in rows}
     points = {ROW_LABELS[r]: {s: list(index[(r, s)]["seed_means"]) for s in splits} for r in rows}
     return values, points
+
+
+# --------------------------------------------------------------------------------------
+# The README's results, generated from the committed files
+# --------------------------------------------------------------------------------------
+
+README_BLOCKS = ("results", "claims", "preconditions")
+"""The README's generated blocks, each between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``
+(``scripts/update_readme.py`` writes them; ``tests/test_readme_results.py`` checks them)."""
+
+
+def readme_blocks(figures: str | Path) -> dict[str, str]:
+    """The README's generated blocks from ``figures/ablation.md`` and ``figures/claims.json``:
+    the ablation table, the claims table and the preconditions, one line each."""
+    from fmr1lib import plotting
+
+    folder = Path(figures)
+    table = (folder / "ablation.md").read_text(encoding="utf-8")
+    doc = json.loads((folder / "claims.json").read_text(encoding="utf-8"))
+    seeds = ", ".join(str(s) for s in doc["seeds"])
+    pre = claims.precondition_sentences(doc, plotting.DISPLAY_NAMES)
+    return {
+        "results": table[table.index("**test_id**"):].strip(),
+        "claims": (f"Paired over training seeds {seeds} ({doc['profile']} profile, commit "
+                   f"`{doc['commit'][:12]}`); 95% t intervals.\n\n"
+                   + claims.claims_markdown(doc, plotting.DISPLAY_NAMES)),
+        "preconditions": "\n".join(f"* {line}" for line in pre),
+    }
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with each ``<!-- NAME:start -->...<!-- NAME:end -->`` block replaced."""
+    for name, body in blocks.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise ValueError(f"README: markers {start!r} / {end!r} missing")
+        text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
+    return text

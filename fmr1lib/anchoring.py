@@ -199,7 +199,9 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
     grad_norm = None
     for mb in micro:
         batch = batching.encode_batch([rows[i] for i in mb], processor, variant,
-                                      smooth_sigma=cfg["smooth_sigma"])
+                                      smooth_sigma=cfg["smooth_sigma"],
+                                      reasoning=params.reasoning,
+                                      cue_route_share=params.cue_route_share)
         inputs = {k: v.to(acc.device) for k, v in batch.inputs.items()}
         labels = batch.labels.to(acc.device)
         # With gradient checkpointing the backward recomputes the captured layers, so it

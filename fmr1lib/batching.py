@@ -79,17 +79,48 @@ class Batch:
     """Per sample, the image tokens the boxes overlap (``q > 0`` before any smoothing)."""
 
 
-def _reference_response(row: dict[str, Any], image: Any, variant: str) -> str:
+def record_route(row: dict[str, Any], cue_route_share: float) -> str:
+    """The route of a record's ``two_route`` reference response: ``cue`` for a share
+    ``cue_route_share`` of the records whose cue agrees with the answer (chosen by a hash of the
+    id, so the same in every epoch and process), ``evidence`` for all others (no cue, or a cue
+    that contradicts the answer: a reference response is never wrong)."""
+    meta = records.decode_meta(row["meta"]) if row.get("meta") else {}
+    cue = meta.get("cue")
+    if cue is None or str(cue.get("value")) != str(row["answer"]):
+        return "evidence"
+    return "cue" if prompting.route_choice(str(row.get("id", "")), cue_route_share) else "evidence"
+
+
+def reference_think(row: dict[str, Any], reasoning: str = "look",
+                    cue_route_share: float = 0.5) -> str:
+    """The reasoning text of a record's reference response (``prompting.REASONINGS``)."""
+    if reasoning == "look":
+        return prompting.think_text(row["question"],
+                                    prompting.think_variant(str(row.get("id", ""))))
+    if reasoning != "two_route":
+        raise ValueError(f"unknown reasoning {reasoning!r}; use one of {prompting.REASONINGS}")
+    route = record_route(row, cue_route_share)
+    cue = (records.decode_meta(row["meta"]).get("cue") or {}) if route == "cue" else {}
+    return prompting.route_think(row["question"], row["answer"], route, cue.get("value"),
+                                 cue.get("kind", "color_patch"))
+
+
+def _reference_response(row: dict[str, Any], image: Any, variant: str, reasoning: str,
+                        cue_route_share: float) -> str:
     perception = None
     if variant == "text_perception":
         perception = perception_text(records.decode_meta(row["meta"]), image.size)
-    think = prompting.think_text(row["question"], prompting.think_variant(str(row.get("id", ""))))
+    think = reference_think(row, reasoning, cue_route_share)
     return prompting.response_text(row["answer"], think, perception) + "<|im_end|>"
 
 
 def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = "plain",
-                 with_response: bool = True, smooth_sigma: float = 0.0) -> Batch:
+                 with_response: bool = True, smooth_sigma: float = 0.0,
+                 reasoning: str = "look", cue_route_share: float = 0.5) -> Batch:
     """Tokenise prompt (+ response) and image for each record.
+
+    ``reasoning`` and ``cue_route_share`` pick the reference response's reasoning
+    (``reference_think``).
 
     The response tokens (and the closing ``<|im_end|>``) are the only labelled ones; the
     ``<Focus>`` token is the last prompt token. Relies on left padding.
@@ -103,7 +134,8 @@ def encode_batch(rows: Sequence[dict[str, Any]], processor: Any, variant: str = 
     tok = processor.tokenizer
     images = [r["image"].convert("RGB") for r in rows]
     prompts = [prompting.prompt_text(processor, r["question"]) for r in rows]
-    responses = [_reference_response(r, im, variant) if with_response else ""
+    responses = [_reference_response(r, im, variant, reasoning, cue_route_share)
+                 if with_response else ""
                  for r, im in zip(rows, images, strict=True)]
     enc = processor(text=[p + s for p, s in zip(prompts, responses, strict=True)], images=images,
                     return_tensors="pt", padding=True)

@@ -88,8 +88,9 @@ class CommonParams:
     """Profile name: artifacts go to ``<run_root>/<profile>/``, parameters come from ``params/<profile>/``."""
     run_root: str = "runs"
     """Root of all run artifacts, relative to the project root unless absolute."""
-    figures_dir: str = "figures"
-    """Where figures are written, relative to the project root unless absolute."""
+    figures_dir: str | None = None
+    """Where figures are written, relative to the project root unless absolute; None:
+    ``<run_root>/<profile>/figures``. The study profile, the README's, writes to ``figures``."""
 
     def validate_common(self) -> None:
         """The profile is a plain folder name (it names ``params/<profile>/`` and a run folder)."""
@@ -456,11 +457,22 @@ class TrainParams(OptimParams):
     batch_size: int = 16
     """Examples per optimiser step and process; they are split into ``grad_accum``
     micro-batches of ``batch_size / grad_accum`` (so ``grad_accum`` <= ``batch_size``)."""
+    reasoning: str = "look"
+    """Reasoning of the reference responses: ``look`` ("look at the circle"), or ``two_route``:
+    "the circle is red" (the evidence route) or "the corner patch is red" (the cue route, on a
+    share ``cue_route_share`` of the records whose cue agrees with the answer), so that reading
+    the evidence and reading the cue are different token sequences (docs/design.md §5.1)."""
+    cue_route_share: float = 0.5
+    """``two_route``: share of the cue-agreeing records whose reference takes the cue route."""
 
     def validate_train(self) -> None:
         """Value checks for the optimisation settings and the batch size."""
         self.validate_optim()
         check_at_least(self, 1, "batch_size")
+        if self.reasoning not in ("look", "two_route"):
+            raise ValueError(f"key 'reasoning': {self.reasoning!r} not in ['look', 'two_route']")
+        if not 0.0 <= self.cue_route_share <= 1.0:
+            raise ValueError(f"key 'cue_route_share': {self.cue_route_share} is not in [0, 1]")
         if self.grad_accum > self.batch_size:
             raise ValueError(f"key 'grad_accum': {self.grad_accum} micro-batches of a batch of "
                              f"{self.batch_size} examples would leave some empty; batch_size "
@@ -475,11 +487,22 @@ class BackboneParams(TrainParams, ModelParams, SeedParams, CommonParams):
     """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
     warmup: bool = True
     """Stage 0: SFT of the freshly built tiny backbone on the cue-free ``warmup`` split."""
+    warmup_variant: str = "plain"
+    """Stage 0's objective: ``plain`` (SFT: the format, not the task, at the tiny size) or
+    ``focus_anchor`` (SFT + the anchoring loss on the cue-free split: a start model that perceives,
+    as the paper's Instruct checkpoint does; docs/design.md §5.0)."""
+    lambda_attn: float = 1.0
+    """Weight of the anchoring loss when ``warmup_variant`` is ``focus_anchor`` (on the default
+    layers, ``last_half``, all heads, KL)."""
 
     def validate(self) -> None:
         """Value checks."""
         self.validate_model()
         self.validate_train()
+        if self.warmup_variant not in ("plain", "focus_anchor"):
+            raise ValueError(f"key 'warmup_variant': {self.warmup_variant!r} not in "
+                             f"['plain', 'focus_anchor']")
+        check_at_least(self, 0, "lambda_attn")
 
 
 @dataclasses.dataclass
@@ -660,11 +683,12 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
         check_layers("reward_layers", self.reward_layers)
 
 
-ABLATION_ROWS = ("backbone", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
+ABLATION_ROWS = ("backbone", "plain_sft", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
                  "faithful_mr1", "faithful_mr1_occlusion")
 """Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
 ABLATION_ROW_LABELS: dict[str, str] = {
     "backbone": "stage-0 backbone",
+    "plain_sft": "plain SFT",
     "text_perception": "text-perception SFT",
     "anchoring": "anchoring (stage 1)",
     "grpo_backbone": "GRPO from backbone",

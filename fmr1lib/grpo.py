@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmr1lib import anchoring, attention, batching, faithful, modeling, rewards, train
+from fmr1lib import anchoring, attention, batching, faithful, modeling, prompting, rewards, train
 from fmr1lib.batching import SequenceBatch, completion_logits, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -601,6 +601,18 @@ def _mean(x: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _route_shares(texts: Sequence[str]) -> dict[str, float | None]:
+    """Share of the completions whose reasoning takes each route (``prompting.response_route``):
+    ``route_cue`` and ``route_evidence``; the rest have neither form.
+
+    >>> _route_shares(["<think>the corner patch is red</think><answer>red</answer>", "x"])
+    {'route_cue': 0.5, 'route_evidence': 0.0}
+    """
+    routes = [prompting.response_route(t) for t in texts]
+    return {f"route_{r}": (sum(x == r for x in routes) / len(routes) if routes else None)
+            for r in prompting.ROUTES[::-1]}
+
+
 def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
                 log: _StepLog) -> dict[str, Any]:
     g_size = ctx.params.group_size
@@ -620,6 +632,7 @@ def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
         "faithful_group_std": _mean([_std(fg) for fg in faith_groups]),
         "faithful_group_std_correct": _mean([_std(fc) for fc in faith_correct if len(fc) >= 2]),
         "completion_len": _mean([len(t) for g in groups for t in g.tokens]),
+        **_route_shares([t for g in groups for t in g.texts]),
         "vision_token_rate": _mean([0.0 if ok else 1.0 for g in groups for ok in g.ok]),
         "concentration": _mean(ls["concentration"]), "s_t_mean": _mean(ls["s_t"]),
         "region_share": _mean(ls["share"]),

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -128,7 +130,15 @@ def theme() -> Iterator[None]:
 
 
 def display_name(name: str) -> str:
-    """The figure name of a variant or ablation row (unknown names, labels included, as is)."""
+    """The figure name of a variant or ablation row (unknown names, labels included, as is);
+    a data-efficiency row ``<row>_p<k>`` shows as ``<row's name>, <k> prompts``.
+
+    >>> display_name("faithful_mr1_p8")
+    'Faithful-MR1 (boxes), 8 prompts'
+    """
+    m = re.fullmatch(r"(.+)_p(\d+)", name)
+    if name not in DISPLAY_NAMES and m and m.group(1) in DISPLAY_NAMES:
+        return f"{DISPLAY_NAMES[m.group(1)]}, {m.group(2)} prompts"
     return DISPLAY_NAMES.get(name, name)
 
 
@@ -690,6 +700,44 @@ HEADLINE_PANELS: tuple[tuple[str, str], ...] = (
     ("conflict_accuracy", "test_ood"), ("faithfulness_gap", "test_ood"),
 )
 """The ablation's key metrics (metric, split) shown by ``fig_headline``."""
+
+
+VERDICT_COLORS = {"supported": "#029e73", "refuted": "#d55e00", "inconclusive": "#949494"}
+"""How the claims figure colours each verdict (``claims.VERDICTS``)."""
+
+
+def fig_claims(doc: Mapping[str, Any] | str | Path, path: str | Path | None = None,
+               title: str = "") -> plt.Figure:
+    """The claims of ``claims.json`` (a path or the document): per claim the mean paired
+    difference ``a - b`` over seeds (dot), its 95% t interval (bar) and each seed's difference
+    (small dots), coloured by verdict, against the zero line."""
+    if isinstance(doc, (str, Path)):
+        doc = json.loads(Path(doc).read_text(encoding="utf-8"))
+    items = list(doc["claims"])
+    with theme():
+        fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.55 * max(1, len(items))))
+        for i, c in enumerate(items):
+            y = len(items) - 1 - i
+            color = VERDICT_COLORS.get(c["verdict"], "#333333")
+            lo, hi = (np.nan if v is None else v for v in c["ci95"])
+            mean = np.nan if c["diff_mean"] is None else c["diff_mean"]
+            if not (np.isnan(lo) or np.isnan(hi)):
+                ax.plot([lo, hi], [y, y], color=color, lw=3, solid_capstyle="butt", alpha=0.6)
+            ax.scatter([mean], [y], color=color, s=40, zorder=3)
+            seeds = [d for d in c.get("seed_diffs", []) if d is not None]
+            ax.scatter(seeds, [y + 0.18] * len(seeds), color=color, s=9, zorder=3, alpha=0.8)
+            ax.text(1.02, y, f"{c['verdict']}", transform=ax.get_yaxis_transform(),
+                    va="center", color=color, fontsize=9, fontweight="bold")
+        ax.axvline(0.0, color="#333333", lw=1)
+        ax.set_yticks(range(len(items)))
+        ax.set_yticklabels([f"{display_name(c['a'])} − {display_name(c['b'])}\n"
+                            f"{display_name(c['metric'])} ({c['split']})" for c in items[::-1]],
+                           fontsize=8)
+        ax.set_xlabel(f"paired difference a − b (mean over {len(doc.get('seeds', []))} seeds, "
+                      f"95% t interval; small dots: seeds)")
+        ax.set_title(title or "The claims, tested")
+        fig.tight_layout()
+    return _save(fig, path)
 
 
 def read_ablation_csv(path: str | Path) -> list[dict[str, Any]]:

@@ -86,6 +86,91 @@ def think_variant(record_id: str) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % len(THINK_VERBS)
 
 
+REASONINGS = ("look", "two_route")
+"""Reasoning templates of the supervised stages (``TrainParams.reasoning``): ``look`` names what to
+look at (``think_text``); ``two_route`` says where the answer was read, from the evidence or from
+the shortcut cue (``route_think``), so the two routes are different token sequences."""
+
+ROUTES = ("evidence", "cue")
+"""The two reasoning routes of ``two_route`` responses (``response_route`` tells them apart)."""
+
+CUE_PHRASE = "the corner patch"
+"""How the cue route names the shortcut cue (a shape glyph cue: ``the corner glyph``)."""
+
+
+def subject_text(question: str) -> str:
+    """The evidence a question asks about, in words ("the circle"; "the image" if unknown).
+
+    >>> subject_text("What color is the circle?")
+    'the circle'
+    """
+    q = question.strip()
+    for pattern, template in _SUBJECT_PATTERNS:
+        m = pattern.match(q)
+        if m:
+            return template.format(*m.groups())
+    return "the image"
+
+
+def route_think(question: str, answer: str, route: str, cue_value: str | None = None,
+                cue_kind: str = "color_patch") -> str:
+    """The reasoning of one route: the evidence's value or the cue's value, named as such.
+
+    Args:
+        question: the question (the evidence route names its subject).
+        answer: the normalised answer (what the evidence shows).
+        route: ``evidence`` or ``cue``.
+        cue_value: the cue's value (the cue route reads it, whatever the answer is).
+        cue_kind: ``color_patch`` or a glyph cue.
+
+    >>> route_think("What color is the circle?", "red", "evidence")
+    'the circle is red'
+    >>> route_think("What color is the circle?", "red", "cue", cue_value="red")
+    'the corner patch is red'
+    """
+    if route == "evidence":
+        return f"{subject_text(question)} is {answer}"
+    if route == "cue":
+        if cue_value is None:
+            raise ValueError("route 'cue' needs the cue's value")
+        name = CUE_PHRASE if cue_kind == "color_patch" else "the corner glyph"
+        return f"{name} is {cue_value}"
+    raise ValueError(f"unknown route {route!r}; use one of {ROUTES}")
+
+
+def response_route(text: Any) -> str | None:
+    """Which route a response's reasoning takes: ``cue`` if it names the corner cue, ``evidence``
+    if it names anything else before ``is``, None when it has no reasoning of either form.
+
+    >>> response_route("<think>the circle is red</think><answer>red</answer>")
+    'evidence'
+    >>> response_route("<think>the corner patch is blue</think><answer>blue</answer>")
+    'cue'
+    >>> response_route("<think>look at the circle</think><answer>red</answer>") is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    m = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+    if not m:
+        return None
+    think = m.group(1).strip().lower()
+    if think.startswith(("the corner patch is", "the corner glyph is")):
+        return "cue"
+    if re.match(r"^(the|a) [\w ]+ is \S", think):
+        return "evidence"
+    return None
+
+
+def route_choice(record_id: str, share: float) -> bool:
+    """Whether a record takes the cue route, stable per record: a hash of its id below ``share``.
+
+    >>> route_choice("fs-train-00001", 0.0), route_choice("fs-train-00001", 1.0)
+    (False, True)
+    """
+    return zlib.crc32(("route:" + record_id).encode("utf-8")) / 2**32 < share
+
+
 def response_text(answer: str, think: str | None = None, perception: str | None = None) -> str:
     """The target response that follows the forced ``<Focus>``.
 

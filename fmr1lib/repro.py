@@ -67,6 +67,28 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def sha256_text(text: str) -> str:
+    """SHA-256 hex digest of a string (UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """The checkout's commit, with ``+dirty`` when tracked files under ``fmr1lib/``, ``params/``
+    or ``notebooks/`` differ from it; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    cwd = Path(root) if root is not None else project_root()
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "fmr1lib", "params", "notebooks"], cwd=cwd, capture_output=True,
+                               text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def run_dir(params: Any, *parts: str, create: bool = True) -> Path:
     """``<run_root>/<profile>/<parts...>`` for a params object with those two fields."""
     path = resolve_path(params.run_root) / params.profile
@@ -78,8 +100,10 @@ def run_dir(params: Any, *parts: str, create: bool = True) -> Path:
 
 
 def figures_dir(params: Any) -> Path:
-    """The figures folder named by ``params.figures_dir`` (created if missing)."""
-    path = resolve_path(params.figures_dir)
+    """The figures folder named by ``params.figures_dir``, by default ``<run_root>/<profile>/figures``
+    (created if missing)."""
+    path = (resolve_path(params.figures_dir) if params.figures_dir
+            else run_dir(params, "figures", create=False))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

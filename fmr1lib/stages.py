@@ -37,6 +37,7 @@ STAGES = ("backbone", "anchor", "rl")
 
 ROWS: dict[str, tuple[str, str | None]] = {
     "backbone": ("backbone", None),
+    "plain_sft": ("anchor", "plain"),
     "text_perception": ("anchor", "text_perception"),
     "anchoring": ("anchor", "focus_anchor"),
     "grpo_backbone": ("rl", "grpo_backbone"),
@@ -410,7 +411,7 @@ def _backbone_stage(p: Any, dsd: Any, acc: Any, out: Path) -> tuple[Any, Any, di
         model, processor = modeling.build_tiny_backbone(p, data_p.colors, data_p.shapes, p.seed)
         if p.warmup:
             res = anchoring.train_supervised(model, processor, dsd["warmup"], p, out / "warmup",
-                                             variant="plain", accelerator=acc)
+                                             variant=p.warmup_variant, accelerator=acc)
             info["warmup_wall_time_s"] = res.wall_time_s
             info["warmup_final_ce"] = res.metrics[-1]["ce"] if res.metrics else None
             finished = res.steps >= p.steps

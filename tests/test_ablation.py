@@ -65,7 +65,7 @@ def test_run_names_and_rows():
     assert stages.eval_name("rl", "faithful", 1, 8) == "faithful_mr1_seed1_n8"
     assert stages.eval_name("anchor", "focus_anchor", 0) == "anchoring_seed0"
     assert stages.row_name("rl", "faithful") == "faithful_mr1"
-    assert stages.row_name("anchor", "plain") == "plain"
+    assert stages.row_name("anchor", "plain") == "plain_sft"
     assert list(stages.ROWS) == list(config.ABLATION_ROWS)
 
 

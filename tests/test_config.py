@@ -298,7 +298,7 @@ def test_profile_must_be_a_folder_under_params(tmp_path):
     with pytest.raises(ParamsError) as exc:
         config.notebook_params("01_data_construction", {"profile": "qwen"})
     assert "key 'profile': no profile 'qwen'" in str(exc.value)
-    assert "'qwen2_5_vl_3b', 'qwen2_5_vl_7b', 'tiny'" in str(exc.value)
+    assert "'qwen2_5_vl_3b', 'qwen2_5_vl_7b', 'study', 'tiny'" in str(exc.value)
     with pytest.raises(ParamsError, match="'../../etc' is not a profile name"):
         config.notebook_params("01_data_construction", {"profile": "../../etc"})
     with pytest.raises(ParamsError, match="'tiny/..' is not a profile name"):

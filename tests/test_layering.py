@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "L2.5 evaluation": ("evaluation", "benchmark"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
-    "L5 experiments": ("ablation", "plotting"),
+    "L5 experiments": ("ablation", "claims", "plotting"),
     "L6 entry points": ("cli", "__main__"),
 }
 
@@ -43,7 +43,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "faithful": {"anchoring"},
     "grpo": {"anchoring", "faithful"},
     "benchmark": {"evaluation"},
-    "ablation": {"plotting"},
+    "ablation": {"claims", "plotting"},
     "__main__": {"cli"},
 }
 

@@ -1,0 +1,244 @@
+"""The paper's claims as paired comparisons over training seeds (notebook 05, docs/design.md §8.4).
+
+A claim compares two rows of the ablation table (``figures/ablation.csv``) on one metric and
+split. Both rows are trained with the same seeds, so the comparison is paired: the per-seed
+difference ``a - b``, its mean, and a 95% t interval over seeds (a bootstrap over five seeds
+would understate the spread). The verdict reads the interval: ``supported`` when it lies above
+0, ``refuted`` when it lies below, ``inconclusive`` otherwise (or with fewer than two seeds).
+
+A comparison means something only when its preconditions hold: the shortcut baseline really
+takes the shortcut, each RL variant really moved away from its start model, the faithful reward
+really varies between correct trajectories. ``preconditions`` measures them from the recorded
+evaluations and training logs; ``figures/claims.json`` holds both, with the commit and a hash of
+the parameters they were made from (``provenance``), so a stale file is told from a fresh one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fmr1lib import prompting, scoring
+
+VERDICTS = ("supported", "refuted", "inconclusive")
+
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (standard tables).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+         17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000,
+         120: 1.980}
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One comparison: ``a - b`` on ``metric`` over ``split``, paired by seed."""
+
+    claim: str
+    metric: str
+    split: str
+    a: str
+    b: str
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, conservative
+    between its entries; the normal 1.96 beyond 120).
+
+    >>> t975(4)
+    2.776
+    >>> t975(22) == t975(20)
+    True
+    """
+    if df < 1:
+        raise ValueError(f"t975: degrees of freedom must be >= 1, got {df}")
+    if df > 120:
+        return 1.96
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def t_interval(diffs: Sequence[float]) -> tuple[float, float]:
+    """The 95% t interval of the mean of ``diffs`` (NaN, NaN with fewer than two values).
+
+    >>> lo, hi = t_interval([1.0, 2.0, 3.0])
+    >>> round(lo, 3), round(hi, 3)
+    (-0.484, 4.484)
+    """
+    d = np.asarray([x for x in diffs if not math.isnan(x)], dtype=float)
+    if d.size < 2:
+        return float("nan"), float("nan")
+    half = t975(d.size - 1) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+def verdict(lo: float, hi: float) -> str:
+    """``supported`` if ``lo > 0``, ``refuted`` if ``hi < 0``, else ``inconclusive``.
+
+    >>> verdict(0.01, 0.2), verdict(-0.3, -0.1), verdict(-0.1, 0.1), verdict(float("nan"), 1.0)
+    ('supported', 'refuted', 'inconclusive', 'inconclusive')
+    """
+    if lo > 0:
+        return "supported"
+    if hi < 0:
+        return "refuted"
+    return "inconclusive"
+
+
+def seed_values(long: Sequence[Mapping[str, Any]], row: str, split: str,
+                metric: str) -> list[float]:
+    """The per-seed means of one (row, split, metric) entry of the long table."""
+    for e in long:
+        if (e["row"], e["split"], e["metric"]) == (row, split, metric):
+            return [float(v) for v in e["seed_means"]]
+    raise KeyError(f"the ablation table has no entry ({row!r}, {split!r}, {metric!r})")
+
+
+def compare(long: Sequence[Mapping[str, Any]], c: Claim, seeds: Sequence[int]) -> dict[str, Any]:
+    """One claim's record: the paired differences over ``seeds``, their mean, t interval and
+    verdict. A row shared by every seed (one value, the stage-0 backbone) is paired with each."""
+    a, b = seed_values(long, c.a, c.split, c.metric), seed_values(long, c.b, c.split, c.metric)
+    a = a * len(b) if len(a) == 1 else a
+    b = b * len(a) if len(b) == 1 else b
+    if len(a) != len(b):
+        raise ValueError(f"claim {c.claim!r}: rows {c.a!r} and {c.b!r} have {len(a)} and "
+                         f"{len(b)} seeds; a paired comparison needs the same seeds")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    finite = [d for d in diffs if not math.isnan(d)]
+    lo, hi = t_interval(finite)
+    return {**dataclasses.asdict(c),
+            "diff_mean": float(np.mean(finite)) if finite else float("nan"),
+            "ci95": [lo, hi], "n_seeds": len(finite), "verdict": verdict(lo, hi),
+            "seed_diffs": diffs, "seeds": list(seeds)[:len(diffs)]}
+
+
+def evaluate_claims(long: Sequence[Mapping[str, Any]], claims: Sequence[Claim],
+                    seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """``compare`` for every claim whose rows are in the table (the others are left out)."""
+    rows = {e["row"] for e in long}
+    return [compare(long, c, seeds) for c in claims if c.a in rows and c.b in rows]
+
+
+# --------------------------------------------------------------------------------------
+# Preconditions
+# --------------------------------------------------------------------------------------
+
+
+def answer_change(examples: Sequence[Mapping[str, Any]],
+                  start: Sequence[Mapping[str, Any]]) -> float:
+    """Share of the examples whose greedy answer differs from the start model's (matched by id;
+    two unparsable answers count as equal).
+
+    >>> answer_change([{"id": 1, "pred": "red"}, {"id": 2, "pred": "blue"}],
+    ...               [{"id": 1, "pred": "red"}, {"id": 2, "pred": "green"}])
+    0.5
+    """
+    before = {e["id"]: e.get("pred") for e in start}
+    pairs = [(e.get("pred"), before[e["id"]]) for e in examples if e["id"] in before]
+    if not pairs:
+        return float("nan")
+    changed = [not (x == y or scoring.answers_match(x, y)) for x, y in pairs]
+    return float(np.mean(changed))
+
+
+def route_shares(examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Share of greedy responses per reasoning route (``prompting.response_route``) and
+    ``none`` for the rest.
+
+    >>> route_shares([{"response": "<think>the corner patch is red</think><answer>red</answer>"},
+    ...               {"response": "<think>the circle is red</think><answer>red</answer>"}])
+    {'evidence': 0.5, 'cue': 0.5, 'none': 0.0}
+    """
+    routes = [prompting.response_route(e.get("response")) for e in examples]
+    n = max(1, len(routes))
+    out = {r: sum(x == r for x in routes) / n for r in prompting.ROUTES}
+    out["none"] = sum(x is None for x in routes) / n
+    return out
+
+
+def mean_or_nan(values: Sequence[float | None]) -> float:
+    """Mean of the finite values (NaN if none)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# Reading them
+# --------------------------------------------------------------------------------------
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def claims_markdown(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """The claims of a ``claims.json`` document as a markdown table (the README's)."""
+    labels = labels or {}
+    lines = ["| claim | metric (split) | a − b | mean diff | 95% CI | seeds | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in doc["claims"]:
+        lo, hi = c["ci95"]
+        lines.append(f"| {c['claim']} | {c['metric']} ({c['split']}) | "
+                     f"{labels.get(c['a'], c['a'])} − {labels.get(c['b'], c['b'])} | "
+                     f"{_num(c['diff_mean'])} | [{_num(lo)}, {_num(hi)}] | {c['n_seeds']} | "
+                     f"**{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def claims_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> list[str]:
+    """One sentence per claim, from the numbers (what notebook 05 prints)."""
+    labels = labels or {}
+    out = []
+    for c in doc["claims"]:
+        lo, hi = c["ci95"]
+        out.append(f"{c['claim']}: {labels.get(c['a'], c['a'])} − {labels.get(c['b'], c['b'])} "
+                   f"on {c['metric']} ({c['split']}) = {_num(c['diff_mean'])} "
+                   f"(95% CI [{_num(lo)}, {_num(hi)}], {c['n_seeds']} seeds): {c['verdict']}.")
+    return out
+
+
+def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None
+                           ) -> list[str]:
+    """One line per precondition of a ``claims.json`` document, with whether it holds."""
+    labels = labels or {}
+    pre = doc["preconditions"]
+    split = pre.get("split", "test_ood")
+    out = []
+
+    def f(x: Any) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+    sb = pre.get("shortcut_baseline_conflict_accuracy")
+    if sb:
+        readers = ", ".join(f"{labels.get(r, r)} {f(v)}" for r, v in sb["evidence_readers"].items())
+        out.append(f"shortcut baseline: {labels.get(sb['row'], sb['row'])} conflict accuracy "
+                   f"({split}) {f(sb['mean'])} vs the evidence readers' {readers} "
+                   f"(needs >= {sb['margin']:.2f} below all), answers the cue on "
+                   f"{f(sb['cue_rate'])} (chance {f(sb['chance'])}, needs >= {sb['margin']:.2f} "
+                   f"above): {'holds' if sb['holds'] else 'DOES NOT HOLD'}")
+    for row, ch in pre.get("rl_answer_change", {}).items():
+        seeds = " ".join(f(v) for v in ch["seed_values"])
+        out.append(f"{labels.get(row, row)} changed {f(ch['mean'])} of its start model's "
+                   f"({labels.get(ch['start'], ch['start'])}) greedy {split} answers (seeds: "
+                   f"{seeds}; needs >= {ch['threshold']:.2f}): "
+                   f"{'holds' if ch['holds'] else 'DOES NOT HOLD'}")
+    for row, st in pre.get("faithful_group_std_correct", {}).items():
+        out.append(f"{labels.get(row, row)}: within-group std of the faithful reward among "
+                   f"correct trajectories {f(st['mean'])}")
+    for row, sh in pre.get("route_shares", {}).items():
+        out.append(f"{labels.get(row, row)} greedy routes ({split}): "
+                   + ", ".join(f"{k} {f(v)}" for k, v in sh.items()))
+    return out
