@@ -9,7 +9,9 @@ collects it after every notebook cell: it then reads what each notebook recorded
 expectations are regenerated with ``scripts/update_expected_results.py`` (tests/README.md).
 
 A result file that is absent (only ``tests/`` ran, or the notebooks never ran here) skips its
-test; one that is present and differs fails it.
+test; one that is present and differs fails it. The expectations name the machine they were made
+on (CPU model, torch's vector capability, torch version): a run on another kind of machine skips
+the comparison, naming both, since training repeats bit for bit on one kind of machine only.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def test_recorded_results_match_expectations(name):
         pytest.skip(f"{path.relative_to(ROOT)} absent: the notebooks did not run here "
                     "(make test runs them before this check)")
     doc = _expected()
+    here = expected_results.machine()
+    if doc.get("machine") != here:
+        pytest.skip(f"the expectations were recorded on {doc.get('machine')}, this is {here}: "
+                    "a CPU training run repeats bit for bit on one kind of machine only "
+                    f"(to check here, regenerate: {REGENERATE})")
     actual = expected_results.comparable(json.loads(path.read_text(encoding="utf-8")))
     diffs = expected_results.differences(doc["results"][name], actual, abs_tol=doc["abs_tol"])
     shown = "\n  ".join(diffs[:25]) + (f"\n  ... and {len(diffs) - 25} more" if len(diffs) > 25 else "")
