@@ -1,6 +1,6 @@
 # fmr1: every target sets up .venv itself when it is missing.
-#   make reproduce            run every notebook of the study profile headless (papermill; ~45 min)
-#   make reproduce PROFILE=tiny   the fast profile (~13 min), what make test runs
+#   make reproduce            run every notebook of the study profile headless (papermill; ~30 min)
+#   make reproduce PROFILE=tiny   the fast profile (~5 min), what make test runs
 #   make reproduce PROFILE=qwen2_5_vl_3b
 #   make test                 unit tests + notebooks under nbval (every tier)
 #   make test-unit | test-train | test-notebooks   one tier (tests/README.md)

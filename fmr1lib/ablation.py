@@ -14,8 +14,8 @@ Evaluations go through ``evaluation.evaluate_saved``: one JSON per model under
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
