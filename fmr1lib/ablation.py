@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 ROW_LABELS: dict[str, str] = config.ABLATION_ROW_LABELS
 """How the table names each row."""
 
+RL_ROW: dict[str, str] = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
+"""Stage-2 variant -> its ablation row (``faithful`` -> ``faithful_mr1``)."""
+
 TABLE_METRICS: tuple[str, ...] = (
     "accuracy", "focus_mass", "pointing", "acc_evidence", "acc_control", "faithfulness_gap",
     "answer_mass", "consistency", "conflict_accuracy", "wrong_is_cue", "format_rate",
@@ -211,10 +214,9 @@ def run_efficiency(ep: config.EvalParams, dsd: Any, split: str = "test_ood") -> 
     ablation. Returns one dict per point: ``variant``, ``seed``, ``n_prompts`` (0: full),
     ``prompts``, ``accuracy``, ``lo``, ``hi``, ``conflict_accuracy``, ``faithfulness_gap``.
     """
-    row_of = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
     points = []
     for variant in ep.efficiency_variants:
-        row = row_of[variant]
+        row = RL_ROW[variant]
         for seed in ep.efficiency_seeds:
             for k in [*ep.efficiency_prompts, 0]:
                 # The full run's evaluation is the ablation's (same splits, so the cache serves it).
@@ -242,11 +244,10 @@ def efficiency_long(points: Sequence[dict[str, Any]], split: str = "test_ood"
     """The data-efficiency runs on fewer prompts as long-form table rows (``aggregate``'s form),
     one row key per (variant, prompt count): ``efficiency_row``. The full runs are the
     ablation's own rows."""
-    row_of = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for pt in points:
         if pt["n_prompts"]:
-            key = efficiency_row(row_of[pt["variant"]], pt["n_prompts"])
+            key = efficiency_row(RL_ROW[pt["variant"]], pt["n_prompts"])
             results.setdefault(key, {})[pt["seed"]] = {split: pt["summary"]}
     return aggregate(results, [split])
 
@@ -289,9 +290,8 @@ def study_claims(ep: config.EvalParams) -> list[claims.Claim]:
         claims.Claim("annotation-free (occlusion) regions give faithful use", "conflict_accuracy",
                      "test_ood", "faithful_mr1_occlusion", "anchoring_grpo"),
     ]
-    row_of = {v: r for r, (st, v) in ROWS.items() if st == "rl"}
     if {"grpo", "faithful"} <= set(ep.efficiency_variants):
-        a, b = row_of["faithful"], row_of["grpo"]
+        a, b = RL_ROW["faithful"], RL_ROW["grpo"]
         for k in ep.efficiency_prompts:
             out.append(claims.Claim(f"the faithful reward is more data-efficient ({k} prompts)",
                                     "accuracy", "test_ood", efficiency_row(a, k),
@@ -299,10 +299,6 @@ def study_claims(ep: config.EvalParams) -> list[claims.Claim]:
         out.append(claims.Claim("the faithful reward is more data-efficient (all prompts)",
                                 "accuracy", "test_ood", a, b))
     return out
-
-
-def _mean(values: Sequence[float]) -> float:
-    return claims.mean_or_nan(values)
 
 
 def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]],
@@ -324,15 +320,16 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
     out: dict[str, Any] = {"split": split}
     if "plain_sft" in rows:
         sb = claims.seed_values(long, "plain_sft", split, "conflict_accuracy")
-        readers = {r: _mean(claims.seed_values(long, r, split, "conflict_accuracy"))
+        mean = claims.mean_or_nan
+        readers = {r: mean(claims.seed_values(long, r, split, "conflict_accuracy"))
                    for r in EVIDENCE_READERS if r in rows}
-        cue_rate = _mean(claims.seed_values(long, "plain_sft", split, "cue_rate"))
+        cue_rate = mean(claims.seed_values(long, "plain_sft", split, "cue_rate"))
         chance = 1.0 / len(stages.upstream_params(ep, "data").colors)
         out["shortcut_baseline_conflict_accuracy"] = {
-            "row": "plain_sft", "mean": _mean(sb), "seed_values": sb,
+            "row": "plain_sft", "mean": mean(sb), "seed_values": sb,
             "evidence_readers": readers, "margin": SHORTCUT_MARGIN,
             "cue_rate": cue_rate, "chance": chance,
-            "holds": (bool(readers) and _mean(sb) <= min(readers.values()) - SHORTCUT_MARGIN
+            "holds": (bool(readers) and mean(sb) <= min(readers.values()) - SHORTCUT_MARGIN
                       and cue_rate >= chance + SHORTCUT_MARGIN)}
     change: dict[str, Any] = {}
     shares: dict[str, Any] = {}
@@ -349,12 +346,13 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
             continue
         vals = [claims.answer_change(split_examples(row, s), split_examples(start, s))
                 for s in ep.seeds]
-        change[row] = {"start": start, "mean": _mean(vals), "seed_values": vals,
-                       "threshold": ANSWER_CHANGE_MIN, "holds": _mean(vals) >= ANSWER_CHANGE_MIN}
+        moved = claims.mean_or_nan(vals)
+        change[row] = {"start": start, "mean": moved, "seed_values": vals,
+                       "threshold": ANSWER_CHANGE_MIN, "holds": moved >= ANSWER_CHANGE_MIN}
         for r in (start, row):
             if r not in shares:
                 per_seed = [claims.route_shares(split_examples(r, s)) for s in ep.seeds]
-                shares[r] = {k: _mean([d[k] for d in per_seed]) for k in per_seed[0]}
+                shares[r] = {k: claims.mean_or_nan([d[k] for d in per_seed]) for k in per_seed[0]}
     out["rl_answer_change"] = change
     std: dict[str, Any] = {}
     for row in ("faithful_mr1", "faithful_mr1_occlusion"):
@@ -363,8 +361,9 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
             for s in ep.seeds:
                 log = stages.row_folder(ep, row, s) / "metrics.jsonl"
                 steps = repro.read_jsonl(log) if log.exists() else []
-                vals.append(_mean([m.get("faithful_group_std_correct") for m in steps]))
-            std[row] = {"mean": _mean(vals), "seed_values": vals}
+                std_correct = [m.get("faithful_group_std_correct") for m in steps]
+                vals.append(claims.mean_or_nan(std_correct))
+            std[row] = {"mean": claims.mean_or_nan(vals), "seed_values": vals}
     out["faithful_group_std_correct"] = std
     out["route_shares"] = shares
     return out

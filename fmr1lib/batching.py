@@ -79,16 +79,17 @@ class Batch:
     """Per sample, the image tokens the boxes overlap (``q > 0`` before any smoothing)."""
 
 
-def record_route(row: dict[str, Any], cue_route_share: float) -> str:
-    """The route of a record's ``two_route`` reference response: ``cue`` for a share
-    ``cue_route_share`` of the records whose cue agrees with the answer (chosen by a hash of the
-    id, so the same in every epoch and process), ``evidence`` for all others (no cue, or a cue
-    that contradicts the answer: a reference response is never wrong)."""
-    meta = records.decode_meta(row["meta"]) if row.get("meta") else {}
-    cue = meta.get("cue")
+def record_route(row: dict[str, Any], cue_route_share: float) -> tuple[str, dict[str, Any] | None]:
+    """The route of a record's ``two_route`` reference response and its cue (None if it has
+    none): ``cue`` for a share ``cue_route_share`` of the records whose cue agrees with the
+    answer (chosen by a hash of the id, so the same in every epoch and process), ``evidence`` for
+    all others (no cue, or a cue that contradicts the answer: a reference response is never
+    wrong). The record's ``meta`` is decoded once."""
+    cue = (records.decode_meta(row["meta"]) if row.get("meta") else {}).get("cue")
     if cue is None or str(cue.get("value")) != str(row["answer"]):
-        return "evidence"
-    return "cue" if prompting.route_choice(str(row.get("id", "")), cue_route_share) else "evidence"
+        return "evidence", cue
+    chosen = prompting.route_choice(str(row.get("id", "")), cue_route_share)
+    return ("cue" if chosen else "evidence"), cue
 
 
 def reference_think(row: dict[str, Any], reasoning: str = "look",
@@ -99,9 +100,10 @@ def reference_think(row: dict[str, Any], reasoning: str = "look",
                                     prompting.think_variant(str(row.get("id", ""))))
     if reasoning != "two_route":
         raise ValueError(f"unknown reasoning {reasoning!r}; use one of {prompting.REASONINGS}")
-    route = record_route(row, cue_route_share)
-    cue = (records.decode_meta(row["meta"]).get("cue") or {}) if route == "cue" else {}
-    return prompting.route_think(row["question"], row["answer"], route, cue.get("value"),
+    route, cue = record_route(row, cue_route_share)
+    if route == "evidence":
+        return prompting.route_think(row["question"], row["answer"], "evidence")
+    return prompting.route_think(row["question"], row["answer"], "cue", cue["value"],
                                  cue.get("kind", "color_patch"))
 
 

@@ -151,11 +151,7 @@ def route_shares(examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     ...               {"response": "<think>the circle is red</think><answer>red</answer>"}])
     {'evidence': 0.5, 'cue': 0.5, 'none': 0.0}
     """
-    routes = [prompting.response_route(e.get("response")) for e in examples]
-    n = max(1, len(routes))
-    out = {r: sum(x == r for x in routes) / n for r in prompting.ROUTES}
-    out["none"] = sum(x is None for x in routes) / n
-    return out
+    return prompting.route_shares([e.get("response") for e in examples])
 
 
 def mean_or_nan(values: Sequence[float | None]) -> float:
@@ -180,8 +176,9 @@ def json_safe(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _num(x: Any, digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+def _num(x: Any, sign: str = "+") -> str:
+    """Two decimals, signed unless ``sign`` is ``""``; ``–`` for a missing value."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{sign}.2f}"
 
 
 def claims_markdown(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
@@ -219,7 +216,7 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
     out = []
 
     def f(x: Any) -> str:
-        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+        return _num(x, sign="")
 
     sb = pre.get("shortcut_baseline_conflict_accuracy")
     if sb:

@@ -683,8 +683,8 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
         check_layers("reward_layers", self.reward_layers)
 
 
-ABLATION_ROWS = ("backbone", "plain_sft", "text_perception", "anchoring", "grpo_backbone", "anchoring_grpo",
-                 "faithful_mr1", "faithful_mr1_occlusion")
+ABLATION_ROWS = ("backbone", "plain_sft", "text_perception", "anchoring", "grpo_backbone",
+                 "anchoring_grpo", "faithful_mr1", "faithful_mr1_occlusion")
 """Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
 ABLATION_ROW_LABELS: dict[str, str] = {
     "backbone": "stage-0 backbone",

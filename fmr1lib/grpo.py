@@ -608,9 +608,10 @@ def _route_shares(texts: Sequence[str]) -> dict[str, float | None]:
     >>> _route_shares(["<think>the corner patch is red</think><answer>red</answer>", "x"])
     {'route_cue': 0.5, 'route_evidence': 0.0}
     """
-    routes = [prompting.response_route(t) for t in texts]
-    return {f"route_{r}": (sum(x == r for x in routes) / len(routes) if routes else None)
-            for r in prompting.ROUTES[::-1]}
+    if not texts:
+        return {f"route_{r}": None for r in prompting.ROUTES[::-1]}
+    shares = prompting.route_shares(texts)
+    return {f"route_{r}": shares[r] for r in prompting.ROUTES[::-1]}
 
 
 def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],

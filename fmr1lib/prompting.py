@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 FOCUS = "<Focus>"
@@ -68,13 +69,7 @@ def think_text(question: str, variant: int = 0) -> str:
     >>> think_text("Is the square left of the triangle?", variant=1)
     'find the square and the triangle'
     """
-    verb = THINK_VERBS[variant % len(THINK_VERBS)]
-    q = question.strip()
-    for pattern, template in _SUBJECT_PATTERNS:
-        m = pattern.match(q)
-        if m:
-            return f"{verb} " + template.format(*m.groups())
-    return f"{verb} the image"
+    return f"{THINK_VERBS[variant % len(THINK_VERBS)]} {subject_text(question)}"
 
 
 def think_variant(record_id: str) -> int:
@@ -94,8 +89,8 @@ the shortcut cue (``route_think``), so the two routes are different token sequen
 ROUTES = ("evidence", "cue")
 """The two reasoning routes of ``two_route`` responses (``response_route`` tells them apart)."""
 
-CUE_PHRASE = "the corner patch"
-"""How the cue route names the shortcut cue (a shape glyph cue: ``the corner glyph``)."""
+CUE_NAMES = {"color_patch": "the corner patch", "shape_glyph": "the corner glyph"}
+"""How the cue route names the shortcut cue, by the cue's kind (``data.CUED_FAMILIES``)."""
 
 
 def subject_text(question: str) -> str:
@@ -133,7 +128,7 @@ def route_think(question: str, answer: str, route: str, cue_value: str | None = 
     if route == "cue":
         if cue_value is None:
             raise ValueError("route 'cue' needs the cue's value")
-        name = CUE_PHRASE if cue_kind == "color_patch" else "the corner glyph"
+        name = CUE_NAMES.get(cue_kind, CUE_NAMES["shape_glyph"])
         return f"{name} is {cue_value}"
     raise ValueError(f"unknown route {route!r}; use one of {ROUTES}")
 
@@ -155,11 +150,25 @@ def response_route(text: Any) -> str | None:
     if not m:
         return None
     think = m.group(1).strip().lower()
-    if think.startswith(("the corner patch is", "the corner glyph is")):
+    if think.startswith(tuple(f"{name} is" for name in CUE_NAMES.values())):
         return "cue"
     if re.match(r"^(the|a) [\w ]+ is \S", think):
         return "evidence"
     return None
+
+
+def route_shares(texts: Sequence[Any]) -> dict[str, float]:
+    """Share of the responses per reasoning route (``response_route``), and ``none`` for those
+    of neither form (all 0.0 for no responses).
+
+    >>> route_shares(["<think>the corner patch is red</think><answer>red</answer>", "x"])
+    {'evidence': 0.0, 'cue': 0.5, 'none': 0.5}
+    """
+    routes = [response_route(t) for t in texts]
+    n = max(1, len(routes))
+    out = {r: sum(x == r for x in routes) / n for r in ROUTES}
+    out["none"] = sum(x is None for x in routes) / n
+    return out
 
 
 def route_choice(record_id: str, share: float) -> bool:

@@ -21,7 +21,6 @@ was killed (or stopped early) never vouches for a model an earlier run left behi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -135,7 +134,7 @@ def params_hash(params: Any) -> str:
     """SHA-256 of the resolved params (class and every field, canonical JSON)."""
     blob = json.dumps({"class": type(params).__name__, "params": config.params_to_dict(params)},
                       sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return repro.sha256_text(blob)
 
 
 def mark_complete(folder: Path, params: Any, **info: Any) -> Path:
