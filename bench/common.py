@@ -18,7 +18,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fmr1lib import anchoring, config, data, grpo, modeling  # noqa: E402
+from fmr1lib import anchoring, config, data, grpo, modeling, rewards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "runs" / "bench"
@@ -121,8 +121,9 @@ def make_rows(n: int, image_size: int = 112, split: str = "train") -> list[dict[
 
 
 def sft_warmup(model: Any, processor: Any, rows: Sequence[dict[str, Any]], steps: int = 60,
-               batch_size: int = 8, lr: float = 5e-3) -> Any:
-    """A short plain SFT so that the model answers in format and often correctly.
+               batch_size: int = 8, lr: float = 5e-3, variant: str = "plain") -> Any:
+    """A short SFT (``variant``: plain, or focus_anchor to anchor as well) so that the model
+    answers in format and often correctly.
 
     The faithful reward scores answer-correct trajectories only: timing it on a random model
     would time nothing. Returns the model (trained in place, eval mode).
@@ -131,11 +132,11 @@ def sft_warmup(model: Any, processor: Any, rows: Sequence[dict[str, Any]], steps
                            lr_warmup_steps=0, log_every=0, checkpoint_every=0)
     # train_supervised shows its progress bar explicitly; keep it out of the tables.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
-        anchoring.train_supervised(model, processor, list(rows), p, tmp, variant="plain")
+        anchoring.train_supervised(model, processor, list(rows), p, tmp, variant=variant)
     return model.eval()
 
 
-def sft_model(steps: int = 60, n_rows: int = 64) -> tuple[Any, Any]:
+def sft_model(steps: int = 60, n_rows: int = 64, variant: str = "plain") -> tuple[Any, Any]:
     """The tiny backbone after :func:`sft_warmup` (a few seconds on one CPU thread).
 
     Returns:
@@ -143,7 +144,7 @@ def sft_model(steps: int = 60, n_rows: int = 64) -> tuple[Any, Any]:
     """
     torch.manual_seed(0)
     model, processor = build_model(112)
-    sft_warmup(model, processor, make_rows(n_rows), steps=steps)
+    sft_warmup(model, processor, make_rows(n_rows), steps=steps, variant=variant)
     return model.eval(), processor
 
 
@@ -168,6 +169,23 @@ def grpo_context(model: Any, processor: Any, variant: str = "grpo",
     if min_new_tokens:
         own.generation_config.min_new_tokens = min_new_tokens
     return grpo.setup_grpo(own, processor, rl_params(**overrides), variant)
+
+
+@contextlib.contextmanager
+def half_correct() -> Iterator[None]:
+    """``rewards.accuracy_reward`` = 1 for every other completion of a group while the block
+    runs: the accuracy advantages are non-zero and each group has 2 distinct correct ones, so
+    the faithful reward scores every group even on a random model (a fixed workload)."""
+    original = rewards.accuracy_reward
+
+    def stand_in(completions: Any, *args: Any, **kwargs: Any) -> list[float]:
+        return [float(k % 2 == 0) for k in range(len(completions))]
+
+    rewards.accuracy_reward = stand_in
+    try:
+        yield
+    finally:
+        rewards.accuracy_reward = original
 
 
 # --------------------------------------------------------------------------------------

@@ -76,7 +76,6 @@ from fmr1lib import (
     grpo,
     modeling,
     prompting,
-    rewards,
     stages,
     train,
 )
@@ -414,22 +413,6 @@ def anchoring_step(width: str, model: Any, processor: Any,
                 v > 0 for v in changed.values())}
 
 
-@contextlib.contextmanager
-def _half_correct() -> Iterator[None]:
-    """``rewards.accuracy_reward`` = 1 for every other completion of a group while the block
-    runs: the accuracy advantages are non-zero and each group has 2 distinct correct ones."""
-    original = rewards.accuracy_reward
-
-    def stand_in(completions: Any, *args: Any, **kwargs: Any) -> list[float]:
-        return [float(k % 2 == 0) for k in range(len(completions))]
-
-    rewards.accuracy_reward = stand_in
-    try:
-        yield
-    finally:
-        rewards.accuracy_reward = original
-
-
 def grpo_phase(width: str, model: Any, processor: Any, rows: list[dict[str, Any]],
                true_accuracy: bool) -> dict[str, Any]:
     """One ``grpo.grpo_step``, variant ``faithful``, LoRA as in the profile's stage-2 file."""
@@ -437,7 +420,7 @@ def grpo_phase(width: str, model: Any, processor: Any, rows: list[dict[str, Any]
     policy = stages.prepare_trainable(model, processor, p)
     ctx = grpo.setup_grpo(policy, processor, p, "faithful")
     n_trainable = sum(t.numel() for t in ctx.state.trainable)
-    guard = contextlib.nullcontext() if true_accuracy else _half_correct()
+    guard = contextlib.nullcontext() if true_accuracy else common.half_correct()
     with guard:
         stats, _ = grpo.grpo_step(ctx, rows, 0)
     del ctx

@@ -3,11 +3,11 @@
 * ``encode_batch``: prompt (+ reference response) and image of each record, left-padded, with
   the response labels, the ``<Focus>`` position and the anchoring target of each sample
   (stages 0-1, the evaluation, the occlusion search);
-* ``build_sequences``: prompts + sampled completions (``G`` per prompt, the prompt's image
-  repeated ``G`` times) for the teacher-forced forwards of stage 2 and the answer-attention
-  metric;
-* ``completion_logits`` / ``answer_token_mask``: the logits that predict a completion, and its
-  answer span;
+* ``build_sequences``: prompts + sampled completions (``G`` per prompt; the prompt's image is
+  stored once, with ``image_index`` naming each sequence's image) for the teacher-forced
+  forwards of stage 2 and the answer-attention metric;
+* ``completion_logits`` / ``answer_token_mask``: the logits that predict a completion (each
+  distinct image through the vision tower once, ``images_once``), and its answer span;
 * ``batch_indices``: which records a training step reads (seeded, resumable, sharded).
 
 Nothing here trains or scores: the stages and metrics above build on it.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmr1lib import modeling, prompting, records
+from fmr1lib import attention, modeling, prompting, records
 
 STAGE_VARIANTS = ("plain", "focus_anchor", "text_perception")
 """Response templates: ``text_perception`` describes the evidence in words after ``<Focus>``."""
@@ -194,12 +194,18 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0,
 # --------------------------------------------------------------------------------------
 
 
+IMAGE_INDEX = "image_index"
+"""Key of sequence inputs whose images are stored once: ``pixel_values`` / ``image_grid_thw``
+hold the distinct images, ``image_index[n]`` the image of sequence ``n`` (``images_once``)."""
+
+
 def repeat_image_inputs(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                         repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat each image ``repeats`` times, keeping images of a prompt consecutive.
 
     ``pixel_values`` concatenates the patches of all images (``t * h * w`` rows per image), so
-    it is repeated per image block, not per row.
+    it is repeated per image block, not per row. (The layout of ``build_sequences(...,
+    share_images=False)``: every sequence carries its own copy through the vision tower.)
 
     Args:
         pixel_values: ``[sum_i t_i h_i w_i, D]``.
@@ -217,6 +223,79 @@ def repeat_image_inputs(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     blocks = torch.split(pixel_values, counts)
     pv = torch.cat([blk for blk in blocks for _ in range(repeats)])
     return pv, image_grid_thw.repeat_interleave(repeats, dim=0)
+
+
+def sequence_grids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, 3]``: the image grid of every sequence (one image per sequence), whether the images
+    are stored once (``IMAGE_INDEX``) or per sequence."""
+    grid = inputs["image_grid_thw"]
+    index = inputs.get(IMAGE_INDEX)
+    return grid if index is None else grid.index_select(0, index.to(grid.device))
+
+
+def select_sequences(inputs: dict[str, torch.Tensor], selected: torch.Tensor,
+                     pixel_values: torch.Tensor | None = None,
+                     image_grid_thw: torch.Tensor | None = None,
+                     image_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The inputs of the ``selected`` sequences, images stored once.
+
+    Without new images the selected sequences keep theirs (``inputs`` must store its images
+    once); with ``pixel_values`` / ``image_grid_thw`` (distinct images) and ``image_index``
+    (per selected sequence, its image among them) they get those instead.
+    """
+    out = {k: v.index_select(0, selected) for k, v in inputs.items()
+           if k not in ("pixel_values", "image_grid_thw", IMAGE_INDEX)}
+    if pixel_values is None:
+        if IMAGE_INDEX not in inputs:
+            raise ValueError("select_sequences needs inputs whose images are stored once "
+                             f"({IMAGE_INDEX!r}) or new images")
+        pixel_values, image_grid_thw = inputs["pixel_values"], inputs["image_grid_thw"]
+        image_index = inputs[IMAGE_INDEX].index_select(0, selected.to(inputs[IMAGE_INDEX].device))
+    device = selected.device
+    out["pixel_values"] = pixel_values.to(device, inputs["pixel_values"].dtype)
+    out["image_grid_thw"] = image_grid_thw.to(device)
+    out[IMAGE_INDEX] = torch.as_tensor(image_index, dtype=torch.long).to(device)
+    return out
+
+
+@contextlib.contextmanager
+def images_once(model: Any, inputs: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """The keyword arguments of one forward in which each distinct image is encoded once.
+
+    With ``IMAGE_INDEX`` in ``inputs`` (``build_sequences``: the ``G`` sequences of a prompt
+    share its image) the vision tower runs on the distinct images only, and each sequence
+    receives its image's embeddings: the model's own ``get_image_features`` is wrapped for the
+    block, inside the model's forward (so autocast, DDP and FSDP see the usual call), and the
+    same embedding tensor feeds every sequence, so its gradient is the sum over them, as with
+    per-sequence copies. The yielded arguments carry the per-sequence ``image_grid_thw`` (the
+    3D rope positions need it). Without ``IMAGE_INDEX`` the inputs are yielded unchanged.
+    """
+    if IMAGE_INDEX not in inputs:
+        yield inputs
+        return
+    index = inputs[IMAGE_INDEX]
+    distinct_grid = inputs["image_grid_thw"]
+    kwargs = {k: v for k, v in inputs.items() if k != IMAGE_INDEX}
+    kwargs["image_grid_thw"] = sequence_grids(inputs)
+    inner = attention.unwrap_model(model).model
+    encode = inner.get_image_features
+    order = index.tolist()
+
+    def encode_distinct(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                        **kw: Any) -> Any:
+        out = encode(pixel_values, distinct_grid.to(pixel_values.device), **kw)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        expanded = tuple(feats[i] for i in order)
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = expanded
+            return out
+        return expanded
+
+    inner.get_image_features = encode_distinct
+    try:
+        yield kwargs
+    finally:
+        del inner.get_image_features
 
 
 def completion_tokens(completion_ids: torch.Tensor, eos_id: int,
@@ -281,17 +360,19 @@ class SequenceBatch:
 
 
 def build_sequences(rows: Sequence[dict[str, Any]], completions: Sequence[Sequence[Sequence[int]]],
-                    processor: Any) -> SequenceBatch:
+                    processor: Any, share_images: bool = True) -> SequenceBatch:
     """Left-padded prompts + right-padded completions: ``G`` completions per record.
 
     Args:
         rows: the records (image, question, evidence boxes).
         completions: per record, ``G`` completions as token-id lists (the same ``G`` for all).
         processor: the model's processor.
+        share_images: store each prompt's image once, with ``IMAGE_INDEX`` naming the image of
+            every sequence (``completion_logits`` then runs the vision tower once per prompt);
+            False repeats the image inputs ``G`` times (every sequence encodes its own copy).
 
     Returns:
-        A ``SequenceBatch`` of ``len(rows) * G`` sequences; the image inputs of each prompt
-        are repeated ``G`` times.
+        A ``SequenceBatch`` of ``len(rows) * G`` sequences.
     """
     if len(rows) != len(completions):
         raise ValueError(f"{len(rows)} records but {len(completions)} completion lists")
@@ -315,8 +396,12 @@ def build_sequences(rows: Sequence[dict[str, Any]], completions: Sequence[Sequen
         "attention_mask": torch.cat([enc["attention_mask"].repeat_interleave(g_size, dim=0),
                                      cmask], dim=1),
     }
-    inputs["pixel_values"], inputs["image_grid_thw"] = repeat_image_inputs(
-        enc["pixel_values"], enc["image_grid_thw"], g_size)
+    if share_images:
+        inputs["pixel_values"], inputs["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+        inputs[IMAGE_INDEX] = torch.arange(len(rows)).repeat_interleave(g_size)
+    else:
+        inputs["pixel_values"], inputs["image_grid_thw"] = repeat_image_inputs(
+            enc["pixel_values"], enc["image_grid_thw"], g_size)
     if "mm_token_type_ids" in enc:  # kept when the encoder provides it (3D rope positions)
         inputs["mm_token_type_ids"] = torch.cat(
             [enc["mm_token_type_ids"].repeat_interleave(g_size, dim=0),
@@ -331,12 +416,14 @@ def completion_logits(model: Any, inputs: dict[str, torch.Tensor], n_completion:
                       temperature: float = 1.0) -> torch.Tensor:
     """Logits that predict the last ``n_completion`` tokens of each sequence, fp32.
 
-    Only the needed positions go through the LM head (``logits_to_keep``).
+    Only the needed positions go through the LM head (``logits_to_keep``); inputs whose images
+    are stored once (``IMAGE_INDEX``) encode each image once (``images_once``).
 
     Returns:
         ``[N, n_completion, V]``; row ``t`` predicts token ``seq - n_completion + t``.
     """
-    out = model(**inputs, logits_to_keep=n_completion + 1, use_cache=False)
+    with images_once(model, inputs) as kwargs:
+        out = model(**kwargs, logits_to_keep=n_completion + 1, use_cache=False)
     logits = out.logits[:, :-1].float()
     return logits / temperature if temperature != 1.0 else logits
 

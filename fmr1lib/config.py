@@ -647,6 +647,13 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
     occlusion_cells: int = 2
     """Cells kept as the causal region by the occlusion search."""
+    occlusion_search: str = "budgeted"
+    """How the occlusion region is found (``fmr1lib.occlusion``): ``exhaustive`` (one occluded
+    forward per image cell), ``coarse_to_fine`` (quadtree beam), ``gradient`` (one backward,
+    no occluded forward), ``budgeted`` (the gradient's first ``occlusion_budget`` cells
+    occluded exactly)."""
+    occlusion_budget: int = 2
+    """``budgeted``: cells occluded exactly per image (at least ``occlusion_cells`` are)."""
     intervention: str = "background"
     """How the causal region is removed: mask, background, blur, noise."""
     reward_layers: str | list[int] = "last_half"
@@ -668,7 +675,11 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
             raise ValueError(f"key 'faithful_form': {self.faithful_form!r} not in raw/group_tanh")
         if self.group_size < 2:
             raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
-        check_at_least(self, 1, "prompts_per_step", "num_iterations", "kappa", "occlusion_cells")
+        check_at_least(self, 1, "prompts_per_step", "num_iterations", "kappa", "occlusion_cells",
+                       "occlusion_budget")
+        if self.occlusion_search not in ("exhaustive", "coarse_to_fine", "gradient", "budgeted"):
+            raise ValueError(f"key 'occlusion_search': {self.occlusion_search!r} not in "
+                             "exhaustive/coarse_to_fine/gradient/budgeted")
         check_at_least(self, 0, "n_prompts", "rollout_prompts", "top_k", "max_refill", "beta",
                        "faithful_std_floor", "lambda_attn_rl", "clip_high", "n_show")
         if not 0 < self.top_p <= 1:

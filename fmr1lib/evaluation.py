@@ -148,12 +148,20 @@ def focus_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
         with attention.AttentionCapture(model, batch.focus_pos[:, None], layers=idx) as cap:
             model(**_on_device(batch.inputs, model))
         dists = anchoring.focus_distributions(cap.attentions, batch, image_token_id)
-        for b, (row, p) in enumerate(zip(chunk, dists, strict=True)):
-            thw = batch.inputs["image_grid_thw"][b]
-            grid = attention.to_grid(p.mean(0), thw).cpu().numpy()
-            target = modeling.boxes_to_grid([list(x) for x in row["evidence_boxes"]],
-                                            row["image"].size, thw).numpy()
-            out.append({"id": row["id"], "grid": grid, "target": target})
+        out += focus_maps(chunk, dists, batch.inputs["image_grid_thw"])
+    return out
+
+
+def focus_maps(rows: Sequence[dict[str, Any]], dists: Sequence[torch.Tensor],
+               grids: torch.Tensor) -> list[dict[str, Any]]:
+    """Per row, its Focus distribution (``[n_layers, n_image_tokens]``) as a layer-averaged
+    grid, with the evidence target on the same grid (``focus_attention``'s records)."""
+    out = []
+    for row, p, thw in zip(rows, dists, grids, strict=True):
+        grid = attention.to_grid(p.mean(0), thw).cpu().numpy()
+        target = modeling.boxes_to_grid([list(x) for x in row["evidence_boxes"]],
+                                        row["image"].size, thw).numpy()
+        out.append({"id": row["id"], "grid": grid, "target": target})
     return out
 
 
@@ -359,7 +367,7 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
     with attention.AttentionCapture(model, batch.query_positions, idx) as cap:
         batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
     ids = batch.inputs["input_ids"]
-    region = faithful.region_token_mask(ids, batch.inputs["image_grid_thw"],
+    region = faithful.region_token_mask(ids, batching.sequence_grids(batch.inputs),
                                     [rows[i]["evidence_boxes"] for i in keep],
                                     [rows[i]["image"].size for i in keep], image_id)
     share = faithful.region_share(cap.attentions, region, attention.image_token_mask(ids, image_id))
@@ -370,15 +378,83 @@ def answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
 
 
 @torch.no_grad()
+def focus_and_answer_attention(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
+                               completions: Sequence[Sequence[int]], layers: Any = "last_half"
+                               ) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """``focus_attention`` and ``answer_attention`` of ``rows`` from ONE teacher-forced forward.
+
+    The forward is prompt + generated completion (cut after ``</answer>`` where there is one).
+    Its first query row is the ``<Focus>`` position (the last prompt token: causal attention
+    keeps it blind to the completion, so its row is the prompt-only forward's), the others the
+    completion's; the answer rows are those strictly inside the answer span.
+
+    Returns:
+        ``(maps, answer_mass)`` as the two functions return them.
+    """
+    tok = processor.tokenizer
+    open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<answer>", "</answer>"))
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    spans = [batching.answer_span(toks, open_id, close_id) for toks in completions]
+    cut = [list(c)[: sp[1] + 1] if sp is not None else list(c) for c, sp in zip(completions, spans, strict=True)]
+    batch = batching.build_sequences(rows, [[c] for c in cut], processor).to(
+        next(model.parameters()).device)
+    idx = attention.resolve_layers(layers, attention.num_text_layers(model))
+    model.eval()
+    with attention.AttentionCapture(model, batch.query_positions, idx) as cap:
+        batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
+    ids = batch.inputs["input_ids"]
+    grids = batching.sequence_grids(batch.inputs)
+    focus = [r[:, 0, :] for r in attention.rows_over_image_tokens(cap.attentions[:, :, :1], ids, image_id)]
+    maps = focus_maps(rows, focus, grids)
+    region = faithful.region_token_mask(ids, grids, [r["evidence_boxes"] for r in rows],
+                                        [r["image"].size for r in rows], image_id)
+    share = faithful.region_share(cap.attentions, region, attention.image_token_mask(ids, image_id))
+    mass: list[float | None] = [None] * len(rows)
+    for i, (r, sp) in enumerate(zip(rows, spans, strict=True)):
+        if sp is not None and len(r["evidence_boxes"]):
+            mass[i] = float(share[i, sp[0]:sp[1]].mean())
+    return maps, mass
+
+
+def _batch_outputs(model: Any, processor: Any, rows: list[dict[str, Any]], with_views: list[int],
+                   max_new_tokens: int, layers: Any, batched: bool
+                   ) -> tuple[list[str], list[dict[str, Any]], list[float | None], dict[str, list[str]]]:
+    """Greedy texts, Focus maps, answer masses and the views' greedy texts of one batch.
+
+    ``batched``: the original and both intervened views in one generation call, and the Focus
+    and answer rows from one teacher-forced forward (``focus_and_answer_attention``); else five
+    passes (three generations, the prompt-only forward, the answer forward).
+    """
+    view_rows = {view: [{**rows[j], "image": rows[j][f"image_cf_{view}"]} for j in with_views]
+                 for view in ("evidence", "control")}
+    if batched:
+        all_rows = rows + view_rows["evidence"] + view_rows["control"]
+        toks, texts = generate_greedy(model, processor, all_rows, max_new_tokens)
+        n, k = len(rows), len(with_views)
+        views = {"evidence": texts[n:n + k], "control": texts[n + k:]}
+        maps, mass = focus_and_answer_attention(model, processor, rows, toks[:n], layers)
+        return texts[:n], maps, mass, views
+    toks, texts = generate_greedy(model, processor, rows, max_new_tokens)
+    maps = focus_attention(model, processor, rows, layers=layers, batch_size=len(rows))
+    mass = answer_attention(model, processor, rows, toks, layers=layers)
+    views = {view: generate_greedy(model, processor, vr, max_new_tokens)[1] if vr else []
+             for view, vr in view_rows.items()}
+    return texts, maps, mass, views
+
+
+@torch.no_grad()
 def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: int = 50,
                    max_new_tokens: int = 24, layers: Any = "last_half", views: bool = True,
-                   desc: str = "evaluate") -> list[dict[str, Any]]:
+                   desc: str = "evaluate", batched: bool = True) -> list[dict[str, Any]]:
     """One record per example of the first ``n`` rows of ``ds`` (all if 0).
 
     Greedy answers on the original image and, when ``views`` and the split carries them
     (``image_cf_evidence``, ``image_cf_control``), on both intervened views of the rows that
     have them (``data.row_has_views``: evidence boxes and their controls); the Focus
     attention (mass inside the evidence, pointing); the answer tokens' attention mass.
+    ``batched`` (default) generates the three views of a batch in one call and reads the Focus
+    and answer rows from one forward (``_batch_outputs``); False runs the five passes apart
+    (the same records to float tolerance; ``bench/evaluation.py`` times both).
 
     Returns:
         Records with ``id``, ``answer``, ``response``, ``pred``, ``correct``, ``well_formed``,
@@ -392,17 +468,12 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False):
         rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
-        toks, texts = generate_greedy(model, processor, rows, max_new_tokens)
-        maps = focus_attention(model, processor, rows, layers=layers, batch_size=batch_size)
-        ans_mass = answer_attention(model, processor, rows, toks, layers=layers)
         with_views = [j for j, r in enumerate(rows) if has_views and data.row_has_views(r)]
-        view_preds: dict[str, dict[int, str | None]] = {}
-        if with_views:
-            for view in ("evidence", "control"):
-                _, vt = generate_greedy(model, processor, [rows[j] for j in with_views],
-                                        max_new_tokens, f"image_cf_{view}")
-                view_preds[view] = {j: prompting.parse_answer(t)
-                                    for j, t in zip(with_views, vt, strict=True)}
+        texts, maps, ans_mass, view_texts = _batch_outputs(model, processor, rows, with_views,
+                                                           max_new_tokens, layers, batched)
+        view_preds = {view: {j: prompting.parse_answer(t)
+                             for j, t in zip(with_views, vt, strict=True)}
+                      for view, vt in view_texts.items() if with_views}
         for j, (r, text) in enumerate(zip(rows, texts, strict=True)):
             pred = prompting.parse_answer(text)
             meta = records.decode_meta(r["meta"])

@@ -4,7 +4,7 @@ For an answer-correct trajectory ``y`` of a prompt with image ``I``:
 
 1. **Causal region** ``C``: the record's evidence boxes (``boxes``), or, without annotation, the
    cells whose occlusion most lowers the reference answer's log-probability (``occlusion``,
-   ``occlusion_region``).
+   ``occlusion_region``; four searches, ``fmr1lib.occlusion``).
 2. **Counterfactual image** ``I'``: ``I`` with ``C`` removed (``counterfactual_pixels``, one of
    ``counterfactual.METHODS``).
 3. **Visual dependency** of each response token, from one teacher-forced forward on ``I'``:
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmr1lib import attention, batching, counterfactual, modeling, prompting, records, rewards
+from fmr1lib import attention, batching, counterfactual, modeling, occlusion, rewards
 
 REGIONS = ("boxes", "occlusion")
 """Where the causal region ``C`` comes from."""
@@ -202,93 +202,25 @@ def faithful_from_concentration(c: Sequence[float], correct: Sequence[bool],
 # --------------------------------------------------------------------------------------
 
 
-def cell_boxes(image_size: tuple[int, int], grid_thw: Sequence[int]) -> list[list[float]]:
-    """The merged image-token cells of an image as boxes in original-pixel coordinates.
-
-    Cell ``(r, c)`` covers resized pixels ``[28c, 28c+28) x [28r, 28r+28)``; scaled back to the
-    original size it is ``[c W/cols, r H/rows, (c+1) W/cols, (r+1) H/rows]``. Listed row-major,
-    the order of the image tokens.
-
-    >>> cell_boxes((112, 56), (1, 4, 8))[:2]
-    [[0.0, 0.0, 28.0, 28.0], [28.0, 0.0, 56.0, 28.0]]
-    """
-    w0, h0 = image_size
-    _, gh, gw = (int(v) for v in grid_thw)
-    rows, cols = gh // modeling.MERGE, gw // modeling.MERGE
-    return [[c * w0 / cols, r * h0 / rows, (c + 1) * w0 / cols, (r + 1) * h0 / rows]
-            for r in range(rows) for c in range(cols)]
-
-
-def intervention_kwargs(row: dict[str, Any]) -> dict[str, Any]:
-    """The seed and background fill of a record's interventions (from its meta)."""
-    meta = records.decode_meta(row.get("meta"))
-    kw: dict[str, Any] = {"seed": int(meta.get("seed", 0))}
-    if meta.get("background") is not None:
-        kw["fill"] = tuple(int(v) for v in meta["background"])
-    return kw
+cell_boxes = occlusion.cell_boxes
+intervention_kwargs = occlusion.intervention_kwargs
 
 
 def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
-                     method: str = "background", chunk_size: int = 64) -> list[list[list[float]]]:
+                     method: str = "background", chunk_size: int = 64, search: str = "budgeted",
+                     budget: int = 2) -> list[list[list[float]]]:
     """Annotation-free causal regions: the cells whose occlusion most lowers the answer.
 
-    For each prompt, every merged 28-px cell of the resized image is occluded in turn
-    (``counterfactual.intervene`` on the cell's box, no padding), and the reference response
-    (``<think>`` from the question, the ground-truth answer, ``<|im_end|>``) is teacher-forced on
-    all copies in batched forwards. The ``n_cells`` cells with the lowest log-probability of the
-    answer tokens are the region.
-
-    Args:
-        model: the policy (run in eval mode, no grad).
-        processor: its processor.
-        rows: records with image, question, answer (and meta for the intervention seed/fill).
-        n_cells: cells kept per prompt.
-        method: intervention method (``counterfactual.METHODS``).
-        chunk_size: occluded copies per forward.
+    ``search`` picks how they are found (``occlusion.SEARCHES``): ``exhaustive`` occludes every
+    merged 28-px cell in turn and teacher-forces the reference response on each copy;
+    ``coarse_to_fine``, ``gradient`` and ``budgeted`` are cheaper (``fmr1lib.occlusion``).
 
     Returns:
         Per prompt, ``n_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels, most
         damaging cell first.
     """
-    if not rows:
-        return []
-    tok = processor.tokenizer
-    open_id = tok.convert_tokens_to_ids(prompting.ANSWER_OPEN)
-    close_id = tok.convert_tokens_to_ids(prompting.ANSWER_CLOSE)
-    images = [r["image"].convert("RGB") for r in rows]
-    grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
-    copies: list[dict[str, Any]] = []
-    owner: list[tuple[int, int]] = []
-    all_cells = []
-    for i, (row, image) in enumerate(zip(rows, images, strict=True)):
-        cells = cell_boxes(image.size, grids[i])
-        all_cells.append(cells)
-        kw = intervention_kwargs(row)
-        for k, box in enumerate(cells):
-            occluded = counterfactual.intervene(image, [box], method, pad=INTERVENTION_PAD, **kw)
-            copies.append({"image": occluded, "question": row["question"], "answer": row["answer"],
-                           "evidence_boxes": [], "meta": row.get("meta")})
-            owner.append((i, k))
-    device = next(model.parameters()).device
-    scores = torch.empty(len(copies))
-    with batching.eval_mode(model):
-        for start in range(0, len(copies), chunk_size):
-            part = copies[start:start + chunk_size]
-            batch = batching.encode_batch(part, processor, "plain", with_response=True)
-            labels = batch.labels
-            n_resp = int((labels != -100).sum(1).max())
-            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-            logits = batching.completion_logits(model, inputs, n_resp)
-            targets = labels[:, -n_resp:].clamp_min(0).to(device)
-            keep = batching.answer_token_mask(labels, open_id, close_id)[:, -n_resp:].to(device)
-            logp = batching.token_logprobs(logits, targets, keep)
-            scores[start:start + len(part)] = logp.sum(1).cpu()
-    regions: list[list[list[float]]] = []
-    for i in range(len(rows)):
-        idx = [j for j, (o, _) in enumerate(owner) if o == i]
-        order = sorted(range(len(idx)), key=lambda k: (float(scores[idx[k]]), k))[:n_cells]
-        regions.append([list(all_cells[i][owner[idx[k]][1]]) for k in order])
-    return regions
+    return occlusion.search(model, processor, rows, n_cells, method, search, budget,
+                            chunk_size=chunk_size)
 
 
 def region_token_mask(input_ids: torch.Tensor, grid_thw: torch.Tensor,
@@ -340,13 +272,15 @@ def counterfactual_pixels(rows: Sequence[dict[str, Any]], regions: Sequence[Sequ
 
 
 def causal_regions(model: Any, processor: Any, rows: Sequence[dict[str, Any]], region: str,
-                   occlusion_cells: int = 2,
-                   method: str = "background") -> list[list[list[float]]]:
-    """The causal region ``C`` of each record: its evidence boxes, or the occlusion search's cells."""
+                   occlusion_cells: int = 2, method: str = "background",
+                   search: str = "budgeted", budget: int = 2) -> list[list[list[float]]]:
+    """The causal region ``C`` of each record: its evidence boxes, or the occlusion search's cells
+    (``search``, ``budget``: ``occlusion_region``)."""
     if region not in REGIONS:
         raise ValueError(f"unknown causal region {region!r}; use one of {REGIONS}")
     if region == "occlusion":
-        return occlusion_region(model, processor, rows, occlusion_cells, method)
+        return occlusion_region(model, processor, rows, occlusion_cells, method, search=search,
+                                budget=budget)
     return [[list(b) for b in r["evidence_boxes"]] for r in rows]
 
 
@@ -425,7 +359,8 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
                         rows: Sequence[dict[str, Any]], distinct: Sequence[Sequence[Sequence[int]]],
                         region: str = "boxes", occlusion_cells: int = 2,
                         method: str = "background", temperature: float = 1.0,
-                        layers: Sequence[int] | None = None) -> CounterfactualView | None:
+                        layers: Sequence[int] | None = None, search: str = "budgeted",
+                        budget: int = 2) -> CounterfactualView | None:
     """Regions, counterfactual images and the teacher-forced forward on ``I'`` (eval, no grad).
 
     ``s_t`` compares the policy on ``I`` with the policy on ``I'`` in the same mode: the ``I'``
@@ -447,6 +382,8 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
         method: intervention (``counterfactual.METHODS``).
         temperature: the sampling temperature (the logits are divided by it, as in the loss).
         layers: the reward's layers (needed to capture ``view.attn`` for models with dropout).
+        search: how the occlusion region is found (``occlusion.SEARCHES``).
+        budget: cells the ``budgeted`` search occludes exactly.
 
     Returns:
         The view, or None when no group is scored.
@@ -456,26 +393,23 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
         return None
     g_size = batch.group_size
     regions = causal_regions(model, processor, [rows[i] for i in eligible], region,
-                             occlusion_cells, method)
+                             occlusion_cells, method, search, budget)
     pv_cf, thw_cf = counterfactual_pixels([rows[i] for i in eligible], regions, processor, method)
-    blocks = torch.split(pv_cf, thw_cf.prod(-1).tolist())
     ids = batch.inputs["input_ids"]
-    sel, copies, pv_parts, thw_parts, reg_per_sel = [], [], [], [], []
+    sel, copies, image_of_sel, reg_per_sel = [], [], [], []
     grid_per_sel, size_per_sel = [], []
     for e, gi in enumerate(eligible):
         for same in distinct[gi]:
             sel.append(gi * g_size + same[0])
             copies.append([gi * g_size + k for k in same])
-            pv_parts.append(blocks[e])
-            thw_parts.append(thw_cf[e])
+            image_of_sel.append(e)
             reg_per_sel.append(regions[e])
             grid_per_sel.append(batch.grid_thw[gi])
             size_per_sel.append(batch.image_sizes[gi])
     selected = torch.tensor(sel, dtype=torch.long, device=ids.device)
-    cf_inputs = {k: v.index_select(0, selected) for k, v in batch.inputs.items()
-                 if k not in ("pixel_values", "image_grid_thw")}
-    cf_inputs["pixel_values"] = torch.cat(pv_parts).to(ids.device, batch.inputs["pixel_values"].dtype)
-    cf_inputs["image_grid_thw"] = torch.stack(thw_parts).to(ids.device)
+    # One I' per scored group, encoded once for all of its distinct trajectories.
+    cf_inputs = batching.select_sequences(batch.inputs, selected, pv_cf, thw_cf,
+                                          torch.tensor(image_of_sel))
     with batching.eval_mode(model):
         logits_cf = batching.completion_logits(model, cf_inputs, batch.completion_ids.shape[1],
                                                temperature)
@@ -496,13 +430,14 @@ def _eval_forward_on_original(model: Any, batch: batching.SequenceBatch, selecte
                               layers: Sequence[int] | None,
                               temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eval-mode logits (and attention rows at ``layers``) of the selected trajectories on ``I``."""
-    sel = selected.tolist()
-    inputs = {k: v.index_select(0, selected) for k, v in batch.inputs.items()
-              if k not in ("pixel_values", "image_grid_thw")}
-    blocks = torch.split(batch.inputs["pixel_values"],
-                         batch.inputs["image_grid_thw"].prod(-1).tolist())
-    inputs["pixel_values"] = torch.cat([blocks[i] for i in sel])
-    inputs["image_grid_thw"] = batch.inputs["image_grid_thw"].index_select(0, selected)
+    if batching.IMAGE_INDEX in batch.inputs:
+        inputs = batching.select_sequences(batch.inputs, selected)
+    else:
+        blocks = torch.split(batch.inputs["pixel_values"],
+                             batch.inputs["image_grid_thw"].prod(-1).tolist())
+        inputs = batching.select_sequences(
+            batch.inputs, selected, torch.cat([blocks[i] for i in selected.tolist()]),
+            batch.inputs["image_grid_thw"].index_select(0, selected), torch.arange(len(selected)))
     t = batch.completion_ids.shape[1]
     queries = batch.query_positions.index_select(0, selected.to(batch.query_positions.device))
     capture = (attention.AttentionCapture(model, queries.to(selected.device), layers=list(layers))
@@ -601,15 +536,14 @@ def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], comple
     with batching.eval_mode(model), attention.AttentionCapture(model, batch.query_positions, idx) as cap:
         logits = batching.completion_logits(model, batch.inputs, t)
     pv_cf, thw_cf = counterfactual_pixels([row], [region], processor, method)
-    cf_inputs = dict(batch.inputs)
-    cf_inputs["pixel_values"], cf_inputs["image_grid_thw"] = batching.repeat_image_inputs(
-        pv_cf, thw_cf, len(completions))
+    cf_inputs = batching.select_sequences(batch.inputs, torch.arange(len(completions)), pv_cf,
+                                          thw_cf, torch.zeros(len(completions), dtype=torch.long))
     with batching.eval_mode(model):
         logits_cf = batching.completion_logits(model, cf_inputs, t)
     s_t = visual_dependency(logits, logits_cf, batch.completion_mask)
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     ids = batch.inputs["input_ids"]
-    reg_mask = region_token_mask(ids, batch.inputs["image_grid_thw"], [region] * len(completions),
+    reg_mask = region_token_mask(ids, batching.sequence_grids(batch.inputs), [region] * len(completions),
                                  [row["image"].size] * len(completions), image_id)
     share = region_share(cap.attentions, reg_mask, attention.image_token_mask(ids, image_id))
     out = []

@@ -221,6 +221,9 @@ class GRPOContext:
     ref_model: Any = None
     extra_reward: ExtraReward | None = None
     token_ids: dict[str, int] = field(default_factory=dict)
+    share_images: bool = True
+    """Store each prompt's image once in the step's sequences (the vision tower runs once per
+    prompt, not once per sample); False repeats it per sample (the benchmark's baseline)."""
 
     model = property(lambda self: self.state.model)
     optimizer = property(lambda self: self.state.optimizer)
@@ -454,7 +457,8 @@ def _chunks(ctx: GRPOContext, groups: list[Group]) -> list[_Chunk]:
     out = []
     for part, c in zip(parts, counts, strict=True):
         gs = [groups[i] for i in part]
-        batch = batching.build_sequences([g.row for g in gs], [g.tokens for g in gs], ctx.processor)
+        batch = batching.build_sequences([g.row for g in gs], [g.tokens for g in gs], ctx.processor,
+                                         share_images=ctx.share_images)
         out.append(_Chunk(groups=gs, batch=batch.to(acc.device), weight=c / total))
     return out
 
@@ -517,7 +521,7 @@ def _chunk_update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_gr
         view = faithful.counterfactual_view(
             acc.unwrap_model(model), ctx.processor, batch, [g.row for g in chunk.groups],
             [_distinct_scored(ctx, g) for g in chunk.groups], ctx.region, p.occlusion_cells,
-            p.intervention, p.temperature, ctx.layers)
+            p.intervention, p.temperature, ctx.layers, p.occlusion_search, p.occlusion_budget)
         log.faithful_s += time.perf_counter() - t0
     capture = (first and view is not None) or p.lambda_attn_rl > 0
     cap_ctx = (attention.AttentionCapture(model, batch.query_positions.to(acc.device),

@@ -178,6 +178,7 @@ BAD_VALUES = [
     ("rl", "temperature", 0.0), ("rl", "temperature", -1.0),
     ("rl", "kappa", 0), ("rl", "prompts_per_step", 0), ("rl", "num_iterations", 0),
     ("rl", "occlusion_cells", 0), ("rl", "n_prompts", -1), ("rl", "beta", -0.1),
+    ("rl", "occlusion_search", "nope"), ("rl", "occlusion_budget", 0),
     ("backbone", "num_heads", 0), ("backbone", "num_layers", 0), ("backbone", "num_kv_heads", 0),
     ("anchor", "num_heads", 0),
     ("anchor", "variants", []), ("rl", "variants", []), ("rl", "variants", ["grpo", "grpo"]),

@@ -220,3 +220,43 @@ def test_model_fingerprint_changes_with_the_weights(tmp_path):
     assert a == evaluation.model_fingerprint(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"abd")
     assert evaluation.model_fingerprint(tmp_path / "m") != a
+
+
+def test_batched_evaluation_gives_the_records_of_separate_passes(tiny_model, view_split, monkeypatch):
+    model, processor = tiny_model
+    calls = []
+    real = evaluation.modeling.generate
+    monkeypatch.setattr(evaluation.modeling, "generate",
+                        lambda m, p, inputs, **k: calls.append(inputs["input_ids"].shape[0]) or real(m, p, inputs, **k))
+    batched = evaluation.evaluate_split(model, processor, view_split, batch_size=6, max_new_tokens=12)
+    assert calls == [18]  # the original and both views of 6 rows in one generation call
+    calls.clear()
+    apart = evaluation.evaluate_split(model, processor, view_split, batch_size=6, max_new_tokens=12,
+                                      batched=False)
+    assert calls == [6, 6, 6]
+    assert len(batched) == len(apart) == 6
+    for a, b in zip(batched, apart, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], abs=1e-5), k
+            else:
+                assert a[k] == b[k], k
+
+
+def test_focus_and_answer_rows_from_one_forward(tiny_model, view_split):
+    model, processor = tiny_model
+    tok = processor.tokenizer
+    rows = [view_split[i] for i in range(4)]
+    texts = ["<think>x</think><answer>red</answer>", "<think>x</think>",
+             "<think>the circle</think><answer>blue square</answer><|im_end|>", "<answer>green</answer>"]
+    comps = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    maps, mass = evaluation.focus_and_answer_attention(model, processor, rows, comps)
+    ref_maps = evaluation.focus_attention(model, processor, rows)
+    ref_mass = evaluation.answer_attention(model, processor, rows, comps)
+    assert mass[1] is None and ref_mass[1] is None
+    assert mass == pytest.approx(ref_mass, abs=1e-6)
+    assert sum(m is not None for m in mass) == 3
+    for m, r in zip(maps, ref_maps, strict=True):
+        assert m["id"] == r["id"]
+        assert np.allclose(m["grid"], r["grid"], atol=1e-6) and np.array_equal(m["target"], r["target"])

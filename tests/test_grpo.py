@@ -279,7 +279,8 @@ def test_visual_dependency_zero_on_same_image_positive_without_evidence(tiny, ro
         groups_rows = [r for r in rows for _ in range(2)]
         pv, thw = faithful.counterfactual_pixels(groups_rows, [r["evidence_boxes"] for r in groups_rows],
                                              processor, "background")
-        cf = dict(batch.inputs, pixel_values=pv, image_grid_thw=thw)
+        n = batch.completion_ids.shape[0]
+        cf = batching.select_sequences(batch.inputs, torch.arange(n), pv, thw, torch.arange(n))
         logits_cf = batching.completion_logits(model, cf, t)
     same = faithful.visual_dependency(logits, again, mask)
     removed = faithful.visual_dependency(logits, logits_cf, mask)
@@ -316,7 +317,7 @@ def test_captured_rows_are_those_that_predict_each_completion_token(tiny, rows):
     batch = _response_sequences(rows[:2], processor)
     s, t = batch.prompt_len, batch.completion_ids.shape[1]
     with torch.no_grad(), attention.AttentionCapture(model, batch.query_positions, layers=[-1]) as cap:
-        model(**batch.inputs, logits_to_keep=t + 1)
+        batching.completion_logits(model, batch.inputs, t)
     att = cap.attentions[:, 0]  # [N, T, seq]
     for k in range(t):
         q = s - 1 + k  # the row that predicts completion token k
@@ -329,7 +330,8 @@ def test_occlusion_region_matches_a_direct_search(tiny, rows):
     model, processor = tiny
     row = dict(rows[0], image=rows[0]["image"].resize((100, 100)),
                evidence_boxes=[[b * 100 / 112 for b in rows[0]["evidence_boxes"][0]]])
-    regions = faithful.occlusion_region(model, processor, [row, rows[1]], n_cells=3, chunk_size=7)
+    regions = faithful.occlusion_region(model, processor, [row, rows[1]], n_cells=3, chunk_size=7,
+                                       search="exhaustive")
     assert [len(r) for r in regions] == [3, 3]
     cells = faithful.cell_boxes((100, 100), (1, 8, 8))
     assert all(box in cells for box in regions[0])

@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                       "rewards", "data", "modeling", "attention", "batching", "runlock"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
-    "L2 method": ("anchoring", "faithful", "grpo"),
+    "L2 method": ("anchoring", "occlusion", "faithful", "grpo"),
     "L2.5 evaluation": ("evaluation", "benchmark"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
@@ -39,8 +39,8 @@ SAME_LAYER: dict[str, set[str]] = {
     "records": {"repro"},
     "scoring": {"prompting", "records"},
     "rewards": {"prompting", "scoring"},
-    "batching": {"modeling", "prompting", "records"},
-    "faithful": {"anchoring"},
+    "batching": {"attention", "modeling", "prompting", "records"},
+    "faithful": {"anchoring", "occlusion"},
     "grpo": {"anchoring", "faithful"},
     "benchmark": {"evaluation"},
     "ablation": {"claims", "plotting"},

@@ -141,6 +141,8 @@ def _verdicts(monkeypatch) -> dict[str, list[bool]]:
     monkeypatch.setattr(evaluation, "generate_greedy", fake_generate)
     monkeypatch.setattr(evaluation, "focus_attention", fake_focus)
     monkeypatch.setattr(evaluation, "answer_attention", lambda m, p, batch, *a, **k: [None] * len(batch))
+    monkeypatch.setattr(evaluation, "focus_and_answer_attention",
+                        lambda m, p, batch, *a, **k: (fake_focus(m, p, batch), [None] * len(batch)))
     model = SimpleNamespace(eval=lambda: None)
     reward = rewards.accuracy_reward(responses, golds, types, choices)
     predicted = evaluation.predict_answers(model, None, rows, batch_size=7)
