@@ -1,5 +1,5 @@
 # fmr1: every target sets up .venv itself when it is missing.
-#   make reproduce            run every notebook of the study profile headless (papermill; ~30 min)
+#   make reproduce            run every notebook of the study profile headless (papermill; ~22 min)
 #   make reproduce PROFILE=tiny   the fast profile (~5 min), what make test runs
 #   make reproduce PROFILE=qwen2_5_vl_3b
 #   make test                 unit tests + notebooks under nbval (every tier)
@@ -90,6 +90,9 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/attention_capture.py
 	$(BIN)/python bench/grpo_step.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/faithful_cost.py
+	$(BIN)/python bench/occlusion_search.py
+	$(BIN)/python bench/evaluation.py
 
 # Qwen2.5-VL at the 3B / 7B widths (2 decoder layers, 2 vision blocks) at 448 px: one anchoring
 # step, one faithful GRPO step, capture vs eager; about 20 min (3B) on 2 cores, 12 GB RAM (7B).
