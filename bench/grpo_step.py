@@ -17,7 +17,8 @@ Variants, each training its own copy of the model:
   round of our variants, so all are interleaved;
 * ``grpo``: ``fmr1lib.grpo.grpo_step`` with accuracy + format;
 * ``faithful`` / ``faithful_occlusion``: + the faithful reward (causal region from the evidence
-  boxes / from the occlusion search), with ``faithful_form`` ``group_tanh`` (default; the
+  boxes / from the occlusion search, ``budgeted`` by default; ``_exhaustive`` and ``_gradient``
+  name the other searches), with ``faithful_form`` ``group_tanh`` (default; the
   counterfactual pass runs only for groups with >= 2 distinct correct completions) and ``raw``
   (it runs for every group with a correct completion).
 
@@ -46,12 +47,15 @@ import torch
 from fmr1lib import grpo, modeling, prompting, rewards
 
 OURS = {
-    # name: (variant, faithful_form)
-    "grpo": ("grpo", "group_tanh"),
-    "faithful": ("faithful", "group_tanh"),
-    "faithful_occlusion": ("faithful_occlusion", "group_tanh"),
-    "faithful_raw": ("faithful", "raw"),
-    "faithful_occlusion_raw": ("faithful_occlusion", "raw"),
+    # name: (variant, faithful_form, occlusion_search; None: the RLParams default, budgeted)
+    "grpo": ("grpo", "group_tanh", None),
+    "faithful": ("faithful", "group_tanh", None),
+    "faithful_occlusion": ("faithful_occlusion", "group_tanh", None),
+    "faithful_occlusion_exhaustive": ("faithful_occlusion", "group_tanh", "exhaustive"),
+    "faithful_occlusion_gradient": ("faithful_occlusion", "group_tanh", "gradient"),
+    "faithful_raw": ("faithful", "raw", None),
+    "faithful_occlusion_raw": ("faithful_occlusion", "raw", None),
+    "faithful_occlusion_exhaustive_raw": ("faithful_occlusion", "raw", "exhaustive"),
 }
 SETTINGS = {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 32, "lr": 5e-4,
             "temperature": 1.0, "top_p": 1.0, "top_k": 50, "clip_low": 0.2, "clip_high": 0.28,
@@ -164,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rl = {k: SETTINGS[k] for k in ("prompts_per_step", "group_size", "max_new_tokens", "lr",
                                    "temperature", "top_p", "clip_low", "clip_high", "w_acc",
                                    "w_fmt")}
-    contexts = {name: common.grpo_context(model, processor, variant, faithful_form=form, **rl)
-                for name, (variant, form) in OURS.items()}
+    contexts = {name: common.grpo_context(model, processor, variant, faithful_form=form, **rl,
+                                          **({"occlusion_search": how} if how else {}))
+                for name, (variant, form, how) in OURS.items()}
     rounds = 1 + args.repeats  # the first round warms up and is dropped
     times: dict[str, list[float]] = {n: [] for n in OURS}
     stats: dict[str, list[dict[str, Any]]] = {n: [] for n in OURS}

@@ -60,27 +60,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def agreement(model: Any, processor: Any, rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Top-cell agreement, overlap and time per image of every search against exhaustive."""
-    t0 = time.perf_counter()
-    reference = occlusion.exhaustive_scores(model, processor, rows)
-    t_ref = time.perf_counter() - t0
-    images, grids = occlusion._images_and_grids(processor, rows)
-    ref_cells = [occlusion._lowest(s, N_CELLS) for s in reference]
-    out = {}
-    for how in occlusion.SEARCHES:
-        t0 = time.perf_counter()
-        regions = occlusion.search(model, processor, rows, N_CELLS, how=how)
-        dt = time.perf_counter() - t0
-        chosen = [occlusion.chosen_cells(b, im.size, g) for b, im, g in zip(regions, images, grids, strict=True)]
-        top = [occlusion.top_cell_agreement(c, s) for c, s in zip(chosen, reference, strict=True)]
-        overlap = [len(set(c) & set(r)) / N_CELLS for c, r in zip(chosen, ref_cells, strict=True)]
-        out[how] = {"top_cell_agreement": float(np.mean(top)), "overlap": float(np.mean(overlap)),
-                    "s_per_image": dt / len(rows), "n_images": len(rows)}
-    out["exhaustive"]["s_per_image_scores_only"] = t_ref / len(rows)
-    return out
-
-
 def reward_correlation(model: Any, processor: Any, rows: list[dict[str, Any]],
                        group_size: int = 8) -> dict[str, dict[str, float]]:
     """Spearman of the faithful reward (region from each search vs exhaustive) across the
@@ -129,14 +108,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = []
     for variant in ("focus_anchor", "plain"):
         model, processor = common.sft_model(args.sft_steps, len(train_rows), variant)
-        agree = agreement(model, processor, test_rows)
+        agree = occlusion.agreement(model, processor, test_rows, N_CELLS)
         corr = reward_correlation(model, processor, train_rows[:args.prompts])
         results[variant] = {"agreement": agree, "reward_correlation": corr}
         for how in occlusion.SEARCHES:
             a, c = agree[how], corr[how]
             lines.append([variant, how, a["top_cell_agreement"], a["overlap"],
                           c["spearman_raw"], c["spearman_group_tanh"], c["n_scored"],
-                          1000 * a["s_per_image"],
+                          1000 * a["time_per_image_s"],
                           occlusion.forwards_per_image(how, 4, 4, N_CELLS),
                           occlusion.forwards_per_image(how, 16, 16, N_CELLS)])
     title = (f"Occlusion searches vs exhaustive on {common.device_name()} ({args.images} FocusShapes "

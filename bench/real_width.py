@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -75,6 +76,7 @@ from fmr1lib import (
     data,
     grpo,
     modeling,
+    occlusion,
     prompting,
     stages,
     train,
@@ -439,6 +441,52 @@ def grpo_phase(width: str, model: Any, processor: Any, rows: list[dict[str, Any]
             "ok": finite}
 
 
+FAITHFUL_COST = {
+    # name: (variant, occlusion_search, share_images)
+    "grpo": ("grpo", None, True),
+    "boxes": ("faithful", None, True),
+    **{f"occlusion_{how}": ("faithful_occlusion", how, True) for how in occlusion.SEARCHES},
+    "grpo_repeated": ("grpo", None, False),
+}
+
+
+def faithful_cost_phase(width: str, model: Any, processor: Any, rows: list[dict[str, Any]],
+                        repeats: int) -> dict[str, Any]:
+    """GRPO step time of each faithful variant (``FAITHFUL_COST``) over the plain step at 448
+    px, on the LoRA policy of the profile's stage-2 file, every group scored
+    (``common.half_correct``); ``grpo_repeated`` repeats the image per sample (the layout
+    before images were encoded once). One untimed step first, then ``repeats`` interleaved rounds."""
+    p = rl_params(width)
+    policy = stages.prepare_trainable(model, processor, p)
+    ctx = grpo.setup_grpo(policy, processor, p, "faithful")
+    step = {"n": 0}
+    faith: dict[str, list[float]] = {n: [] for n in FAITHFUL_COST}
+
+    def make(name: str) -> Callable[[], Any]:
+        variant, how, share = FAITHFUL_COST[name]
+
+        def call() -> Any:
+            ctx.variant, ctx.share_images = variant, share
+            ctx.params = dataclasses.replace(p, **({"occlusion_search": how} if how else {}))
+            stats, _ = grpo.grpo_step(ctx, rows, step["n"])
+            step["n"] += 1
+            return stats
+        return call
+
+    def record(name: str, stats: Any) -> None:
+        faith[name].append(stats["faithful_s"])
+
+    with common.half_correct():
+        make("grpo")()  # warm-up
+        times = common.interleaved({n: make(n) for n in FAITHFUL_COST}, repeats=repeats, warmup=0,
+                                   on_result=record)
+    med = {n: common.median(t) for n, t in times.items()}
+    return {"median_s": med, "times_s": times,
+            "added": {n: med[n] / med["grpo"] - 1.0 for n in FAITHFUL_COST},
+            "faithful_s": {n: common.median(v) for n, v in faith.items()},
+            "repeats": repeats, **GRPO}
+
+
 # --------------------------------------------------------------------------------------
 # Activation memory per layer and of the head (for the estimate)
 # --------------------------------------------------------------------------------------
@@ -620,6 +668,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--true-accuracy", action="store_true",
                         help="GRPO step with the real accuracy reward (the faithful pass then "
                              "runs only if the random model answers correctly)")
+    parser.add_argument("--faithful-cost", type=int, default=0, metavar="REPEATS",
+                        help="only build the model and time the faithful reward's variants "
+                             "(boxes, each occlusion search) against the plain GRPO step, "
+                             "REPEATS interleaved rounds; writes real_width_<width>_faithful_cost.json")
     args = parser.parse_args(argv)
     common.setup(args.threads)
     t_all = time.perf_counter()
@@ -635,6 +687,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases["build"]["fullatt_block_indexes"] = list(model.config.vision_config.fullatt_block_indexes)
     print(f"build: {phases['build']['wall_s']:.1f} s, {phases['build']['total'] / 1e6:.1f} M "
           f"params", flush=True)
+    if args.faithful_cost:
+        return _faithful_cost_main(width, model, processor, rows, args.faithful_cost, t_all)
 
     res, m = measured(lambda: capture_vs_eager(model, processor, rows[:2]))
     phases["capture_vs_eager"] = {**res, **m}
@@ -703,6 +757,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": "float32", "phases": phases, "estimate": est, "table": text, "wall_s": wall})
     print(f"\n{wall:.0f} s; wrote {path}")
     return {"phases": phases, "estimate": est}
+
+
+def _faithful_cost_main(width: str, model: Any, processor: Any, rows: list[dict[str, Any]],
+                        repeats: int, t_all: float) -> dict[str, Any]:
+    res = faithful_cost_phase(width, model, processor, rows, repeats)
+    lines = [[n, res["median_s"][n], res["added"][n], res["faithful_s"][n]] for n in FAITHFUL_COST]
+    text = common.table(
+        f"Faithful reward cost per GRPO step at the {width} widths ({LAYERS} decoder layers, "
+        f"{VISION_DEPTH} vision blocks, {IMAGE_SIZE} px, LoRA, {GRPO['prompts_per_step']} x "
+        f"{GRPO['group_size']} samples, every group scored) on {common.device_name()}; median of "
+        f"{repeats}", ["variant", "step s", "added", "faithful s"], lines)
+    print("\n" + text)
+    wall = time.perf_counter() - t_all
+    path = common.write_json(f"real_width_{width}_faithful_cost", {
+        "width": width, "layers": LAYERS, "vision_depth": VISION_DEPTH, "image_px": IMAGE_SIZE,
+        **res, "table": text, "wall_s": wall})
+    print(f"\n{wall:.0f} s; wrote {path}")
+    return res
 
 
 if __name__ == "__main__":

@@ -222,8 +222,9 @@ class GRPOContext:
     extra_reward: ExtraReward | None = None
     token_ids: dict[str, int] = field(default_factory=dict)
     share_images: bool = True
-    """Store each prompt's image once in the step's sequences (the vision tower runs once per
-    prompt, not once per sample); False repeats it per sample (the benchmark's baseline)."""
+    """Each prompt once: its prefill runs once for the G rollouts (``modeling.prefill_once``) and
+    its image is stored once in the step's sequences (the vision tower runs once per prompt, not
+    once per sample); False repeats both per sample (the benchmark's baseline)."""
 
     model = property(lambda self: self.state.model)
     optimizer = property(lambda self: self.state.optimizer)
@@ -306,7 +307,7 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
         completion_ids, texts = modeling.generate(
             gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, do_sample=True,
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            num_return_sequences=p.group_size)
+            num_return_sequences=p.group_size, share_prefill=ctx.share_images)
     tokens, ok = batching.completion_tokens(completion_ids.cpu(), ctx.token_ids["eos"],
                                             modeling.vision_token_ids(ctx.processor))
     g = p.group_size

@@ -465,17 +465,56 @@ _UNSET_ONLY = ("min_p", "top_h", "bad_words_ids", "sequence_bias", "begin_suppre
                "guidance_scale", "diversity_penalty")
 
 
+def _rope_owner(model: Any) -> Any:
+    """The submodule holding Qwen2.5-VL's cached 3D-rope offsets (``rope_deltas``), or None."""
+    return next((m for m in model.modules() if hasattr(m, "rope_deltas")), None)
+
+
+def prefill_once(model: Any, inputs: dict[str, torch.Tensor],
+                 repeats: int) -> dict[str, Any] | None:
+    """Run each prompt's prefill once for ``repeats`` returned sequences.
+
+    ``generate(num_return_sequences=G)`` copies every prompt G times before its prefill, so the
+    language model reads each prompt (image tokens included) G times. Here the prompt without
+    its last token goes through the model once (the vision tower included), the KV cache and the
+    3D-rope offsets are repeated G times, and ``generate`` continues from the last prompt token:
+    the same logits at every step, so the same samples from the same random state (checked in
+    ``tests/test_generation.py``).
+
+    Returns:
+        The keyword arguments of a ``generate`` call with ``num_return_sequences=1`` (the
+        repeated prompts and the cache), or None when the model keeps no rope offsets (another
+        architecture: generate as usual).
+    """
+    owner = _rope_owner(model)
+    if owner is None or inputs["input_ids"].shape[1] < 2:
+        return None
+    head = {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+            for k, v in inputs.items()}
+    out = model(**head, use_cache=True)
+    name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    cache = getattr(out, name)
+    cache.batch_repeat_interleave(repeats)
+    owner.rope_deltas = owner.rope_deltas.repeat_interleave(repeats, dim=0)
+    rest = {k: v.repeat_interleave(repeats, dim=0) for k, v in inputs.items()
+            if k not in ("pixel_values", "image_grid_thw")}
+    rest["image_grid_thw"] = inputs["image_grid_thw"].repeat_interleave(repeats, dim=0)
+    rest[name] = cache
+    return rest
+
+
 @torch.no_grad()
 def generate(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 24,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_return_sequences: int = 1, top_k: int = 0,
-             min_new_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
+             min_new_tokens: int = 0, share_prefill: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Generate completions with the vision tokens suppressed and every decoding setting explicit.
 
     Nothing is inherited from the checkpoint's generation config (``decoding_kwargs``): sampling
     is ``softmax(logits / temperature)`` with nucleus ``top_p`` and, only if ``top_k`` > 0,
     top-k; greedy is the argmax. Decoding fields that have no neutral value (``min_p``, ...) are
-    cleared on ``model.generation_config`` if set.
+    cleared on ``model.generation_config`` if set. With several returned sequences per prompt
+    and ``share_prefill``, each prompt is prefilled once (``prefill_once``).
 
     Returns:
         ``(completion_ids [B * num_return_sequences, T], texts)``; texts keep the tag tokens
@@ -487,9 +526,13 @@ def generate(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_ne
             logger.info("generation config: clearing %s=%r", name, getattr(gc, name))
             setattr(gc, name, None)
     kw = decoding_kwargs(do_sample, temperature, top_p, top_k, min_new_tokens)
-    kw.update(max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor),
-              num_return_sequences=num_return_sequences)
-    out = model.generate(**inputs, **kw)
+    kw.update(max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor))
+    shared = (prefill_once(model, inputs, num_return_sequences)
+              if share_prefill and num_return_sequences > 1 else None)
+    if shared is not None:
+        out = model.generate(**shared, **kw)
+    else:
+        out = model.generate(**inputs, **kw, num_return_sequences=num_return_sequences)
     completion = out[:, inputs["input_ids"].shape[1]:]
     return completion, decode_completions(processor, completion)
 

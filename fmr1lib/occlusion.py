@@ -25,6 +25,7 @@ first; the cells are those of ``cell_boxes`` (row-major, the order of the image 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -334,6 +335,34 @@ def search(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: 
             chosen = [sorted(ks, key=lambda k: (dict(zip(ks, s, strict=False))[k], k))[:n_cells]
                       for ks, s in zip(short, exact, strict=True)]
     return [[list(c[k]) for k in ks] for c, ks in zip(cells, chosen, strict=True)]
+
+
+def agreement(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
+              method: str = "background", searches: Sequence[str] = SEARCHES,
+              budget: int = 2) -> dict[str, dict[str, float]]:
+    """How each search's cells compare with the exhaustive search's on ``rows``.
+
+    Returns:
+        Per search: ``top_cell_agreement`` (share of rows whose most damaging cell is in the
+        exhaustive top 2), ``overlap`` (mean share of the ``n_cells`` cells the exhaustive search
+        also selects) and ``time_per_image_s`` (the search alone).
+    """
+    reference = exhaustive_scores(model, processor, rows, method)
+    images, grids = _images_and_grids(processor, rows)
+    best = [_lowest(s, n_cells) for s in reference]
+    out = {}
+    for how in searches:
+        t0 = time.perf_counter()
+        regions = search(model, processor, rows, n_cells, method, how, budget)
+        dt = time.perf_counter() - t0
+        chosen = [chosen_cells(b, im.size, g) for b, im, g in zip(regions, images, grids, strict=True)]
+        out[how] = {
+            "top_cell_agreement": sum(top_cell_agreement(c, s) for c, s in
+                                      zip(chosen, reference, strict=True)) / len(rows),
+            "overlap": sum(len(set(c) & set(b)) / n_cells for c, b in
+                           zip(chosen, best, strict=True)) / len(rows),
+            "time_per_image_s": dt / len(rows)}
+    return out
 
 
 def forwards_per_image(how: str, rows: int, cols: int, n_cells: int = 2, budget: int = 2,
