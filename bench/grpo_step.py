@@ -17,8 +17,8 @@ Variants, each training its own copy of the model:
   round of our variants, so all are interleaved;
 * ``grpo``: ``fmr1lib.grpo.grpo_step`` with accuracy + format;
 * ``faithful`` / ``faithful_occlusion``: + the faithful reward (causal region from the evidence
-  boxes / from the occlusion search, ``budgeted`` by default; ``_exhaustive`` and ``_gradient``
-  name the other searches), with ``faithful_form`` ``group_tanh`` (default; the
+  boxes / from the occlusion search, ``coarse_to_fine`` by default; ``_exhaustive``,
+  ``_gradient`` and ``_budgeted`` name the other searches), with ``faithful_form`` ``group_tanh`` (default; the
   counterfactual pass runs only for groups with >= 2 distinct correct completions) and ``raw``
   (it runs for every group with a correct completion).
 
@@ -47,12 +47,13 @@ import torch
 from fmr1lib import grpo, modeling, prompting, rewards
 
 OURS = {
-    # name: (variant, faithful_form, occlusion_search; None: the RLParams default, budgeted)
+    # name: (variant, faithful_form, occlusion_search; None: the RLParams default, coarse_to_fine)
     "grpo": ("grpo", "group_tanh", None),
     "faithful": ("faithful", "group_tanh", None),
     "faithful_occlusion": ("faithful_occlusion", "group_tanh", None),
     "faithful_occlusion_exhaustive": ("faithful_occlusion", "group_tanh", "exhaustive"),
     "faithful_occlusion_gradient": ("faithful_occlusion", "group_tanh", "gradient"),
+    "faithful_occlusion_budgeted": ("faithful_occlusion", "group_tanh", "budgeted"),
     "faithful_raw": ("faithful", "raw", None),
     "faithful_occlusion_raw": ("faithful_occlusion", "raw", None),
     "faithful_occlusion_exhaustive_raw": ("faithful_occlusion", "raw", "exhaustive"),

@@ -647,11 +647,11 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
     occlusion_cells: int = 2
     """Cells kept as the causal region by the occlusion search."""
-    occlusion_search: str = "budgeted"
+    occlusion_search: str = "coarse_to_fine"
     """How the occlusion region is found (``fmr1lib.occlusion``): ``exhaustive`` (one occluded
-    forward per image cell), ``coarse_to_fine`` (quadtree beam), ``gradient`` (one backward,
-    no occluded forward), ``budgeted`` (the gradient's first ``occlusion_budget`` cells
-    occluded exactly)."""
+    forward per image cell), ``coarse_to_fine`` (quadtree beam; the default: the cheaper search
+    that agrees with ``exhaustive``), ``gradient`` (one backward, no occluded forward),
+    ``budgeted`` (the gradient's first ``occlusion_budget`` cells occluded exactly)."""
     occlusion_budget: int = 2
     """``budgeted``: cells occluded exactly per image (at least ``occlusion_cells`` are)."""
     intervention: str = "background"

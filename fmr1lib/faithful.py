@@ -207,7 +207,7 @@ intervention_kwargs = occlusion.intervention_kwargs
 
 
 def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
-                     method: str = "background", chunk_size: int = 64, search: str = "budgeted",
+                     method: str = "background", chunk_size: int = 64, search: str = "coarse_to_fine",
                      budget: int = 2) -> list[list[list[float]]]:
     """Annotation-free causal regions: the cells whose occlusion most lowers the answer.
 
@@ -273,7 +273,7 @@ def counterfactual_pixels(rows: Sequence[dict[str, Any]], regions: Sequence[Sequ
 
 def causal_regions(model: Any, processor: Any, rows: Sequence[dict[str, Any]], region: str,
                    occlusion_cells: int = 2, method: str = "background",
-                   search: str = "budgeted", budget: int = 2) -> list[list[list[float]]]:
+                   search: str = "coarse_to_fine", budget: int = 2) -> list[list[list[float]]]:
     """The causal region ``C`` of each record: its evidence boxes, or the occlusion search's cells
     (``search``, ``budget``: ``occlusion_region``)."""
     if region not in REGIONS:
@@ -359,7 +359,7 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
                         rows: Sequence[dict[str, Any]], distinct: Sequence[Sequence[Sequence[int]]],
                         region: str = "boxes", occlusion_cells: int = 2,
                         method: str = "background", temperature: float = 1.0,
-                        layers: Sequence[int] | None = None, search: str = "budgeted",
+                        layers: Sequence[int] | None = None, search: str = "coarse_to_fine",
                         budget: int = 2) -> CounterfactualView | None:
     """Regions, counterfactual images and the teacher-forced forward on ``I'`` (eval, no grad).
 

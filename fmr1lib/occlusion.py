@@ -7,7 +7,7 @@ searches find them (``SEARCHES``, ``RLParams.occlusion_search``):
 
 * ``exhaustive``: every cell is occluded in turn and the occluded copy teacher-forced; one
   forward per cell, so its cost grows as (cells) x (cost of a forward);
-* ``coarse_to_fine``: a quadtree beam search. The grid is split into up to 4 blocks, each
+* ``coarse_to_fine`` (the default): a quadtree beam search. The grid is split into up to 4 blocks, each
   block is occluded as a whole, the ``beam`` most damaging blocks are split again, down to
   single cells; about ``4 + 4 * beam * (log2(side) - 1)`` forwards per image;
 * ``gradient``: no occluded copy at all. One forward and one backward of the reference answer's
@@ -294,7 +294,7 @@ def gradient_scores(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
 
 
 def search(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
-           method: str = "background", how: str = "budgeted", budget: int = 2, beam: int = 2,
+           method: str = "background", how: str = "coarse_to_fine", budget: int = 2, beam: int = 2,
            chunk_size: int = 64) -> list[list[list[float]]]:
     """The annotation-free causal region of each record (the module docstring's searches).
 
