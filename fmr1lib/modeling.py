@@ -479,7 +479,7 @@ def prefill_once(model: Any, inputs: dict[str, torch.Tensor],
     its last token goes through the model once (the vision tower included), the KV cache and the
     3D-rope offsets are repeated G times, and ``generate`` continues from the last prompt token:
     the same logits at every step, so the same samples from the same random state (checked in
-    ``tests/test_generation.py``).
+    ``tests/test_once_per_prompt.py``).
 
     Returns:
         The keyword arguments of a ``generate`` call with ``num_return_sequences=1`` (the

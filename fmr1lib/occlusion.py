@@ -115,6 +115,20 @@ def _answer_ids(processor: Any) -> tuple[int, int]:
             tok.convert_tokens_to_ids(prompting.ANSWER_CLOSE))
 
 
+def _reference_batch(processor: Any, rows: Sequence[dict[str, Any]], device: Any
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prompt + reference response of each record on ``device``: the inputs, and the targets
+    and answer-token mask of the response positions (``[B, n_resp]``)."""
+    open_id, close_id = _answer_ids(processor)
+    batch = batching.encode_batch(rows, processor, "plain", with_response=True)
+    labels = batch.labels
+    n_resp = int((labels != -100).sum(1).max())
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    targets = labels[:, -n_resp:].clamp_min(0).to(device)
+    keep = batching.answer_token_mask(labels, open_id, close_id)[:, -n_resp:].to(device)
+    return inputs, targets, keep
+
+
 def answer_logprobs(model: Any, processor: Any, copies: Sequence[dict[str, Any]],
                     chunk_size: int = 64) -> torch.Tensor:
     """Log-probability of the reference answer tokens of each record (eval mode, no grad).
@@ -126,19 +140,13 @@ def answer_logprobs(model: Any, processor: Any, copies: Sequence[dict[str, Any]]
     Returns:
         ``[len(copies)]`` summed log-probabilities of the answer tokens.
     """
-    open_id, close_id = _answer_ids(processor)
     device = next(model.parameters()).device
     scores = torch.empty(len(copies))
     with batching.eval_mode(model):
         for start in range(0, len(copies), chunk_size):
             part = copies[start:start + chunk_size]
-            batch = batching.encode_batch(part, processor, "plain", with_response=True)
-            labels = batch.labels
-            n_resp = int((labels != -100).sum(1).max())
-            inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-            logits = batching.completion_logits(model, inputs, n_resp)
-            targets = labels[:, -n_resp:].clamp_min(0).to(device)
-            keep = batching.answer_token_mask(labels, open_id, close_id)[:, -n_resp:].to(device)
+            inputs, targets, keep = _reference_batch(processor, part, device)
+            logits = batching.completion_logits(model, inputs, targets.shape[1])
             scores[start:start + len(part)] = batching.token_logprobs(logits, targets, keep).sum(1).cpu()
     return scores
 
@@ -236,33 +244,24 @@ def coarse_to_fine_cells(model: Any, processor: Any, rows: Sequence[dict[str, An
 
 
 def gradient_scores(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
-                    method: str = "background", steps: int = 1) -> list[list[float]]:
-    """Per row, the change of the answer log-probability attributed to each cell when the
-    image-token embeddings ``e`` move to ``e'``, those of the image with every cell removed.
+                    method: str = "background") -> list[list[float]]:
+    """Per row, the first-order change of the answer log-probability when each cell's
+    image-token embedding ``e_k`` is replaced by ``e'_k``, its embedding in the image with every
+    cell removed: ``g_k . (e'_k - e_k)`` with ``g`` the gradient at ``e``.
 
-    ``steps`` = 1: the first-order change ``g_k . (e'_k - e_k)`` with ``g`` the gradient at
-    ``e``; ``steps`` > 1: integrated gradients, ``g`` averaged over ``steps`` points of the
-    straight path from ``e`` to ``e'`` (midpoints; the attributions then sum to about the
-    change from removing every cell at once). One vision-tower pass on the real and on the
-    removed images, one forward and one backward of the language model over ``steps`` copies of
-    each prompt (gradients with respect to the embeddings only; the model's parameters get no
-    gradient).
+    One vision-tower pass on the real and on the removed images, one forward and one backward of
+    the language model (gradients with respect to the embeddings only; the model's parameters
+    get no gradient).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     base = attention.unwrap_model(model)
     inner = base.model
     device = next(model.parameters()).device
     images, grids = _images_and_grids(processor, rows)
     removed = [_occluded(r, im, cell_boxes(im.size, g), method)["image"]
                for r, im, g in zip(rows, images, grids, strict=True)]
-    batch = batching.encode_batch(rows, processor, "plain", with_response=True)
-    labels = batch.labels
-    n_resp = int((labels != -100).sum(1).max())
-    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    inputs, targets, keep = _reference_batch(processor, rows, device)
     grid = inputs["image_grid_thw"]
     pv_removed = processor.image_processor(images=removed, return_tensors="pt")["pixel_values"]
-    open_id, close_id = _answer_ids(processor)
     split = (grid.prod(-1) // modeling.MERGE ** 2).tolist()
     was_training = model.training
     model.eval()
@@ -272,24 +271,16 @@ def gradient_scores(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
                 pv_removed.to(device, inputs["pixel_values"].dtype), grid, return_dict=True).pooler_output)
             e = torch.cat(inner.get_image_features(inputs.pop("pixel_values"), grid,
                                                    return_dict=True).pooler_output)
-        e, e_removed = e.float(), e_removed.float()
-        alphas = [0.0] if steps == 1 else [(i + 0.5) / steps for i in range(steps)]
-        path = torch.stack([e + a * (e_removed - e) for a in alphas]).requires_grad_(True)
-        per_image = torch.split(path, split, dim=1)  # per image: [steps, n_tok, D]
-        # Sequence order: prompt-major, one copy per path point.
-        feats = tuple(img[s].to(inner.visual.dtype) for img in per_image for s in range(len(alphas)))
-        rep = {k: v.repeat_interleave(len(alphas), dim=0) for k, v in inputs.items()}
-        targets = labels[:, -n_resp:].clamp_min(0).to(device).repeat_interleave(len(alphas), dim=0)
-        keep = batching.answer_token_mask(labels, open_id, close_id)[:, -n_resp:].to(device)
+        e, e_removed = e.float().requires_grad_(True), e_removed.float()
+        feats = tuple(x.to(inner.visual.dtype) for x in torch.split(e, split))
         with torch.enable_grad():
-            out = base(**rep, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
-                       logits_to_keep=n_resp + 1, use_cache=False)
-            total = batching.token_logprobs(out.logits[:, :-1].float(), targets,
-                                            keep.repeat_interleave(len(alphas), dim=0)).sum()
-            (g,) = torch.autograd.grad(total, path)
+            out = base(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)},
+                       logits_to_keep=targets.shape[1] + 1, use_cache=False)
+            total = batching.token_logprobs(out.logits[:, :-1].float(), targets, keep).sum()
+            (g,) = torch.autograd.grad(total, e)
     finally:
         model.train(was_training)
-    delta = (g.mean(0) * (e_removed - e)).sum(-1)
+    delta = (g * (e_removed - e.detach())).sum(-1)
     return [d.tolist() for d in torch.split(delta.cpu(), split)]
 
 
