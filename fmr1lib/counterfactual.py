@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -197,6 +197,7 @@ def control_boxes(
     *,
     avoid: Sequence[Box] = (),
     max_tries: int = 200,
+    accept: Callable[[Box], bool] | None = None,
 ) -> list[Box]:
     """Control regions: one box per evidence box, same size, disjoint from all evidence.
 
@@ -210,6 +211,8 @@ def control_boxes(
         rng: numpy generator; the result is a function of its state.
         avoid: further boxes the control boxes must not touch.
         max_tries: candidates drawn per evidence box before giving up.
+        accept: optional further test of a candidate (e.g. that intervening on it changes
+            pixels: a control on blank background tests nothing).
 
     Returns:
         A list of ``len(evidence_boxes)`` boxes ``(x, y, x + w, y + h)`` as float tuples.
@@ -236,13 +239,14 @@ def control_boxes(
             x = int(rng.integers(0, max_x + 1))
             y = int(rng.integers(0, max_y + 1))
             candidate = (float(x), float(y), x + w, y + h)
-            if not any(boxes_overlap(candidate, other) for other in (*taken, *chosen)):
+            if (not any(boxes_overlap(candidate, other) for other in (*taken, *chosen))
+                    and (accept is None or accept(candidate))):
                 chosen.append(candidate)
                 break
         else:
             raise ValueError(
                 f"no control box of size {w:g}x{h:g} found in the {width}x{height} image after "
                 f"{max_tries} tries: every position overlaps an evidence box, an avoided box or "
-                "an earlier control box"
+                "an earlier control box, or intervening on it changes nothing"
             )
     return chosen

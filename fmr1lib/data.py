@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -367,18 +368,52 @@ def make_split(p: DataParams, split: str, n: int) -> datasets.Dataset:
     return records.records_to_dataset(rows)
 
 
+def control_boxes_on_objects(boxes: list[list[float]], meta: dict[str, Any],
+                            pad: int) -> list[list[float]]:
+    """Control regions of a FocusShapes scene: one per evidence box, the same size, each on a
+    scene object that does not decide the answer (a distractor or the grey blob).
+
+    The box is centred on its object and kept inside the object's 28-px cell (``pad`` pixels in
+    from its edges when the size allows), so the intervention changes pixels (the object's) and
+    never touches the evidence or the cue, which lie in other cells. Objects are used in scene
+    order, cycling when there are more evidence boxes than other objects.
+
+    Returns:
+        The boxes; empty when the scene has no object besides the evidence.
+
+    >>> meta = {"objects": [{"box": [2, 2, 20, 20], "cell": [0, 0]},
+    ...                     {"box": [30, 33, 46, 49], "cell": [1, 1]}], "evidence_objects": [0]}
+    >>> control_boxes_on_objects([[2.0, 2.0, 20.0, 20.0]], meta, pad=1)
+    [[29.0, 32.0, 47.0, 50.0]]
+    """
+    evidence = set(meta.get("evidence_objects") or [])
+    others = [o for i, o in enumerate(meta["objects"]) if i not in evidence]
+    if not others or not boxes:
+        return []
+    out = []
+    for k, box in enumerate(boxes):
+        obj = others[k % len(others)]
+        r, c = obj["cell"]
+        x0 = _start_in_cell((obj["box"][0] + obj["box"][2]) / 2, box[2] - box[0], c * CELL, pad)
+        y0 = _start_in_cell((obj["box"][1] + obj["box"][3]) / 2, box[3] - box[1], r * CELL, pad)
+        out.append([x0, y0, x0 + box[2] - box[0], y0 + box[3] - box[1]])
+    return out
+
+
+def _start_in_cell(centre: float, size: float, cell_start: int, pad: int) -> float:
+    """Start of a ``size``-long span centred on ``centre``, kept inside the cell (``pad`` in)."""
+    margin = pad if size <= CELL - 2 * pad else max(0.0, (CELL - size) / 2)
+    start = min(max(centre - size / 2, cell_start + margin), cell_start + CELL - margin - size)
+    return float(math.floor(start))
+
+
 def _focus_shapes_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, Any],
                         p: DataParams) -> tuple[Image.Image, Image.Image, list[list[float]]]:
-    """The two views of a FocusShapes scene: controls avoid every object and the cue cell."""
-    rng = np.random.default_rng(meta["seed"])
-    cue_box = cell_box(*meta["cue_cell"])
-    # Controls avoid the other objects too, so that a control never erases an
-    # object some question could depend on.
-    # Both boxes get padded by ``pad`` when intervened, hence the 2 * pad margin.
-    m = 2 * p.intervention_pad
-    others = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m]
-              for b in [cue_box, *(o["box"] for o in meta["objects"])]]
-    ctrl = counterfactual.control_boxes(image.size, boxes, rng, avoid=others)
+    """The two views of a FocusShapes scene: the control intervenes on a distractor or the grey
+    blob (``control_boxes_on_objects``), never on the evidence or the cue."""
+    ctrl = control_boxes_on_objects(boxes, meta, p.intervention_pad)
+    if not ctrl:
+        return image, image, []
     kw = {"seed": meta["seed"], "pad": p.intervention_pad, "fill": tuple(p.background)}
     return (counterfactual.intervene(image, boxes, p.intervention, **kw),
             counterfactual.intervene(image, ctrl, p.intervention, **kw),
@@ -391,7 +426,8 @@ def record_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, A
     """The two views of a JSONL record, from its evidence boxes alone.
 
     Nothing else in a real image is known, so the control regions avoid only the (padded)
-    evidence. The seed is ``meta["seed"]``; the fill is ``meta["background"]`` when the record
+    evidence, and a candidate whose intervention would change no pixel (blank background) is
+    drawn again. The seed is ``meta["seed"]``; the fill is ``meta["background"]`` when the record
     has one, else each image's border colour (``counterfactual.estimate_background``), as in
     the faithful reward (``faithful.intervention_kwargs``).
 
@@ -405,15 +441,22 @@ def record_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, A
     seed = int(meta.get("seed", 0))
     m = 2 * p.intervention_pad
     padded = [[b[0] - m, b[1] - m, b[2] + m, b[3] + m] for b in boxes]
-    try:
-        ctrl = counterfactual.control_boxes(image.size, boxes, np.random.default_rng(seed),
-                                            avoid=padded)
-    except ValueError as exc:
-        logger.warning("record %r: no counterfactual views (%s)", record_id, exc)
-        return image, image, []
     kw: dict[str, Any] = {"seed": seed, "pad": p.intervention_pad}
     if meta.get("background") is not None:
         kw["fill"] = tuple(int(v) for v in meta["background"])
+    original = np.asarray(image.convert("RGB"))
+
+    def changes_pixels(box: Any) -> bool:
+        # A control on blank background would leave the image as it was and test nothing.
+        edited = counterfactual.intervene(image, [box], p.intervention, **kw)
+        return not np.array_equal(np.asarray(edited), original)
+
+    try:
+        ctrl = counterfactual.control_boxes(image.size, boxes, np.random.default_rng(seed),
+                                            avoid=padded, accept=changes_pixels)
+    except ValueError as exc:
+        logger.warning("record %r: no counterfactual views (%s)", record_id, exc)
+        return image, image, []
     return (counterfactual.intervene(image, boxes, p.intervention, **kw),
             counterfactual.intervene(image, ctrl, p.intervention, **kw),
             [[float(v) for v in b] for b in ctrl])

@@ -85,6 +85,15 @@ def tokenizer_corpus(colors: Iterable[str] = (), shapes: Iterable[str] = ()) -> 
         for s2 in shapes:
             lines += [f"Is the {s1} left of the {s2}?", f"look at the {s1} and the {s2}"]
     lines += [str(i) for i in range(20)]
+    # Both routes of ``two_route`` reasoning (``prompting.route_think``), so that neither is
+    # spelled in single characters: the cue route's names were missing, which made it twice as
+    # many tokens as the evidence route and filled the faithful reward's top-kappa slots with
+    # near-zero-dependency characters (docs/design.md §6.6).
+    answers = colors + shapes + ["yes", "no"] + [str(i) for i in range(10)]
+    subjects = [f"the {s}" for s in shapes] + [f"the {c} object" for c in colors] + [
+        f"the {c} shapes" for c in colors] + [f"a {c} {s}" for c in colors for s in shapes]
+    lines += [f"{subj} is {a}" for subj in subjects for a in answers]
+    lines += [f"{name} is {v}" for name in prompting.CUE_NAMES.values() for v in colors + shapes]
     # Repeat so the answer words become single merged tokens.
     return lines * 4
 
