@@ -114,7 +114,7 @@ def agreement_check(model: Any, processor: Any, px: int) -> dict[str, float]:
         distinct = [faithful.distinct_correct(g.tokens, g.correct) for g in groups]
         view = faithful.counterfactual_view(policy, processor, batch, rows, distinct, "boxes",
                                             layers=ctx.layers)
-        rew = faithful.faithful_rewards(view, batch, logits, cap.attentions, form="raw")
+        rew = faithful.faithful_rewards(view, batch, logits, cap.attentions, faithful.Scoring(form="raw"))
         grads = torch.cat([p.grad.flatten() for n, p in policy.named_parameters()
                            if p.grad is not None and "visual" in n])
         out[share] = (logp.detach(), cap.attentions.detach(), torch.tensor(rew), grads)

@@ -31,33 +31,14 @@ try:
 except ImportError:  # run as a script: bench/ itself is on sys.path
     import common  # type: ignore[no-redef]
 
-import numpy as np
 import torch
 
-from fmr1lib import attention, batching, faithful, grpo, occlusion
+from fmr1lib import attention, batching, faithful, grpo, occlusion, reading
 
 N_CELLS = 2
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties; NaN when either side is constant).
-
-    >>> spearman([1, 2, 3, 4], [10, 20, 30, 35])
-    1.0
-    """
-    def ranks(x: list[float]) -> np.ndarray:
-        x = np.asarray(x, float)
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # ties share their mean rank
-            r[x == v] = r[x == v].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+spearman = reading.rank_correlation
 
 
 def reward_correlation(model: Any, processor: Any, rows: list[dict[str, Any]],
@@ -80,7 +61,7 @@ def reward_correlation(model: Any, processor: Any, rows: list[dict[str, Any]],
         view = faithful.counterfactual_view(policy, processor, batch, rows, scored, "occlusion",
                                             N_CELLS, layers=ctx.layers, search=how)
         rewards[how] = {form: faithful.faithful_rewards(view, batch, logits, cap.attentions,
-                                                        form=form)
+                                                        faithful.Scoring(form=form))
                         for form in ("raw", "group_tanh")}
     mask = [i for i, ok in enumerate(c for g in groups for c in g.correct) if ok]
     out = {}

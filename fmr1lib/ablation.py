@@ -268,27 +268,47 @@ ANSWER_CHANGE_MIN = 0.05
 start model: a run that equals its start point compares nothing."""
 
 START_ROW = {"grpo_backbone": "backbone", "anchoring_grpo": "anchoring",
-             "faithful_mr1": "anchoring", "faithful_mr1_occlusion": "anchoring"}
+             "faithful_mr1": "anchoring", "faithful_mr1_occlusion": "anchoring",
+             "plain_grpo": "plain_sft", "plain_faithful": "plain_sft"}
 """The row each stage-2 row starts from (same seed)."""
 
 
+FAITHFUL_USE = ("rl_answer_change:{a}", "faithful_reward_validity:{a}", "start_reading_spread:{a}")
+"""What a faithful-use claim of row ``a`` requires: the row moved, its reward measured faithful
+use (``faithful_reward_validity``), and its start model's rollouts differed in what they read
+(``start_reading_spread``)."""
+
+
+def _use(a: str) -> tuple[str, ...]:
+    return tuple(r.format(a=a) for r in FAITHFUL_USE)
+
+
 def study_claims(ep: config.EvalParams) -> list[claims.Claim]:
-    """The claims notebook 05 tests: the paper's two claims, their controls, and the
-    data-efficiency comparison at each prompt count (``faithful`` vs ``grpo``)."""
+    """The claims notebook 05 tests: the paper's two claims, their controls, the faithful-use
+    claim from a start that reads the cue (``plain_*`` rows), and the data-efficiency comparison
+    at each prompt count (``faithful`` vs ``grpo``). On ``test_ood`` every cued record's cue
+    contradicts its answer, so accuracy there is conflict accuracy: each comparison appears once."""
     out = [
         claims.Claim("anchoring gives faithful perception, better than describing the evidence "
                      "in text", "focus_mass", "test_ood", "anchoring", "text_perception"),
         claims.Claim("anchoring reduces shortcut reliance vs plain SFT", "conflict_accuracy",
-                     "test_ood", "anchoring", "plain_sft"),
+                     "test_ood", "anchoring", "plain_sft",
+                     ("shortcut_baseline_conflict_accuracy",)),
         claims.Claim("the faithful reward gives faithful use: accuracy where the cue "
                      "contradicts", "conflict_accuracy", "test_ood", "faithful_mr1",
-                     "anchoring_grpo"),
+                     "anchoring_grpo", _use("faithful_mr1")),
         claims.Claim("the faithful reward gives faithful use: faithfulness gap",
-                     "faithfulness_gap", "test_ood", "faithful_mr1", "anchoring_grpo"),
-        claims.Claim("the faithful reward improves accuracy off-distribution", "accuracy",
-                     "test_ood", "faithful_mr1", "anchoring_grpo"),
+                     "faithfulness_gap", "test_ood", "faithful_mr1", "anchoring_grpo",
+                     _use("faithful_mr1")),
         claims.Claim("annotation-free (occlusion) regions give faithful use", "conflict_accuracy",
-                     "test_ood", "faithful_mr1_occlusion", "anchoring_grpo"),
+                     "test_ood", "faithful_mr1_occlusion", "anchoring_grpo",
+                     _use("faithful_mr1_occlusion")),
+        claims.Claim("from a start that reads the cue, the faithful reward gives faithful use: "
+                     "accuracy where the cue contradicts", "conflict_accuracy", "test_ood",
+                     "plain_faithful", "plain_grpo", _use("plain_faithful")),
+        claims.Claim("from a start that reads the cue, the faithful reward gives faithful use: "
+                     "faithfulness gap", "faithfulness_gap", "test_ood", "plain_faithful",
+                     "plain_grpo", _use("plain_faithful")),
     ]
     if {"grpo", "faithful"} <= set(ep.efficiency_variants):
         a, b = RL_ROW["faithful"], RL_ROW["grpo"]
@@ -296,8 +316,6 @@ def study_claims(ep: config.EvalParams) -> list[claims.Claim]:
             out.append(claims.Claim(f"the faithful reward is more data-efficient ({k} prompts)",
                                     "accuracy", "test_ood", efficiency_row(a, k),
                                     efficiency_row(b, k)))
-        out.append(claims.Claim("the faithful reward is more data-efficient (all prompts)",
-                                "accuracy", "test_ood", a, b))
     return out
 
 
@@ -313,6 +331,11 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
       start model's (same seed), mean over seeds; ``holds`` if >= ``ANSWER_CHANGE_MIN``.
     * ``faithful_group_std_correct``: per faithful row, the within-group std of the faithful
       reward among correct trajectories (mean over the logged steps, then over seeds).
+    * ``faithful_reward_validity``: per faithful row, the within-group rank correlation of
+      its reward with ``reading`` in its stage-2 logs (``claims.validity_summary``); ``holds``
+      if its 95% interval over seeds lies above 0.
+    * ``start_reading_spread``: per faithful row, the cue-dependent share of the scored
+      rollouts of its first stage-2 steps (``claims.spread_summary``); ``holds`` if >= 0.2.
     * ``route_shares``: the greedy responses' reasoning routes (``prompting.response_route``)
       of the start model and of each stage-2 row, mean over seeds.
     """
@@ -355,18 +378,31 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
                 shares[r] = {k: claims.mean_or_nan([d[k] for d in per_seed]) for k in per_seed[0]}
     out["rl_answer_change"] = change
     std: dict[str, Any] = {}
-    for row in ("faithful_mr1", "faithful_mr1_occlusion"):
+    validity: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    for row in FAITHFUL_ROWS:
         if row in rows:
-            vals = []
+            logs = []
             for s in ep.seeds:
                 log = stages.row_folder(ep, row, s) / "metrics.jsonl"
-                steps = repro.read_jsonl(log) if log.exists() else []
-                std_correct = [m.get("faithful_group_std_correct") for m in steps]
-                vals.append(claims.mean_or_nan(std_correct))
+                logs.append(repro.read_jsonl(log) if log.exists() else [])
+            vals = [claims.mean_or_nan([m.get("faithful_group_std_correct") for m in steps])
+                    for steps in logs]
             std[row] = {"mean": claims.mean_or_nan(vals), "seed_values": vals}
+            validity[row] = claims.validity_summary(logs)
+            spread[row] = claims.spread_summary(logs, threshold=START_SPREAD_MIN)
     out["faithful_group_std_correct"] = std
+    out["faithful_reward_validity"] = validity
+    out["start_reading_spread"] = spread
     out["route_shares"] = shares
     return out
+
+
+FAITHFUL_ROWS = tuple(RL_ROW[v] for v in config.RLParams.FAITHFUL_VARIANTS)
+"""The ablation rows trained with the faithful reward."""
+START_SPREAD_MIN = 0.2
+"""``start_reading_spread`` holds when at least this share of the start model's correct
+rollouts depend on the cue: below it there is little for any reward to select."""
 
 
 def claims_document(ep: config.EvalParams, long: Sequence[dict[str, Any]],
@@ -376,7 +412,8 @@ def claims_document(ep: config.EvalParams, long: Sequence[dict[str, Any]],
     return claims.json_safe({
         "profile": ep.profile, "seeds": list(ep.seeds), "eval_n": ep.eval_n,
         "preconditions": pre,
-        "claims": claims.evaluate_claims(long, study_claims(ep), ep.seeds),
+        "claims": claims.apply_preconditions(
+            claims.evaluate_claims(long, study_claims(ep), ep.seeds), pre),
         **provenance(ep),
     })
 

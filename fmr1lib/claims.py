@@ -25,6 +25,9 @@ import numpy as np
 from fmr1lib import prompting, scoring
 
 VERDICTS = ("supported", "refuted", "inconclusive")
+STATUSES = (*VERDICTS, "untestable")
+"""What a claim reads as: its verdict when every precondition it requires holds, else
+``untestable`` (``apply_preconditions``)."""
 
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (standard tables).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -42,6 +45,9 @@ class Claim:
     split: str
     a: str
     b: str
+    requires: tuple[str, ...] = ()
+    """Preconditions that must hold for the verdict to be read, as ``"<key>"`` or
+    ``"<key>:<row>"`` paths into ``preconditions`` (``apply_preconditions``)."""
 
 
 def t975(df: int) -> float:
@@ -121,6 +127,72 @@ def evaluate_claims(long: Sequence[Mapping[str, Any]], claims: Sequence[Claim],
     return [compare(long, c, seeds) for c in claims if c.a in rows and c.b in rows]
 
 
+def apply_preconditions(records: Sequence[dict[str, Any]],
+                        pre: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each claim record with ``preconditions`` (required path -> holds) and ``status``: its
+    verdict when all hold, else ``untestable`` (a missing precondition does not hold).
+
+    >>> rec = {"verdict": "supported", "requires": ["rl_answer_change:x"]}
+    >>> apply_preconditions([rec], {"rl_answer_change": {"x": {"holds": False}}})[0]["status"]
+    'untestable'
+    """
+    out = []
+    for rec in records:
+        held = {}
+        for path in rec.get("requires") or ():
+            key, _, row = path.partition(":")
+            entry = pre.get(key) or {}
+            entry = entry.get(row) if row else entry
+            held[path] = bool(entry and entry.get("holds"))
+        out.append({**rec, "preconditions": held,
+                    "status": rec["verdict"] if all(held.values()) else "untestable"})
+    return out
+
+
+def validity_summary(seed_steps: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """``faithful_reward_validity`` of one faithful row from its stage-2 logs, one list of
+    step records per seed: per seed the within-group rank correlation of the faithful reward
+    with ``reading`` (mean over its steps' groups, each step weighted by its number of groups),
+    their mean over seeds with a 95% t interval, the share of all groups where it is positive,
+    and ``holds`` when the interval lies above 0.
+
+    >>> s = validity_summary([[{"reward_reading_spearman": 0.5, "reward_reading_groups": 2,
+    ...                          "reward_reading_positive": 1.0}]] * 3)
+    >>> s["mean"], s["holds"]
+    (0.5, False)
+    """
+    per_seed, pos, groups = [], [], []
+    for steps in seed_steps:
+        w = [(m.get("reward_reading_spearman"), m.get("reward_reading_groups") or 0,
+              m.get("reward_reading_positive")) for m in steps]
+        w = [x for x in w if x[0] is not None and x[1] > 0]
+        n = sum(x[1] for x in w)
+        per_seed.append(sum(x[0] * x[1] for x in w) / n if n else float("nan"))
+        pos += [(x[2] if x[2] is not None else float("nan"), x[1]) for x in w]
+        groups.append(n)
+    lo, hi = t_interval(per_seed)
+    finite = [(p, n) for p, n in pos if not math.isnan(p)]
+    share = (sum(p * n for p, n in finite) / sum(n for _, n in finite)) if finite else float("nan")
+    return {"seed_values": per_seed, "mean": mean_or_nan(per_seed), "ci95": [lo, hi],
+            "positive_share": share, "n_groups": groups, "holds": bool(lo > 0)}
+
+
+def spread_summary(seed_steps: Sequence[Sequence[Mapping[str, Any]]], first: int = 5,
+                   threshold: float = 0.2) -> dict[str, Any]:
+    """``start_reading_spread`` of one faithful row: per seed the share of the scored correct
+    rollouts of its first ``first`` stage-2 steps that are cue-dependent (``reading`` < 0; the
+    start model's, nearly), their mean, and ``holds`` when it is at least ``threshold``.
+
+    >>> spread_summary([[{"reading_cue_share": 0.4}], [{"reading_cue_share": 0.2}]])["holds"]
+    True
+    """
+    per_seed = [mean_or_nan([m.get("reading_cue_share") for m in steps[:first]])
+                for steps in seed_steps]
+    mean = mean_or_nan(per_seed)
+    return {"seed_values": per_seed, "mean": mean, "first_steps": first, "threshold": threshold,
+            "holds": bool(mean >= threshold)}
+
+
 # --------------------------------------------------------------------------------------
 # Preconditions
 # --------------------------------------------------------------------------------------
@@ -184,14 +256,18 @@ def _num(x: Any, sign: str = "+") -> str:
 def claims_markdown(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
     """The claims of a ``claims.json`` document as a markdown table (the README's)."""
     labels = labels or {}
-    lines = ["| claim | metric (split) | a − b | mean diff | 95% CI | seeds | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| claim | metric (split) | a − b | mean diff | 95% CI | seeds | verdict | "
+             "preconditions | reads as |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in doc["claims"]:
         lo, hi = c["ci95"]
+        held = c.get("preconditions") or {}
+        pre = ", ".join(f"{k.replace(':', ' ')} {'holds' if v else 'fails'}"
+                        for k, v in held.items()) or "–"
         lines.append(f"| {c['claim']} | {c['metric']} ({c['split']}) | "
                      f"{labels.get(c['a'], c['a'])} − {labels.get(c['b'], c['b'])} | "
                      f"{_num(c['diff_mean'])} | [{_num(lo)}, {_num(hi)}] | {c['n_seeds']} | "
-                     f"**{c['verdict']}** |")
+                     f"{c['verdict']} | {pre} | **{c.get('status', c['verdict'])}** |")
     return "\n".join(lines)
 
 
@@ -201,9 +277,12 @@ def claims_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | None = 
     out = []
     for c in doc["claims"]:
         lo, hi = c["ci95"]
+        failed = [k for k, v in (c.get("preconditions") or {}).items() if not v]
+        why = (f"; untestable: {', '.join(k.replace(':', ' of ') for k in failed)} does not hold"
+               if failed else "")
         out.append(f"{c['claim']}: {labels.get(c['a'], c['a'])} − {labels.get(c['b'], c['b'])} "
                    f"on {c['metric']} ({c['split']}) = {_num(c['diff_mean'])} "
-                   f"(95% CI [{_num(lo)}, {_num(hi)}], {c['n_seeds']} seeds): {c['verdict']}.")
+                   f"(95% CI [{_num(lo)}, {_num(hi)}], {c['n_seeds']} seeds): {c['verdict']}{why}.")
     return out
 
 
@@ -235,6 +314,16 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
     for row, st in pre.get("faithful_group_std_correct", {}).items():
         out.append(f"{labels.get(row, row)}: within-group std of the faithful reward among "
                    f"correct trajectories {f(st['mean'])}")
+    for row, v in pre.get("faithful_reward_validity", {}).items():
+        lo, hi = v["ci95"]
+        out.append(f"{labels.get(row, row)}: within-group rank correlation of the faithful reward "
+                   f"with reading {_num(v['mean'])} (95% CI [{_num(lo)}, {_num(hi)}]; positive in "
+                   f"{f(v['positive_share'])} of the groups; needs the interval above 0): "
+                   f"{'holds' if v['holds'] else 'DOES NOT HOLD'}")
+    for row, v in pre.get("start_reading_spread", {}).items():
+        out.append(f"{labels.get(row, row)}: cue-dependent share of the start model's correct "
+                   f"rollouts (first {v['first_steps']} steps) {f(v['mean'])} (needs >= "
+                   f"{v['threshold']:.2f}): {'holds' if v['holds'] else 'DOES NOT HOLD'}")
     for row, sh in pre.get("route_shares", {}).items():
         out.append(f"{labels.get(row, row)} greedy routes ({split}): "
                    + ", ".join(f"{k} {f(v)}" for k, v in sh.items()))

@@ -562,6 +562,16 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
         check_at_least(self, 0, "lambda_attn", "smooth_sigma", "n_show")
 
 
+CONCENTRATIONS = ("top_kappa", "weighted", "relative", "dependency")
+"""Which response tokens enter the faithful reward's concentration, and with what weight
+(``faithful.concentration``; docs/design.md §6.3, §6.6)."""
+FAITHFUL_ADVANTAGES = ("summed", "separate")
+"""How the faithful reward enters the GRPO advantage (``grpo.combine_advantages``): ``summed``
+adds it to the total reward before the group standardisation; ``separate`` adds it, centred
+among the group's correct trajectories and weighted, to the standardised advantage of the other
+rewards, so the group std cannot magnify it."""
+
+
 @dataclasses.dataclass
 class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonParams):
     """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward.
@@ -571,8 +581,16 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """
 
     VARIANTS: typing.ClassVar[tuple[str, ...]] = ("grpo_backbone", "grpo", "faithful",
-                                                  "faithful_occlusion")
+                                                  "faithful_occlusion", "grpo_plain",
+                                                  "faithful_plain")
     """The stage-2 variants (``variants``, ``efficiency_variants``, ``rl --variants``)."""
+    START_VARIANTS: typing.ClassVar[dict[str, str | None]] = {
+        "grpo_backbone": None, "grpo_plain": "plain", "faithful_plain": "plain"}
+    """The stage-1 variant a stage-2 variant starts from (None: the stage-0 backbone; a variant
+    not named here starts from ``focus_anchor``)."""
+    FAITHFUL_VARIANTS: typing.ClassVar[tuple[str, ...]] = ("faithful", "faithful_occlusion",
+                                                           "faithful_plain")
+    """The variants trained with the faithful reward."""
 
     steps: int = 24
     """GRPO steps."""
@@ -598,7 +616,9 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     variants: list[str] = dataclasses.field(
         default_factory=lambda: ["grpo_backbone", "grpo", "faithful", "faithful_occlusion"])
     """``grpo_backbone`` (accuracy+format from stage 0), ``grpo`` (from anchoring),
-    ``faithful`` (+ faithful reward, boxes), ``faithful_occlusion`` (+ faithful reward, occlusion)."""
+    ``faithful`` (+ faithful reward, boxes), ``faithful_occlusion`` (+ faithful reward, occlusion),
+    ``grpo_plain`` / ``faithful_plain`` (GRPO / + faithful reward from stage-1 plain SFT, a start
+    whose correct rollouts differ in which region they read; docs/design.md §12)."""
     prompts_per_step: int = 4
     """P: prompts per GRPO step."""
     group_size: int = 8
@@ -637,11 +657,31 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """Weight of the faithful reward (faithful variants only)."""
     faithful_form: str = "group_tanh"
     """``raw``: concentration c; ``group_tanh``: 0.5 * tanh(z) of c within the group."""
-    faithful_std_floor: float = 0.01
+    faithful_std_floor: float = 0.1
     """``group_tanh``: concentrations within this of each other count as equal (reward 0) and the
-    group std is floored at it (``faithful.faithful_from_concentration``)."""
+    group std is floored at it (``faithful.faithful_from_concentration``), in the concentration's
+    units (nats for ``dependency``, where the deciding token's s_t is 3-7 nats; a share of
+    attention for the others)."""
     kappa: int = 4
-    """Top-kappa response tokens by visual dependency s_t enter the concentration."""
+    """``concentration: top_kappa``: the kappa response tokens with the largest visual
+    dependency s_t enter the concentration."""
+    concentration: str = "dependency"
+    """Which tokens enter the concentration (``CONCENTRATIONS``): ``top_kappa`` (the paper's
+    literal reading), ``weighted`` (every token weighted by its s_t) or ``relative`` (tokens with
+    s_t >= relative_rho * max s_t) or ``dependency`` (sum_t s_t share_t, in nats: the default,
+    the only candidate whose within-group correlation with ``reading`` was positive on every
+    seed of the study's plain-SFT start; docs/design.md §6.6)."""
+    relative_rho: float = 0.5
+    """``concentration: relative``: share of the largest s_t a token needs to count."""
+    min_dependency: float = 0.0
+    """Nats: a trajectory whose largest s_t is below this did not depend on the causal region,
+    so its concentration is 0 (0: off)."""
+    faithful_advantage: str = "separate"
+    """How the faithful reward enters the advantage (``FAITHFUL_ADVANTAGES``)."""
+    reading_diagnostic: bool = True
+    """Log, per step, the causal ``reading`` of the scored trajectories and the within-group rank
+    correlation of the faithful reward with it (``fmr1lib.reading``; records whose meta names a
+    shortcut region only). An instrument: it never enters the reward."""
     faithful_focus_row: bool = False
     """Whether the ``<Focus>`` row (it predicts the first response token; the same for every
     trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
@@ -677,11 +717,20 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
             raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
         check_at_least(self, 1, "prompts_per_step", "num_iterations", "kappa", "occlusion_cells",
                        "occlusion_budget")
+        if self.concentration not in CONCENTRATIONS:
+            raise ValueError(f"key 'concentration': {self.concentration!r} not in "
+                             f"{'/'.join(CONCENTRATIONS)}")
+        if self.faithful_advantage not in FAITHFUL_ADVANTAGES:
+            raise ValueError(f"key 'faithful_advantage': {self.faithful_advantage!r} not in "
+                             f"{'/'.join(FAITHFUL_ADVANTAGES)}")
+        if not 0 < self.relative_rho <= 1:
+            raise ValueError(f"key 'relative_rho': {self.relative_rho} is not in (0, 1]")
         if self.occlusion_search not in ("exhaustive", "coarse_to_fine", "gradient", "budgeted"):
             raise ValueError(f"key 'occlusion_search': {self.occlusion_search!r} not in "
                              "exhaustive/coarse_to_fine/gradient/budgeted")
         check_at_least(self, 0, "n_prompts", "rollout_prompts", "top_k", "max_refill", "beta",
-                       "faithful_std_floor", "lambda_attn_rl", "clip_high", "n_show")
+                       "faithful_std_floor", "lambda_attn_rl", "clip_high", "n_show",
+                       "min_dependency")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"key 'top_p': {self.top_p} is not in (0, 1]")
         if not self.temperature > 0:
@@ -695,7 +744,8 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
 
 
 ABLATION_ROWS = ("backbone", "plain_sft", "text_perception", "anchoring", "grpo_backbone",
-                 "anchoring_grpo", "faithful_mr1", "faithful_mr1_occlusion")
+                 "anchoring_grpo", "faithful_mr1", "faithful_mr1_occlusion", "plain_grpo",
+                 "plain_faithful")
 """Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
 ABLATION_ROW_LABELS: dict[str, str] = {
     "backbone": "stage-0 backbone",
@@ -706,6 +756,8 @@ ABLATION_ROW_LABELS: dict[str, str] = {
     "anchoring_grpo": "anchoring + GRPO",
     "faithful_mr1": "Faithful-MR1 (boxes)",
     "faithful_mr1_occlusion": "Faithful-MR1 (occlusion)",
+    "plain_grpo": "plain SFT + GRPO",
+    "plain_faithful": "plain SFT + faithful reward",
 }
 """How the ablation table and every figure name each row (``plotting.DISPLAY_NAMES``)."""
 
@@ -727,7 +779,7 @@ class EvalParams(EvalSettings, CommonParams):
     """Stage-2 parameters; every seed trains with these (only ``seed`` changes)."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """Training seeds of stages 1-2 per ablation row (runs that exist with the same params are reused)."""
-    rows: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_ROWS))
+    rows: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_ROWS[:8]))
     """Ablation rows to build."""
     splits: list[str] = dataclasses.field(default_factory=lambda: ["test_id", "test_ood"])
     """Splits every row is evaluated on."""

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from fmr1lib import attention, batching, counterfactual, modeling, occlusion, rewards
+from fmr1lib.config import CONCENTRATIONS, FAITHFUL_ADVANTAGES  # noqa: F401 (re-exported)
 
 REGIONS = ("boxes", "occlusion")
 """Where the causal region ``C`` comes from."""
 FAITHFUL_FORMS = ("raw", "group_tanh")
+"""How a group's concentrations become rewards (``faithful_from_concentration``)."""
 REGION_EPS = 1e-6
 """Cells whose box-overlap weight is below this count as outside the region (float slivers)."""
 INTERVENTION_PAD = 0
@@ -120,24 +122,52 @@ def _as_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int = 4) -> float:
-    """Mean attention share inside the causal region over the top-``kappa`` tokens by ``s_t``.
+def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int = 4,
+                  how: str = "top_kappa", rho: float = 0.5, min_dependency: float = 0.0) -> float:
+    """How much of the trajectory's visually dependent attention lies inside the causal region.
+
+    ``how`` (``CONCENTRATIONS``) picks which tokens count, and how much:
+
+    - ``top_kappa``: the mean share over the ``kappa`` valid tokens with the largest ``s_t``
+      (ties: the earlier token), the paper's literal reading. When one token carries the
+      dependency, the other ``kappa - 1`` slots are filled by tokens whose ``s_t`` is noise.
+    - ``weighted``: ``sum_t s_t share_t / sum_t s_t``: every token counts by its dependency, so
+      a token with ``s_t`` near 0 contributes near 0.
+    - ``relative``: the mean share over the tokens with ``s_t >= rho * max s_t``.
+    - ``dependency``: ``sum_t s_t share_t``, not normalised (nats): the visual dependency on
+      the region carried by tokens that attend to it. A trajectory whose answer barely depends
+      on the region scores near 0 however its attention is spread.
+
+    ``min_dependency``: when the largest ``s_t`` of the valid tokens is below it, removing the
+    region changed nothing the trajectory says, so no attention of it counts as use of the
+    region: ``c = 0``.
 
     Args:
         s_t: ``[T]`` visual dependency of each response token.
         share_in_region: ``[T]`` share of each token's image attention inside the region.
-        mask: ``[T]`` valid response tokens (default: all); at most ``kappa`` valid tokens
-            with the largest ``s_t`` enter the mean (ties: the earlier token).
-        kappa: number of tokens averaged.
+        mask: ``[T]`` valid response tokens (default: all).
+        kappa: ``top_kappa``: number of tokens averaged.
+        how: ``top_kappa``, ``weighted`` or ``relative``.
+        rho: ``relative``: the share of the largest ``s_t`` a token needs.
+        min_dependency: nats; below it ``c = 0``.
 
     Returns:
-        The concentration ``c`` in ``[0, 1]``; 0.0 when no token is valid.
+        The concentration ``c``, in ``[0, 1]`` (``dependency``: in nats, >= 0); 0.0 when no
+        token is valid.
 
     >>> round(concentration([0.1, 0.9, 0.5, 0.0], [0.2, 0.8, 0.4, 1.0], kappa=2), 6)
     0.6
     >>> concentration([0.1, 0.9], [0.2, 0.8], mask=[1, 0], kappa=2)
     0.2
+    >>> round(concentration([3.0, 0.0, 0.0, 0.0], [0.5, 1.0, 1.0, 1.0], how="weighted"), 6)
+    0.5
+    >>> round(concentration([3.0, 2.0, 0.1], [0.5, 0.7, 1.0], how="relative"), 6)
+    0.6
+    >>> concentration([1e-4, 2e-4], [0.9, 0.9], min_dependency=0.01)
+    0.0
     """
+    if how not in CONCENTRATIONS:
+        raise ValueError(f"unknown concentration {how!r}; use one of {CONCENTRATIONS}")
     if kappa < 1:
         raise ValueError(f"kappa must be >= 1, got {kappa}")
     s = _as_array(s_t)
@@ -146,8 +176,16 @@ def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int =
         raise ValueError(f"s_t {s.shape} and share_in_region {share.shape} differ in shape")
     valid = np.ones_like(s, dtype=bool) if mask is None else _as_array(mask) > 0
     idx = np.flatnonzero(valid & np.isfinite(s) & np.isfinite(share))
-    if idx.size == 0:
+    if idx.size == 0 or s[idx].max() < min_dependency:
         return 0.0
+    if how == "dependency":
+        return float((s[idx] * share[idx]).sum())
+    if how == "weighted":
+        total = s[idx].sum()
+        return float((s[idx] * share[idx]).sum() / total) if total > 0 else 0.0
+    if how == "relative":
+        keep = idx[s[idx] >= rho * s[idx].max()]
+        return float(share[keep].mean())
     order = idx[np.argsort(-s[idx], kind="stable")][:kappa]
     return float(share[order].mean())
 
@@ -447,11 +485,67 @@ def _eval_forward_on_original(model: Any, batch: batching.SequenceBatch, selecte
     return logits, (cap.attentions if layers is not None else None)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How a trajectory's concentration and its group's rewards are computed (``RLParams``'
+    ``kappa``, ``concentration``, ``relative_rho``, ``min_dependency``, ``faithful_form``,
+    ``faithful_std_floor``, ``faithful_focus_row``; docs/design.md §6.3)."""
+
+    kappa: int = 4
+    concentration: str = "top_kappa"
+    rho: float = 0.5
+    min_dependency: float = 0.0
+    form: str = "group_tanh"
+    std_floor: float = 0.01
+    focus_row: bool = False
+    # The defaults are the paper's literal reading (top-kappa, the old floor); the stage's
+    # defaults (``RLParams``) are those the validity measure chose.
+
+    @classmethod
+    def of(cls, params: Any) -> Scoring:
+        """The scoring of stage-2 parameters (``config.RLParams``)."""
+        return cls(kappa=params.kappa, concentration=params.concentration, rho=params.relative_rho,
+                   min_dependency=params.min_dependency, form=params.faithful_form,
+                   std_floor=params.faithful_std_floor, focus_row=params.faithful_focus_row)
+
+
+@dataclass
+class Scored:
+    """The reward's ingredients for the selected trajectories of a ``CounterfactualView``."""
+
+    s_t: torch.Tensor           # [n_sel, T] visual dependency of each token
+    share: torch.Tensor         # [n_sel, T] share of each token's image attention inside C
+    mask: torch.Tensor          # [n_sel, T] candidate rows (``candidate_mask``)
+    concentration: list[float]  # per selected trajectory
+
+
+def score_selected(view: CounterfactualView, batch: batching.SequenceBatch, logits: torch.Tensor,
+                   attn: torch.Tensor, scoring: Scoring) -> Scored:
+    """``s_t``, attention shares and the concentration of every trajectory the view selected.
+
+    Args:
+        view: from ``counterfactual_view``.
+        batch: the sequences.
+        logits: ``[N, T, V]`` the forward's completion logits on ``I`` (all sequences).
+        attn: ``[N, n_layers, T, seq]`` its captured attention rows.
+        scoring: the concentration's settings.
+    """
+    sel = view.selected
+    mask = candidate_mask(batch.completion_mask.index_select(0, sel), scoring.focus_row)
+    # Both sides of s_t in eval mode (``counterfactual_view``).
+    on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
+    rows_i = view.attn if view.attn is not None else attn.detach().index_select(0, sel)
+    s_t = visual_dependency(on_i, view.logits_cf, mask)
+    share = region_share(rows_i, view.region_mask, view.image_mask)
+    conc = [concentration(s_t[j], share[j], mask[j], scoring.kappa, scoring.concentration,
+                          scoring.rho, scoring.min_dependency) for j in range(len(sel))]
+    return Scored(s_t=s_t, share=share, mask=mask, concentration=conc)
+
+
 def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBatch,
-                     logits: torch.Tensor, attn: torch.Tensor | None, kappa: int = 4,
-                     form: str = "group_tanh",
-                     stats: dict[str, list[float]] | None = None,
-                     std_floor: float = 0.01, focus_row: bool = False) -> list[float]:
+                     logits: torch.Tensor, attn: torch.Tensor | None,
+                     scoring: Scoring | None = None,
+                     stats: dict[str, list[float]] | None = None) -> list[float]:
     """Faithful reward of every trajectory of ``batch`` (0 where not scored).
 
     Args:
@@ -459,46 +553,38 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
         batch: the sequences (groups of ``batch.group_size``).
         logits: ``[N, T, V]`` the training forward's completion logits on ``I``.
         attn: ``[N, n_layers, T, seq]`` the sampled tokens' captured attention rows.
-        kappa: tokens averaged in the concentration.
-        form: ``raw`` or ``group_tanh``.
-        std_floor: ``group_tanh``'s floor (``faithful_from_concentration``).
-        focus_row: whether the first candidate row, the ``<Focus>`` position (it predicts the
-            first response token), enters the top-``kappa`` selection. It belongs to the prompt,
-            so its ``s_t`` and attention are the same for every trajectory of a group: it cannot
-            prefer one over another, only take a slot from a reasoning token. Off by default.
+        scoring: concentration and group form (default ``Scoring()``). Its ``focus_row``: whether
+            the first candidate row, the ``<Focus>`` position (it predicts the first response
+            token), enters the selection. It belongs to the prompt, so its ``s_t`` and attention
+            are the same for every trajectory of a group: it cannot prefer one over another, only
+            take a slot from a reasoning token. Off by default.
         stats: optional lists to append ``concentration``, ``s_t``, ``share`` (per scored
             trajectory) and ``distinct`` (per distinct sequence) to.
 
     Returns:
         ``N`` rewards.
     """
+    scoring = scoring or Scoring()
     g_size = batch.group_size
     n = batch.completion_ids.shape[0]
     conc = [0.0] * n
     scored = [False] * n
     if view is not None and attn is not None:
-        sel = view.selected
-        mask = candidate_mask(batch.completion_mask.index_select(0, sel), focus_row)
-        # Both sides of s_t in eval mode (``counterfactual_view``).
-        on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
-        rows_i = view.attn if view.attn is not None else attn.detach().index_select(0, sel)
-        s_t = visual_dependency(on_i, view.logits_cf, mask)
-        share = region_share(rows_i, view.region_mask, view.image_mask)
+        got = score_selected(view, batch, logits, attn, scoring)
         for j, same in enumerate(view.copies):
-            c = concentration(s_t[j], share[j], mask[j], kappa)
-            m = mask[j].bool()
+            m = got.mask[j].bool()
             for i in same:
-                conc[i], scored[i] = c, True
+                conc[i], scored[i] = got.concentration[j], True
                 if stats is not None:
-                    stats["concentration"].append(c)
-                    stats["s_t"].append(float(s_t[j][m].mean()) if m.any() else 0.0)
-                    stats["share"].append(float(share[j][m].mean()) if m.any() else 0.0)
+                    stats["concentration"].append(got.concentration[j])
+                    stats["s_t"].append(float(got.s_t[j][m].mean()) if m.any() else 0.0)
+                    stats["share"].append(float(got.share[j][m].mean()) if m.any() else 0.0)
             if stats is not None:
                 stats["distinct"].append(1.0)
     out: list[float] = []
     for start in range(0, n, g_size):
         sl = slice(start, start + g_size)
-        out += faithful_from_concentration(conc[sl], scored[sl], form, std_floor)
+        out += faithful_from_concentration(conc[sl], scored[sl], scoring.form, scoring.std_floor)
     return out
 
 
@@ -509,52 +595,45 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
 
 @torch.no_grad()
 def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], completions: Sequence[str],
-                         region: Sequence[Sequence[float]] | None = None,
-                         method: str = "background", layers: Any = "last_half",
-                         kappa: int = 4, focus_row: bool = False) -> list[dict[str, Any]]:
+                         region: str = "boxes", method: str = "background",
+                         layers: Any = "last_half", scoring: Scoring | None = None,
+                         temperature: float = 1.0, occlusion_cells: int = 2,
+                         search: str = "coarse_to_fine") -> list[dict[str, Any]]:
     """The faithful reward's ingredients for hand-picked completions of one prompt.
 
-    For each completion (teacher-forced): its tokens, the visual dependency ``s_t`` of every
-    token (KL between the policy on ``I`` and on ``I'`` with the region removed), the share of
-    each token's image attention inside the region, and the concentration ``c`` over the
-    top-``kappa`` tokens (``focus_row``: as in ``faithful_rewards``). ``region`` defaults to the
-    record's evidence boxes.
+    The completions are teacher-forced as one group and scored by the training reward's own
+    calls (``counterfactual_view``, ``score_selected``): the same ``I'`` (no padding, the
+    record's intervention seed), temperature, layers and concentration. Every completion is
+    explained, correct or not.
 
     Returns:
         One dict per completion: ``tokens``, ``s_t``, ``share``, ``concentration``, ``correct``.
     """
+    scoring = scoring or Scoring()
     tok = processor.tokenizer
-    region = [list(b) for b in (row["evidence_boxes"] if region is None else region)]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     token_lists = [tok(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
     n = len(completions)
     acc_r = rewards.accuracy_reward(list(completions), [row["answer"]] * n,
                                     [row.get("answer_type") or "word"] * n, [row.get("choices")] * n)
     batch = batching.build_sequences([row], [token_lists], processor)
-    t = batch.completion_ids.shape[1]
     idx = attention.resolve_layers(layers, attention.num_text_layers(model))
     with batching.eval_mode(model), attention.AttentionCapture(model, batch.query_positions, idx) as cap:
-        logits = batching.completion_logits(model, batch.inputs, t)
-    pv_cf, thw_cf = counterfactual_pixels([row], [region], processor, method)
-    cf_inputs = batching.select_sequences(batch.inputs, torch.arange(len(completions)), pv_cf,
-                                          thw_cf, torch.zeros(len(completions), dtype=torch.long))
-    with batching.eval_mode(model):
-        logits_cf = batching.completion_logits(model, cf_inputs, t)
-    s_t = visual_dependency(logits, logits_cf, batch.completion_mask)
-    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    ids = batch.inputs["input_ids"]
-    reg_mask = region_token_mask(ids, batching.sequence_grids(batch.inputs), [region] * len(completions),
-                                 [row["image"].size] * len(completions), image_id)
-    share = region_share(cap.attentions, reg_mask, attention.image_token_mask(ids, image_id))
+        logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1],
+                                            temperature)
+    view = counterfactual_view(model, processor, batch, [row], [[[k] for k in range(n)]], region,
+                               occlusion_cells, method, temperature, idx, search)
+    if view is None:
+        raise ValueError(f"record {row.get('id', '')!r}: no causal region to explain")
+    got = score_selected(view, batch, logits, cap.attentions, scoring)
     out = []
     for j, toks in enumerate(token_lists):
-        n = len(toks)
+        k = len(toks)
         out.append({
             "completion": completions[j],
             "tokens": [tok.decode([x], skip_special_tokens=False) for x in toks],
-            "s_t": s_t[j, :n].tolist(), "share": share[j, :n].tolist(),
-            "concentration": concentration(s_t[j], share[j],
-                                           candidate_mask(batch.completion_mask, focus_row)[j], kappa),
+            "s_t": got.s_t[j, :k].tolist(), "share": got.share[j, :k].tolist(),
+            "concentration": got.concentration[j],
             "correct": bool(acc_r[j]),
         })
     return out

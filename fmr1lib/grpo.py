@@ -37,13 +37,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmr1lib import anchoring, attention, batching, faithful, modeling, prompting, rewards, train
+from fmr1lib import (
+    anchoring,
+    attention,
+    batching,
+    config,
+    faithful,
+    modeling,
+    prompting,
+    reading,
+    rewards,
+    train,
+)
 from fmr1lib.batching import SequenceBatch, completion_logits, token_logprobs
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("grpo_backbone", "grpo", "faithful", "faithful_occlusion")
-FAITHFUL_VARIANTS = ("faithful", "faithful_occlusion")
+VARIANTS = config.RLParams.VARIANTS
+FAITHFUL_VARIANTS = config.RLParams.FAITHFUL_VARIANTS
 LOSS_AGGS = ("token_mean", "seq_mean")
 REFILL_SEED_STRIDE = 7919
 """Refill round ``r`` of dynamic sampling draws prompts with seed ``seed + r * stride``."""
@@ -431,7 +442,8 @@ class _StepLog:
 
     lists: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in (
         "concentration", "s_t", "share", "clip_frac", "clip_low_frac", "clip_high_frac",
-        "ratio_mean", "kl", "entropy", "loss", "attn_rl", "distinct")})
+        "ratio_mean", "kl", "entropy", "loss", "attn_rl", "distinct", "reading", "reading_cue",
+        "reading_spearman")})
     faithful_s: float = 0.0
 
     def add(self, stats: dict[str, Any]) -> None:
@@ -480,23 +492,73 @@ def _score_chunk(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualV
                  logits: torch.Tensor, logp: torch.Tensor, attn: torch.Tensor | None,
                  log: _StepLog) -> None:
     """First iteration: entropy, the rewards (combined in ``rewards.combine_rewards``) and the
-    group advantages of the chunk, and the sampling policy's log-probs."""
+    group advantages of the chunk (``combine_advantages``), and the sampling policy's log-probs."""
     p, batch = ctx.params, chunk.batch
     t0 = time.perf_counter()
     with torch.no_grad():
         ent = token_entropy(logits.detach(), batch.completion_mask)
         log.lists["entropy"].append(float(ent.sum() / batch.completion_mask.sum().clamp_min(1)))
-        faith = (faithful.faithful_rewards(view, batch, logits, attn, p.kappa, p.faithful_form,
-                                           log.lists, p.faithful_std_floor, p.faithful_focus_row) if ctx.faithful else None)
+        faith = (faithful.faithful_rewards(view, batch, logits, attn, faithful.Scoring.of(p),
+                                           log.lists) if ctx.faithful else None)
     if ctx.faithful:
         log.faithful_s += time.perf_counter() - t0
     g_size = batch.group_size
     chunk.faithful = faith or [0.0] * (len(chunk.groups) * g_size)
     chunk.overall = [r for gi, g in enumerate(chunk.groups)
                      for r in _group_rewards(ctx, g, chunk.faithful[gi * g_size:(gi + 1) * g_size])]
-    chunk.advantages = group_advantages(torch.tensor(chunk.overall), g_size,
-                                        p.std_normalize).to(ctx.accelerator.device)
+    if ctx.faithful and p.faithful_advantage == "separate":
+        base = [r for g in chunk.groups for r in _group_rewards(ctx, g)]
+        correct = [ok for g in chunk.groups for ok in g.correct]
+        chunk.advantages = combine_advantages(base, chunk.faithful, correct, g_size, p.w_faith,
+                                              p.std_normalize).to(ctx.accelerator.device)
+    else:
+        chunk.advantages = group_advantages(torch.tensor(chunk.overall), g_size,
+                                            p.std_normalize).to(ctx.accelerator.device)
     chunk.logp_old = logp.detach()
+
+
+def combine_advantages(base: Sequence[float], faith: Sequence[float], correct: Sequence[bool],
+                       group_size: int, w_faith: float = 1.0,
+                       std_normalize: bool = True) -> torch.Tensor:
+    """``separate`` advantages: the group advantage of the other rewards, plus the faithful
+    reward centred among the group's correct trajectories and weighted, never divided by a
+    group std (``faithful.FAITHFUL_ADVANTAGES``).
+
+    In a group whose answers are all correct the other rewards give 0, and a faithful spread of
+    0.01 stays 0.01 instead of becoming a full-sized advantage.
+
+    >>> combine_advantages([1.0, 1.0], [0.1, -0.1], [True, True], 2).tolist()
+    [0.10000000149011612, -0.10000000149011612]
+    >>> [round(v, 4) for v in combine_advantages([1.0, 0.0], [0.0, 0.0], [True, False], 2).tolist()]
+    [0.7071, -0.7071]
+    """
+    adv = group_advantages(torch.tensor(list(base)), group_size, std_normalize)
+    f = torch.tensor(list(faith), dtype=torch.float32).view(-1, group_size)
+    ok = torch.tensor(list(correct), dtype=torch.bool).view(-1, group_size)
+    n_ok = ok.sum(dim=1, keepdim=True).clamp_min(1)
+    mean_ok = (f * ok).sum(dim=1, keepdim=True) / n_ok
+    centred = torch.where(ok, f - mean_ok, torch.zeros_like(f))
+    return adv + w_faith * centred.reshape(-1)
+
+
+def _log_reading(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualView,
+                 logits: torch.Tensor, log: _StepLog) -> None:
+    """The reward-validity diagnostic (``fmr1lib.reading``): ``reading`` of each scored distinct
+    trajectory, and per group the rank correlation of its faithful reward with ``reading``."""
+    batch, p = chunk.batch, ctx.params
+    sel = view.selected
+    on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    g_size = batch.group_size
+    rows = [g.row for g in chunk.groups]
+    answers = [rows[int(i) // g_size]["answer"] for i in sel.tolist()]
+    values = reading.reading_scores(model, ctx.processor, batch, rows, sel, on_i, answers,
+                                    p.intervention, p.temperature)
+    scores = [chunk.faithful[c[0]] for c in view.copies]
+    group_of = [int(i) // g_size for i in sel.tolist()]
+    log.lists["reading"] += [v for v in values if math.isfinite(v)]
+    log.lists["reading_cue"] += [float(v < 0) for v in values if math.isfinite(v)]
+    log.lists["reading_spearman"] += reading.within_group_spearman(scores, values, group_of)
 
 
 def _focus_anchor_loss(ctx: GRPOContext, batch: SequenceBatch,
@@ -551,6 +613,9 @@ def _chunk_update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_gr
                 log.lists["attn_rl"].append(float(aux.detach()))
         ctx.state.backward(loss, f"GRPO loss ({ctx.variant})")
         log.lists["loss"].append(float(loss.detach()))
+    if view is not None and p.reading_diagnostic:
+        # Outside the capture block: the instrument's forwards are not the step's.
+        _log_reading(ctx, chunk, view, logits, log)
 
 
 def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -647,6 +712,13 @@ def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
                                      "ratio_mean", "kl", "entropy")},
         "loss": sum(ls["loss"]) / max(1, ctx.params.num_iterations),
         "attn_rl_loss": _mean(ls["attn_rl"]),
+        # The reward-validity diagnostic (fmr1lib.reading): mean reading of the scored distinct
+        # trajectories, the share of them that are cue-dependent, and the within-group rank
+        # correlation of the faithful reward with reading (mean over groups, and their number).
+        "reading": _mean(ls["reading"]), "reading_cue_share": _mean(ls["reading_cue"]),
+        "reward_reading_spearman": _mean(ls["reading_spearman"]),
+        "reward_reading_groups": len(ls["reading_spearman"]),
+        "reward_reading_positive": _mean([float(v > 0) for v in ls["reading_spearman"]]),
     }
     return stats
 

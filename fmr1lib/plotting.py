@@ -702,15 +702,17 @@ HEADLINE_PANELS: tuple[tuple[str, str], ...] = (
 """The ablation's key metrics (metric, split) shown by ``fig_headline``."""
 
 
-VERDICT_COLORS = {"supported": "#029e73", "refuted": "#d55e00", "inconclusive": "#949494"}
-"""How the claims figure colours each verdict (``claims.VERDICTS``)."""
+VERDICT_COLORS = {"supported": "#029e73", "refuted": "#d55e00", "inconclusive": "#949494",
+                  "untestable": "#cc78bc"}
+"""How the claims figure colours each status (``claims.STATUSES``)."""
 
 
 def fig_claims(doc: Mapping[str, Any] | str | Path, path: str | Path | None = None,
                title: str = "") -> plt.Figure:
     """The claims of ``claims.json`` (a path or the document): per claim the mean paired
     difference ``a - b`` over seeds (dot), its 95% t interval (bar) and each seed's difference
-    (small dots), coloured by verdict, against the zero line."""
+    (small dots), coloured by status (the verdict, or ``untestable`` where a precondition
+    fails), against the zero line."""
     if isinstance(doc, (str, Path)):
         doc = json.loads(Path(doc).read_text(encoding="utf-8"))
     items = list(doc["claims"])
@@ -718,7 +720,8 @@ def fig_claims(doc: Mapping[str, Any] | str | Path, path: str | Path | None = No
         fig, ax = plt.subplots(figsize=(9.5, 0.9 + 0.55 * max(1, len(items))))
         for i, c in enumerate(items):
             y = len(items) - 1 - i
-            color = VERDICT_COLORS.get(c["verdict"], "#333333")
+            status = c.get("status", c["verdict"])
+            color = VERDICT_COLORS.get(status, "#333333")
             lo, hi = (np.nan if v is None else v for v in c["ci95"])
             mean = np.nan if c["diff_mean"] is None else c["diff_mean"]
             if not (np.isnan(lo) or np.isnan(hi)):
@@ -726,7 +729,7 @@ def fig_claims(doc: Mapping[str, Any] | str | Path, path: str | Path | None = No
             ax.scatter([mean], [y], color=color, s=40, zorder=3)
             seeds = [d for d in c.get("seed_diffs", []) if d is not None]
             ax.scatter(seeds, [y + 0.18] * len(seeds), color=color, s=9, zorder=3, alpha=0.8)
-            ax.text(1.02, y, f"{c['verdict']}", transform=ax.get_yaxis_transform(),
+            ax.text(1.02, y, status, transform=ax.get_yaxis_transform(),
                     va="center", color=color, fontsize=9, fontweight="bold")
         ax.axvline(0.0, color="#333333", lw=1)
         ax.set_yticks(range(len(items)))

@@ -43,6 +43,8 @@ ROWS: dict[str, tuple[str, str | None]] = {
     "anchoring_grpo": ("rl", "grpo"),
     "faithful_mr1": ("rl", "faithful"),
     "faithful_mr1_occlusion": ("rl", "faithful_occlusion"),
+    "plain_grpo": ("rl", "grpo_plain"),
+    "plain_faithful": ("rl", "faithful_plain"),
 }
 """Ablation row -> (stage, variant of that stage)."""
 
@@ -252,14 +254,15 @@ def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> lis
     and that no finished run holds, in the order to make them: ``(what, command)`` pairs."""
     if stage == "rl":
         ap = upstream_params(p, "anchor")
-        if variant == "grpo_backbone":
+        start = start_variant(variant or "grpo")
+        if start is None:
             return missing_prerequisites(ap, "anchor")
-        folder = run_folder(ap, "anchor", "focus_anchor", create=False)
+        folder = run_folder(ap, "anchor", start, create=False)
         if _finished(folder):
             return []
         return [*missing_prerequisites(ap, "anchor"),
-                (f"the stage-1 focus_anchor model ({folder}; notebooks/03_anchoring.ipynb)",
-                 _make_command("anchor", ap, p.anchor_params_file, "focus_anchor"))]
+                (f"the stage-1 {start} model ({folder}; notebooks/03_anchoring.ipynb)",
+                 _make_command("anchor", ap, p.anchor_params_file, start))]
     if stage == "anchor":
         folder = run_folder(upstream_params(p, "backbone"), "backbone", create=False)
         if _finished(folder):
@@ -310,20 +313,31 @@ def ensure_backbone(p: Any, build: bool | None = None) -> tuple[Any, Any]:
 
 
 def start_model(p: Any, variant: str, build: bool | None = None) -> tuple[Any, Any]:
-    """The start policy of a stage-2 variant: the stage-0 backbone for ``grpo_backbone``, else
-    the same seed's stage-1 ``focus_anchor`` model. A missing one is built by its notebook's
-    step when ``build`` (default ``BUILD_MISSING``), else ``MissingPrerequisiteError`` names
-    the command that makes it."""
+    """The start policy of a stage-2 variant (``config.RLParams.START_VARIANTS``): the stage-0
+    backbone for ``grpo_backbone``, the same seed's stage-1 ``plain`` model for ``*_plain``, else
+    its ``focus_anchor`` model. A missing one is built by its notebook's step when ``build``
+    (default ``BUILD_MISSING``), else ``MissingPrerequisiteError`` names the command that makes
+    it."""
     ap = upstream_params(p, "anchor")
-    if variant == "grpo_backbone":
+    start = start_variant(variant)
+    if start is None:
         return ensure_backbone(ap, build)
-    folder = model_folder(ap, "anchor", "focus_anchor")
+    folder = model_folder(ap, "anchor", start)
     if not _finished(folder.parent):
         check_prerequisites(p, "rl", [variant], build=build)
         logger.info("no finished stage-1 model at %s: training it (notebook 03)", folder)
         with build_missing(True):  # and the backbone, if that is missing too
-            anchor_stage(ap, "focus_anchor")
+            anchor_stage(ap, start)
     return modeling.load_saved_backbone(folder, p)
+
+
+def start_variant(variant: str) -> str | None:
+    """The stage-1 variant a stage-2 variant starts from (None: the backbone).
+
+    >>> start_variant("grpo"), start_variant("faithful_plain"), start_variant("grpo_backbone")
+    ('focus_anchor', 'plain', None)
+    """
+    return config.RLParams.START_VARIANTS.get(variant, "focus_anchor")
 
 
 def prepare_trainable(model: Any, processor: Any, p: Any) -> Any:
@@ -521,8 +535,9 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
     if stage == "backbone":
         ensure_backbone(ap)
         return folder / "model"
-    if stage == "rl" and variant != "grpo_backbone":
-        ensure_trained(ep, "anchoring", seed, dsd)  # the start point, same seed
+    start = start_variant(variant) if stage == "rl" else None
+    if start is not None:  # the start point, same seed
+        ensure_trained(ep, next(r for r, sv in ROWS.items() if sv == ("anchor", start)), seed, dsd)
     if not is_complete(folder, params):
         logger.info("training %s (seed %d%s)", row, seed, f", {n_prompts} prompts" if n_prompts else "")
         (anchor_stage if stage == "anchor" else rl_stage)(params, variant, dsd)

@@ -106,10 +106,48 @@ def test_study_claims_cover_the_issue_list_and_the_efficiency_points():
     assert ("anchoring", "plain_sft", "conflict_accuracy", "test_ood") in keys
     assert ("faithful_mr1", "anchoring_grpo", "conflict_accuracy", "test_ood") in keys
     assert ("faithful_mr1", "anchoring_grpo", "faithfulness_gap", "test_ood") in keys
-    assert ("faithful_mr1", "anchoring_grpo", "accuracy", "test_ood") in keys
     assert ("faithful_mr1_occlusion", "anchoring_grpo", "conflict_accuracy", "test_ood") in keys
+    assert ("plain_faithful", "plain_grpo", "conflict_accuracy", "test_ood") in keys
     for k in (8, 32):
         assert (f"faithful_mr1_p{k}", f"anchoring_grpo_p{k}", "accuracy", "test_ood") in keys
+    # No comparison twice: on test_ood accuracy is conflict accuracy, and the data-efficiency
+    # claim at all prompts is the off-distribution one.
+    pairs = [(a, b, "accuracy" if m == "conflict_accuracy" and s == "test_ood" else m, s)
+             for a, b, m, s in keys]
+    assert len(pairs) == len(set(pairs))
+    # Every faithful-use claim names the preconditions it needs.
+    for c in ablation.study_claims(ep):
+        if c.a in ablation.FAITHFUL_ROWS:
+            assert {f"faithful_reward_validity:{c.a}", f"start_reading_spread:{c.a}"} <= set(c.requires)
+
+
+def test_a_claim_whose_precondition_fails_reads_as_untestable():
+    rec = claims.compare(TABLE, claims.Claim("x", "conflict_accuracy", "test_ood", "faithful_mr1",
+                                             "anchoring_grpo", ("faithful_reward_validity:faithful_mr1",)),
+                         [0, 1, 2])
+    pre = {"faithful_reward_validity": {"faithful_mr1": {"holds": False}}}
+    (out,) = claims.apply_preconditions([rec], pre)
+    assert out["verdict"] == "inconclusive" and out["status"] == "untestable"
+    assert out["preconditions"] == {"faithful_reward_validity:faithful_mr1": False}
+    (ok,) = claims.apply_preconditions(
+        [rec], {"faithful_reward_validity": {"faithful_mr1": {"holds": True}}})
+    assert ok["status"] == ok["verdict"]
+
+
+def test_validity_and_spread_summaries_from_stage2_logs():
+    logs = [[{"reward_reading_spearman": 0.4, "reward_reading_groups": 3, "reward_reading_positive": 1.0,
+              "reading_cue_share": 0.5},
+             {"reward_reading_spearman": None, "reward_reading_groups": 0, "reading_cue_share": 0.3}],
+            [{"reward_reading_spearman": 0.2, "reward_reading_groups": 1, "reward_reading_positive": 1.0,
+              "reading_cue_share": 0.1}],
+            [{"reward_reading_spearman": 0.3, "reward_reading_groups": 2, "reward_reading_positive": 0.5,
+              "reading_cue_share": 0.0}]]
+    v = claims.validity_summary(logs)
+    assert v["seed_values"] == pytest.approx([0.4, 0.2, 0.3])
+    assert v["positive_share"] == pytest.approx((3 + 1 + 1) / 6)
+    assert v["holds"] == (v["ci95"][0] > 0)
+    s = claims.spread_summary(logs)
+    assert s["seed_values"] == pytest.approx([0.4, 0.1, 0.0]) and not s["holds"]
 
 
 def test_efficiency_rows_join_the_table_under_their_own_keys():

@@ -140,3 +140,40 @@ def test_too_many_objects_is_a_clear_error():
     p = DataParams(image_size=56, n_distractors=3, n_blobs=1)
     with pytest.raises(ValueError, match="do not fit"):
         data.make_example(p, "train", 0)
+
+
+def test_every_control_view_changes_pixels_on_objects_that_do_not_decide(small):
+    """The control view intervenes on something: a distractor or the grey blob. (The old random
+    control box landed on empty background and left the image pixel-identical.)"""
+    p, dsd = small
+    n_views = 0
+    for split in ("test_id", "test_ood"):
+        for row in dsd[split]:
+            if not data.row_has_views(row):
+                continue
+            n_views += 1
+            meta = records.decode_meta(row["meta"])
+            orig = np.asarray(row["image"].convert("RGB")).astype(int)
+            ctl = np.asarray(row["image_cf_control"].convert("RGB")).astype(int)
+            assert (orig != ctl).any(), f"{row['id']}: the control view equals the original image"
+            others = [o for i, o in enumerate(meta["objects"]) if i not in meta["evidence_objects"]]
+            for cb in row["control_boxes"]:
+                assert any(data.cell_box(*o["cell"])[0] <= cb[0] and cb[2] <= data.cell_box(*o["cell"])[2]
+                           and data.cell_box(*o["cell"])[1] <= cb[1]
+                           and cb[3] <= data.cell_box(*o["cell"])[3] for o in others), (
+                    f"{row['id']}: control box {cb} is not inside a non-evidence object's cell")
+    assert n_views >= 70
+
+
+def test_jsonl_control_regions_change_pixels():
+    """A JSONL record's control region is redrawn until intervening on it changes pixels."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (112, 112), (240, 240, 240))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([10, 10, 29, 29], fill=(200, 30, 30))    # the evidence
+    draw.rectangle([70, 70, 89, 89], fill=(30, 30, 200))    # something else
+    p = DataParams()
+    for seed in range(5):
+        _, ctl, boxes = data.record_views(img, [[10.0, 10.0, 30.0, 30.0]], {"seed": seed}, p, "r")
+        assert boxes and not np.array_equal(np.asarray(ctl), np.asarray(img))

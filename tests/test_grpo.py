@@ -640,9 +640,10 @@ def test_focus_row_is_a_choice(tiny, rows):
     model, processor = tiny
     row = rows[0]
     comps = [f"<think>look at the circle</think><answer>{row['answer']}</answer>"]
-    kw = {"kappa": 100, "layers": [-1]}
+    kw = {"scoring": faithful.Scoring(kappa=100), "layers": [-1]}
     off = faithful.explain_trajectories(model, processor, row, comps, **kw)[0]
-    on = faithful.explain_trajectories(model, processor, row, comps, focus_row=True, **kw)[0]
+    on = faithful.explain_trajectories(model, processor, row, comps, layers=[-1],
+                                       scoring=faithful.Scoring(kappa=100, focus_row=True))[0]
     share = on["share"]
     n = len(share)
     assert off["concentration"] == pytest.approx(sum(share[1:]) / (n - 1), abs=1e-6)
@@ -652,3 +653,62 @@ def test_focus_row_is_a_choice(tiny, rows):
                                           **kw)[0]
     assert other["s_t"][0] == pytest.approx(off["s_t"][0], abs=1e-6)
     assert other["share"][0] == pytest.approx(off["share"][0], abs=1e-6)
+
+
+def test_worked_example_scores_as_the_training_reward(backbone_params, sft_state, rows, monkeypatch):
+    """``explain_trajectories`` (notebook 04's worked example) gives the concentration that the
+    training reward computes for the same completions in a GRPO step: same ``I'``, pad, seed,
+    temperature, layers and concentration (``raw``: the reward is ``c``). ``weighted`` is
+    continuous in ``s_t``; on an untrained model a ``top_kappa`` selection among near-zero
+    ``s_t`` is decided by rounding noise between two forwards, which is §6.6's point. A briefly
+    trained model: on an untrained one every ``s_t`` is ~1e-6 and the concentration a ratio of
+    rounding errors."""
+    model, processor = _fresh(backbone_params, sft_state)
+    row = rows[0]
+    a = row["answer"]
+    texts = [f"<think>the circle is {a}</think><answer>{a}</answer>",
+             f"<think>the corner patch is {a}</think><answer>{a}</answer>",
+             f"<think>look at the circle</think><answer>{a}</answer>",
+             f"<think>the {a} circle</think><answer>{a}</answer>"]
+    monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: _hand_groups([row], processor, [texts]))
+    p = _rl(lr=NO_LR, n_show=4, prompts_per_step=1, faithful_form="raw", temperature=0.7,
+            concentration="weighted", reward_layers=[-1])
+    ctx = grpo.setup_grpo(model, processor, p, "faithful")
+    _, samples = grpo.grpo_step(ctx, [row], 0)
+    explained = faithful.explain_trajectories(model, processor, row, texts, layers=[-1],
+                                              scoring=faithful.Scoring.of(p), temperature=0.7,
+                                              method=p.intervention)
+    trained = [s["faithful"] for s in samples]
+    assert len(set(round(t, 6) for t in trained)) > 1  # the completions do differ
+    assert [e["concentration"] for e in explained] == pytest.approx(trained, abs=1e-6)
+
+
+def test_separate_advantage_keeps_a_small_faithful_spread_small():
+    """In an all-correct group, ``summed`` lets the group std blow a 0.01 faithful spread up to
+    a full-sized advantage; ``separate`` keeps it at its size."""
+    faith = [0.005, -0.005, 0.005, -0.005]
+    summed = grpo.group_advantages(torch.tensor([1.5 + f for f in faith]), 4)
+    separate = grpo.combine_advantages([1.5] * 4, faith, [True] * 4, 4)
+    assert float(summed.abs().max()) > 0.8
+    assert float(separate.abs().max()) == pytest.approx(0.005, abs=1e-6)
+    # Incorrect trajectories get no faithful part; the accuracy advantage is GRPO's own.
+    mixed = grpo.combine_advantages([1.5, 0.0, 1.5, 0.0], [0.2, 0.0, -0.2, 0.0],
+                                    [True, False, True, False], 4)
+    base = grpo.group_advantages(torch.tensor([1.5, 0.0, 1.5, 0.0]), 4)
+    assert (mixed - base).tolist() == pytest.approx([0.2, 0.0, -0.2, 0.0], abs=1e-6)
+
+
+def test_faithful_step_logs_the_reading_diagnostic(backbone_params, rows, monkeypatch):
+    model, processor = _fresh(backbone_params)
+    a = rows[0]["answer"]
+    texts = [[f"<think>the circle is {a}</think><answer>{a}</answer>",
+              f"<think>the corner patch is {a}</think><answer>{a}</answer>",
+              f"<think>look at the circle</think><answer>{a}</answer>",
+              f"<think>the {a} circle</think><answer>{a}</answer>"]]
+    monkeypatch.setattr(grpo, "rollout", lambda ctx, rows_: _hand_groups(rows[:1], processor, texts))
+    ctx = grpo.setup_grpo(model, processor, _rl(lr=NO_LR, prompts_per_step=1,
+                                                faithful_std_floor=0.0), "faithful")
+    stats, _ = grpo.grpo_step(ctx, rows[:1], 0)
+    assert stats["reading"] is not None and math.isfinite(stats["reading"])
+    assert 0.0 <= stats["reading_cue_share"] <= 1.0
+    assert stats["reward_reading_groups"] in (0, 1)

@@ -24,8 +24,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
                       "rewards", "data", "modeling", "attention", "batching", "runlock"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
-    "L2 method": ("anchoring", "occlusion", "faithful", "grpo"),
-    "L2.5 evaluation": ("evaluation", "benchmark"),
+    "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
+    "L2.5 evaluation": ("evaluation", "benchmark", "validity"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
     "L5 experiments": ("ablation", "claims", "plotting"),
@@ -41,7 +41,8 @@ SAME_LAYER: dict[str, set[str]] = {
     "rewards": {"prompting", "scoring"},
     "batching": {"attention", "modeling", "prompting", "records"},
     "faithful": {"anchoring", "occlusion"},
-    "grpo": {"anchoring", "faithful"},
+    "reading": {"faithful"},
+    "grpo": {"anchoring", "faithful", "reading"},
     "benchmark": {"evaluation"},
     "ablation": {"claims", "plotting"},
     "__main__": {"cli"},

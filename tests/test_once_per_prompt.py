@@ -85,7 +85,7 @@ def test_faithful_rewards_unchanged_by_shared_images(tiny, rows):
                 model, batch.query_positions, layers=[-1]) as cap:
             logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
         view = faithful.counterfactual_view(model, processor, batch, rows, distinct, "boxes", layers=[-1])
-        res[share] = faithful.faithful_rewards(view, batch, logits, cap.attentions, form="raw")
+        res[share] = faithful.faithful_rewards(view, batch, logits, cap.attentions, faithful.Scoring(form="raw"))
     assert sum(r > 0 for r in res[True]) == 2 * len(rows)
     assert res[True] == pytest.approx(res[False], abs=1e-6)
 

@@ -249,3 +249,22 @@ def test_prompt_and_response_tokenise_additively(processor, examples):
         r_ids = tok(resp, add_special_tokens=False)["input_ids"]
         assert tok(prompt + resp, add_special_tokens=False)["input_ids"] == p_ids + r_ids
         assert p_ids[-1] == focus_id
+
+
+def test_both_routes_tokenise_word_level_within_two_tokens(examples, processor):
+    """The tokenizer's corpus holds both routes' texts: every word is one token, and the two
+    routes of a record differ by at most two tokens (the cue route was spelled one character
+    at a time: 20 tokens against 10)."""
+    tok = processor.tokenizer
+    for ex in examples:
+        meta = ex["meta"]
+        kind = meta["cue_kind"] if meta["cue_kind"] != "none" else "color_patch"
+        cue_value = meta["shortcut_value"] or ex["answer"]
+        routes = [prompting.route_think(ex["question"], ex["answer"], "evidence"),
+                  prompting.route_think(ex["question"], ex["answer"], "cue", cue_value, kind)]
+        lengths = []
+        for text in routes:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert len(ids) == len(text.split()), (text, [tok.decode([i]) for i in ids])
+            lengths.append(len(ids))
+        assert abs(lengths[0] - lengths[1]) <= 2, routes

@@ -1,0 +1,80 @@
+"""Reward validity on the study's models: each faithful-reward candidate against ``reading``.
+
+For each seed and start model (plain SFT: correct rollouts that differ in what they read;
+anchoring: the stage-2 start), samples G rollouts on the first ``--prompts`` train prompts along
+the stage-2 code path and prints, per candidate, the mean within-group rank correlation of the
+reward with the causal ``reading`` (``fmr1lib.validity``). Writes ``runs/<profile>/validity.json``.
+
+    python scripts/reward_validity.py --seeds 0 1 2 --prompts 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from fmr1lib import config, faithful, reading, records, repro, stages, validity
+
+CANDIDATES = {
+    "top_kappa (kappa 4)": faithful.Scoring(kappa=4),
+    "top_kappa (kappa 1)": faithful.Scoring(kappa=1),
+    "weighted": faithful.Scoring(concentration="weighted"),
+    "relative (rho 0.5)": faithful.Scoring(concentration="relative", rho=0.5),
+    "dependency": faithful.Scoring(concentration="dependency"),
+    "top_kappa (kappa 8)": faithful.Scoring(kappa=8),
+    "top_kappa (kappa 4) + floor": faithful.Scoring(kappa=4, min_dependency=0.1),
+    "top_kappa (kappa 4) + floor 0.5": faithful.Scoring(kappa=4, min_dependency=0.5),
+    "weighted + floor": faithful.Scoring(concentration="weighted", min_dependency=0.1),
+    "relative (rho 0.5) + floor": faithful.Scoring(concentration="relative", min_dependency=0.1),
+}
+"""The candidates (``floor``: ``min_dependency`` 0.1 nats)."""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params/study/05_evaluation.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=["plain_sft", "anchoring"])
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--reading", default="logprob", choices=reading.READINGS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ep = config.load_params(config.EvalParams, repro.resolve_path(args.params))
+    results = []
+    for seed in args.seeds:
+        _, _, rp = stages.seed_params(ep, seed)
+        dsd = stages.stage_data(rp)
+        rows = [dsd[rp.train_split][i] for i in range(args.prompts)]
+        for row in args.rows:
+            folder = stages.ensure_trained(ep, row, seed, dsd)
+            model, processor = stages.load_model(folder, rp, "03_anchoring")
+            model.eval()
+            t0 = time.perf_counter()
+            got = validity.measure(model, processor, rows, rp, CANDIDATES, seed=seed, how=args.reading)
+            got.update(seed=seed, row=row, reading=args.reading, seconds=time.perf_counter() - t0)
+            conflict = [r for r in dsd["test_ood"] if records.decode_meta(r["meta"]).get(
+                "shortcut_agrees") is False][:args.prompts]
+            got["instrument"] = validity.instrument_check(model, processor, conflict, rp, seed=seed,
+                                                          how=args.reading)
+            results.append(got)
+            print(f"seed {seed} {row}: {got['n_correct']} correct, {got['n_distinct']} distinct, "
+                  f"cue-dependent share {got['reading_spread']:.2f} ({got['seconds']:.0f} s)")
+            ins = got["instrument"]
+            print(f"  instrument on conflict prompts: {ins['n_evidence']} answers from the evidence "
+                  f"({ins['evidence_positive']:.2f} with reading > 0), {ins['n_cue']} from the cue "
+                  f"({ins['cue_negative']:.2f} with reading < 0)")
+            for name, c in got["candidates"].items():
+                print(f"  {name:30s} spearman {c['spearman_mean']:+.2f}  positive "
+                      f"{c['positive_share']:.2f}  groups {c['n_groups']}")
+    out = args.out or str(repro.run_dir(ep, f"validity_{args.reading}.json", create=False))
+    with open(out, "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
