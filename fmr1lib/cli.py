@@ -277,8 +277,12 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     reporter = NotebookProgress(notebook, read_times(times_file).get(notebook)) if progress else None
     engine = {"engine_name": _register_engine(), "progress": reporter,
               "stderr_file": reporter} if reporter is not None else {}
+    # The kernel's progress goes to the terminal (progress.HEADLESS_ENV); the bars of the
+    # Hugging Face libraries (saving a dataset, downloading a checkpoint) would land in the
+    # notebook as widgets frozen at their first frame, so they are off.
     with _environ(TQDM_MININTERVAL=str(KERNEL_TQDM_MININTERVAL),
                   TQDM_MAXINTERVAL=str(4 * KERNEL_TQDM_MININTERVAL),
+                  HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                   **{PROGRESS_LINES_ENV: str(KERNEL_TQDM_MININTERVAL)}):
         papermill.execute_notebook(
             str(root / "notebooks" / f"{notebook}.ipynb"), str(partial),

@@ -40,7 +40,9 @@ def terminal() -> TextIO:
     try:
         fd = stream.fileno()  # ipykernel: a copy of the original stderr descriptor
     except (OSError, ValueError, AttributeError):
-        return stream
+        # The kernel did not capture the descriptor (it never does under pytest): the
+        # original stderr object still writes to the terminal, not to the notebook.
+        return sys.__stderr__ if sys.__stderr__ is not None else stream
     if fd not in _TERMINAL:
         _TERMINAL[fd] = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (kept open)
     return _TERMINAL[fd]
