@@ -221,7 +221,7 @@ def show(fig: plt.Figure, png: bytes | None = None) -> bool:
         return False
     from IPython.display import display
 
-    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    title = fig.get_suptitle()
     alt = f"<Figure: {title}>" if title else "<Figure>"
     display({"image/png": png if png is not None else _render(fig, "png"), "text/plain": alt},
             raw=True)
@@ -807,8 +807,8 @@ def fig_stage_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[
                     xs = sorted(pts)
                     w = _smooth_window(len(xs))
                     window = max(window, w)
-                    ax.plot(xs, smooth([pts[x] for x in xs], w), lw=0.7,
-                            alpha=0.35 if len(curves) > 1 else 0.9, color=color)
+                    ax.plot(xs, smooth([pts[x] for x in xs], w), color=color,
+                            **({"lw": 0.7, "alpha": 0.35} if len(curves) > 1 else {"lw": 1.6}))
                 common = sorted(set.intersection(*(set(p) for p in curves)))
                 if len(curves) > 1 and common:
                     w = _smooth_window(len(common))
