@@ -290,7 +290,10 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
             kernel_name=kernel, progress_bar=False, log_output=False, **engine)
     if partial.exists():  # papermill wrote it (always, unless replaced by a stand-in)
         os.replace(partial, out)
-        write_html(out)
+        try:
+            write_html(out)
+        except Exception as exc:  # noqa: BLE001 (the page is a convenience; the run stands)
+            logger.warning("%s: no HTML page written (%s: %s)", out, type(exc).__name__, exc)
     total = time.perf_counter() - start
     if reporter is not None and reporter.cells_s and not overrides:
         _record_times(times_file, notebook, total, reporter.cells_s)
