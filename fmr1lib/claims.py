@@ -282,9 +282,9 @@ def results_markdown(doc: Mapping[str, Any], long: Sequence[Mapping[str, Any]] =
         lines.append(f"**Preconditions.** All {len(checks)} hold, so each comparison below "
                      "compares models that did what their row says.")
     elif failed:
-        lines.append(f"**Preconditions.** {len(failed)} of {len(checks)} do not hold ("
-                     + "; ".join(failed) + "): a claim that rests on one of them is not tested "
-                     "by this run, whatever its verdict.")
+        lines.append(f"**Preconditions.** {len(failed)} of {len(checks)} do not hold; it is not "
+                     "the case " + "; nor ".join(f"that {w}" for w in failed) + ". A claim that "
+                     "rests on one of them is not tested by this run, whatever its verdict.")
     lines.append("")
     lines += [f"* {s}" for s in precondition_sentences(doc, labels)]
     lines.append("")
