@@ -523,7 +523,8 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
         est = (f" (the last finished run took {_duration(last['total_s'])}: an estimate)"
                if isinstance(last.get("total_s"), (int, float)) else "")
         out = project_root() / "runs" / args.profile / "notebooks" / f"{args.name}.ipynb"
-        return _dry_run([f"execute notebooks/{args.name}.ipynb -> {out}{est}"])
+        return _dry_run([f"execute notebooks/{args.name}.ipynb -> {out} and its HTML page "
+                         f"{out.with_suffix('.html').name}{est}"])
     run_notebook(args.name, args.profile, kernel=args.kernel, overrides=overrides)
     return 0
 
