@@ -1,7 +1,7 @@
 # fmr1: every target sets up .venv itself when it is missing.
 #   make reproduce            run every notebook of the study profile headless (papermill; ~23 min)
 #   make reproduce PROFILE=tiny   the fast profile (~5 min), what make test runs
-#   make reproduce PROFILE=qwen2_5_vl_3b
+#   make reproduce PROFILE=qwen2_5_vl_3b   one process per notebook, no accelerate launch (README: Running on GPUs)
 #   make test                 unit tests + notebooks under nbval (every tier)
 #   make test-unit | test-train | test-notebooks   one tier (tests/README.md)
 #   make lab                  JupyterLab on notebooks/ with the fmr1 kernel
@@ -70,9 +70,10 @@ test-notebooks: $(STAMP)
 
 # JupyterLab rooted at the repository, opened on notebooks/; new notebooks get the fmr1 kernel too.
 # LAB_ARGS adds options, e.g. make lab LAB_ARGS='--no-browser --port 8899'.
+# As root (common in containers) Jupyter refuses to start without --allow-root: added then.
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
-		--MultiKernelManager.default_kernel_name=fmr1 $(LAB_ARGS)
+		--MultiKernelManager.default_kernel_name=fmr1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fmr1lib tests bench scripts

@@ -17,7 +17,8 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +80,32 @@ def evaluate_run(ep: config.EvalParams, row: str, seed: int, dsd: Any, n_prompts
 # --------------------------------------------------------------------------------------
 
 
-def run_ablation(ep: config.EvalParams, dsd: Any) -> dict[str, dict[int, dict[str, Any]]]:
+def run_ablation(ep: config.EvalParams, dsd: Any, report: Callable[[str], Any] | None = None
+                 ) -> dict[str, dict[int, dict[str, Any]]]:
     """Every row for every seed: ``{row: {seed: {split: summary}}}``.
 
     Rows train in pipeline order (all of stage 1 before stage 2 of the same seed); the
-    backbone row is evaluated once and listed under every seed.
+    backbone row is evaluated once and listed under every seed. ``report`` (e.g. ``print`` in
+    notebook 05) gets one line per row and seed as it finishes: its time and two numbers.
     """
     out: dict[str, dict[int, dict[str, Any]]] = {row: {} for row in ep.rows}
+    total, k, t0 = len(ep.seeds) * len(ep.rows), 0, time.perf_counter()
     for seed in ep.seeds:
         for row in ep.rows:
+            k += 1
+            t = time.perf_counter()
             if ROWS[row][0] == "backbone" and out[row]:
                 out[row][seed] = next(iter(out[row].values()))
-                continue
-            res = evaluate_run(ep, row, seed, dsd)
-            out[row][seed] = {s: res["splits"][s]["summary"] for s in ep.splits}
+            else:
+                res = evaluate_run(ep, row, seed, dsd)
+                out[row][seed] = {s: res["splits"][s]["summary"] for s in ep.splits}
+            if report is not None:
+                last = ep.splits[-1]
+                summ = out[row][seed][last]
+                report(f"[{k}/{total}] seed {seed} {ROW_LABELS.get(row, row)}: "
+                       f"accuracy ({last}) {summ['accuracy']['mean']:.3f}, Focus mass "
+                       f"{summ['focus_mass']['mean']:.3f} ({time.perf_counter() - t:.0f} s; "
+                       f"{time.perf_counter() - t0:.0f} s in)")
     return out
 
 

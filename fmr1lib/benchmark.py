@@ -54,9 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from fmr1lib import evaluation, modeling, prompting, records, repro, scoring
+from fmr1lib import evaluation, modeling, progress, prompting, records, repro, scoring
 from fmr1lib.records import ANSWER_TYPES, DataError
 
 logger = logging.getLogger(__name__)
@@ -381,7 +380,7 @@ def generate_responses(model: Any, processor: Any, recs: Sequence[Mapping[str, A
     """
     model.eval()
     out: dict[str, str] = {}
-    with tqdm(total=len(recs), desc="benchmark", unit="q") as bar:
+    with progress.bar(total=len(recs), desc="benchmark", unit="q") as bar:
         for start in range(0, len(recs), batch_size):
             chunk = recs[start:start + batch_size]
             rows = [{"id": r["id"], "image": _record_image(r), "question": question_text(r),

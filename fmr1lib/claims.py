@@ -328,3 +328,80 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
         out.append(f"{labels.get(row, row)} greedy routes ({split}): "
                    + ", ".join(f"{k} {f(v)}" for k, v in sh.items()))
     return out
+
+
+def _holds(pre: Mapping[str, Any], labels: Mapping[str, str]) -> list[tuple[str, bool]]:
+    """``(what, holds)`` for every precondition of a ``claims.json`` that has a verdict."""
+    out = []
+    sb = pre.get("shortcut_baseline_conflict_accuracy")
+    if sb:
+        out.append(("the shortcut baseline takes the shortcut", bool(sb["holds"])))
+    for row, ch in pre.get("rl_answer_change", {}).items():
+        out.append((f"{labels.get(row, row)} moved away from its start model", bool(ch["holds"])))
+    return out
+
+
+def results_markdown(doc: Mapping[str, Any], long: Sequence[Mapping[str, Any]] = (),
+                     labels: Mapping[str, str] | None = None, split: str = "test_id") -> str:
+    """"What the results say": notebook 05's closing section, generated from a ``claims.json``
+    document (its preconditions and claims) and, when given, the ablation's long-form rows
+    (for what the stage-0 backbone is on this profile). Nothing in it is typed by hand, so it
+    is true on every profile and for every outcome.
+
+    Args:
+        doc: the ``claims.json`` document (``ablation.claims_document``).
+        long: ``ablation.aggregate`` rows; the backbone and anchoring rows' Focus mass on
+            ``split`` say whether "from backbone" means "without anchoring" here.
+        labels: display names of rows (``plotting.DISPLAY_NAMES``).
+    """
+    labels = labels or {}
+
+    def name(row: str) -> str:
+        return labels.get(row, row)
+
+    seeds = list(doc.get("seeds", []))
+    items = list(doc.get("claims", []))
+    counts = {v: sum(c["verdict"] == v for c in items) for v in VERDICTS}
+    lines = ["## What the results say", "",
+             f"Generated from `claims.json` ({doc.get('profile', '?')} profile, {len(seeds)} "
+             f"training seed{'s' if len(seeds) != 1 else ''}: {', '.join(map(str, seeds))}).", ""]
+    checks = _holds(doc.get("preconditions", {}), labels)
+    failed = [what for what, ok in checks if not ok]
+    if checks and not failed:
+        lines.append(f"**Preconditions.** All {len(checks)} hold, so each comparison below "
+                     "compares models that did what their row says.")
+    elif failed:
+        lines.append(f"**Preconditions.** {len(failed)} of {len(checks)} do not hold; it is not "
+                     "the case " + "; nor ".join(f"that {w}" for w in failed) + ". A claim that "
+                     "rests on one of them is not tested by this run, whatever its verdict.")
+    lines.append("")
+    lines += [f"* {s}" for s in precondition_sentences(doc, labels)]
+    lines.append("")
+    by_row = {(e["row"], e["split"], e["metric"]): e for e in long}
+    back = by_row.get(("backbone", split, "focus_mass"))
+    anch = by_row.get(("anchoring", split, "focus_mass"))
+    if back is not None and anch is not None and back["mean"] == back["mean"]:
+        perceives = anch["mean"] > 0 and back["mean"] >= 0.5 * anch["mean"]
+        lines.append(f"**The start model.** The stage-0 backbone puts {back['mean']:.2f} of its "
+                     f"`<Focus>` attention inside the evidence on {split}, against "
+                     f"{anch['mean']:.2f} after anchoring: "
+                     + (f"it already perceives on this profile, so *{name('grpo_backbone')}* "
+                        "starts from a model that looks at the evidence and is not a "
+                        "no-anchoring baseline here." if perceives else
+                        f"it does not yet look at the evidence, so *{name('grpo_backbone')}* is "
+                        "the no-anchoring baseline here."))
+        lines.append("")
+    if not items:
+        lines.append("**Claims.** None could be tested.")
+        return "\n".join(lines)
+    lines.append(f"**Claims.** {counts['supported']} supported, {counts['refuted']} refuted, "
+                 f"{counts['inconclusive']} inconclusive (a verdict reads the 95% t interval of "
+                 "the paired differences over seeds"
+                 + ("; with one seed there is no interval, so every verdict is inconclusive"
+                    if len(seeds) < 2 else "") + ").")
+    lines.append("")
+    meaning = {"supported": "the data support it", "refuted": "the data contradict it",
+               "inconclusive": "these seeds cannot tell"}
+    for c, sentence in zip(items, claims_sentences(doc, labels), strict=True):
+        lines.append(f"* **{c['verdict']}** ({meaning[c['verdict']]}): {sentence}")
+    return "\n".join(lines)

@@ -21,10 +21,11 @@ the resolved parameters and what would run, and stops there.
 (status 1) with the command that makes it, unless ``--build-missing`` asks to build it first.
 The notebooks, ``reproduce`` and ``ablation`` build what is missing, in order.
 
-``notebook`` and ``reproduce`` print a line as each code cell starts, forward the kernel's
-stderr (a ``[train]`` line per training run every ``KERNEL_TQDM_MININTERVAL`` seconds, and text
-progress bars, refreshed as rarely there) and estimate what is left from the times of the last
-finished run (``runs/<profile>/reproduce_times.json``).
+``notebook`` and ``reproduce`` print a line as each code cell starts and estimate what is left
+from the times of the last finished run (``runs/<profile>/reproduce_times.json``); the kernel
+writes its progress (a ``[train]`` line per training run every ``KERNEL_TQDM_MININTERVAL``
+seconds, text progress bars refreshed as rarely) to the terminal, not into the notebook
+(``progress``). Each executed notebook is also written as HTML beside it (``write_html``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from fmr1lib import config, repro
+from fmr1lib import config, progress, repro
 from fmr1lib.repro import project_root, run_dir
 
 logger = logging.getLogger("fmr1lib")
@@ -58,10 +59,10 @@ KERNEL_TQDM_MININTERVAL = 30
 """Seconds between two refreshes of a progress bar inside a notebook kernel (tqdm's
 ``TQDM_MININTERVAL``): a bar then writes a few lines, not one per refresh."""
 
-PROGRESS_LINES_ENV = "FMR1_PROGRESS_LINES"
-"""``train.PROGRESS_LINES_ENV`` (not imported from there: that imports torch): set in the kernels'
-environment, every training run there writes a progress line every ``KERNEL_TQDM_MININTERVAL``
-seconds to stderr, which reaches the terminal, also where the notebook's bars are widgets."""
+PROGRESS_LINES_ENV = progress.HEADLESS_ENV
+"""``train.PROGRESS_LINES_ENV``: set in the kernels' environment, every training run there writes
+a progress line every ``KERNEL_TQDM_MININTERVAL`` seconds to the terminal, and every progress
+bar is a text bar on the terminal (``progress.bar``), so the executed notebook holds neither."""
 
 _ENGINE = "fmr1-progress"
 
@@ -276,8 +277,12 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
     reporter = NotebookProgress(notebook, read_times(times_file).get(notebook)) if progress else None
     engine = {"engine_name": _register_engine(), "progress": reporter,
               "stderr_file": reporter} if reporter is not None else {}
+    # The kernel's progress goes to the terminal (progress.HEADLESS_ENV); the bars of the
+    # Hugging Face libraries (saving a dataset, downloading a checkpoint) would land in the
+    # notebook as widgets frozen at their first frame, so they are off.
     with _environ(TQDM_MININTERVAL=str(KERNEL_TQDM_MININTERVAL),
                   TQDM_MAXINTERVAL=str(4 * KERNEL_TQDM_MININTERVAL),
+                  HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                   **{PROGRESS_LINES_ENV: str(KERNEL_TQDM_MININTERVAL)}):
         papermill.execute_notebook(
             str(root / "notebooks" / f"{notebook}.ipynb"), str(partial),
@@ -285,11 +290,44 @@ def run_notebook(notebook: str, profile: str, out_dir: Path | None = None,
             kernel_name=kernel, progress_bar=False, log_output=False, **engine)
     if partial.exists():  # papermill wrote it (always, unless replaced by a stand-in)
         os.replace(partial, out)
+        try:
+            write_html(out)
+        except Exception as exc:  # noqa: BLE001 (the page is a convenience; the run stands)
+            logger.warning("%s: no HTML page written (%s: %s)", out, type(exc).__name__, exc)
     total = time.perf_counter() - start
     if reporter is not None and reporter.cells_s and not overrides:
         _record_times(times_file, notebook, total, reporter.cells_s)
     logger.info("%s done in %.1f s -> %s", notebook, total, out)
     return out
+
+
+def write_html(notebook: Path) -> Path:
+    """The executed ``notebook`` as a standalone HTML page beside it (same name, ``.html``;
+    figures embedded), so a headless run leaves a report any browser opens."""
+    import nbconvert
+    import nbformat
+
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    html = Path(notebook).with_suffix(".html")
+    repro.atomic_write_bytes(html, body.encode("utf-8"))
+    return html
+
+
+def reproduce_notes(profile: str) -> list[str]:
+    """What ``reproduce`` does on a profile that loads a real checkpoint (``model_name`` not
+    ``tiny``), for ``--dry-run``: where it runs, what it downloads, how long it takes."""
+    bp = config.load_params(config.BackboneParams, params_file(profile, "02_backbone"))
+    if bp.model_name == "tiny":
+        return []
+    return [f"load {bp.model_name} (downloaded from the Hugging Face hub on first use unless it "
+            "is a local folder)",
+            "run every notebook in one kernel process each: one device, no accelerate launch, "
+            "the whole ablation of notebook 05 (every row and seed) in a single process; for "
+            "several GPUs run the stages instead: accelerate launch --config_file "
+            "params/accelerate/<config>.yaml -m fmr1lib <stage> --params "
+            f"params/{profile}/<stage file>.yaml (README: Running on GPUs)",
+            "take many GPU hours: nothing has been run on a GPU yet; the README's per-stage "
+            "estimate is derived from CPU measurements at the real widths (bench/README.md)"]
 
 
 def reproduce_estimate(names: list[str], times: dict[str, Any], where: Path) -> str:
@@ -485,7 +523,8 @@ def _cmd_notebook(args: argparse.Namespace) -> int:
         est = (f" (the last finished run took {_duration(last['total_s'])}: an estimate)"
                if isinstance(last.get("total_s"), (int, float)) else "")
         out = project_root() / "runs" / args.profile / "notebooks" / f"{args.name}.ipynb"
-        return _dry_run([f"execute notebooks/{args.name}.ipynb -> {out}{est}"])
+        return _dry_run([f"execute notebooks/{args.name}.ipynb -> {out} and its HTML page "
+                         f"{out.with_suffix('.html').name}{est}"])
     run_notebook(args.name, args.profile, kernel=args.kernel, overrides=overrides)
     return 0
 
@@ -502,7 +541,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     times = read_times(where)
     shown = where.relative_to(project_root()) if where.is_relative_to(project_root()) else where
     if args.dry_run:
-        return _dry_run([f"execute notebooks/{n}.ipynb (profile {args.profile})" for n in names]
+        return _dry_run([f"execute notebooks/{n}.ipynb (profile {args.profile}) and write it "
+                         f"with its HTML to runs/{args.profile}/notebooks/" for n in names]
+                        + reproduce_notes(args.profile)
                         + [f"take {reproduce_estimate(names, times, shown)}"])
     total = time.perf_counter()
     for i, n in enumerate(names):

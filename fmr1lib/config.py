@@ -426,7 +426,8 @@ class OptimParams(EvalSettings):
     log_with: list[str] = dataclasses.field(default_factory=list)
     """Experiment trackers that also get every ``metrics.jsonl`` row (accelerate's trackers):
     any of tensorboard, trackio, wandb; empty (the default): ``metrics.jsonl`` only. Each needs
-    its package (``pip install tensorboard``, ...), checked when the parameters load.
+    its package (tensorboard: the ``trackers`` extra, ``pip install -e ".[trackers]"``), checked
+    when the parameters load.
     tensorboard writes to ``<run folder>/tensorboard``, wandb to ``<run folder>/wandb``; trackio
     keeps its own local store."""
 

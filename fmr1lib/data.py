@@ -35,9 +35,8 @@ from typing import Any
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
-from fmr1lib import counterfactual, records, repro
+from fmr1lib import counterfactual, progress, records, repro
 from fmr1lib.config import DataParams
 from fmr1lib.repro import atomic_write_json, run_dir, saved_params_equal
 
@@ -361,7 +360,7 @@ def make_example(p: DataParams, split: str, index: int) -> dict[str, Any]:
 def make_split(p: DataParams, split: str, n: int) -> datasets.Dataset:
     """``n`` validated records of one split as a ``datasets.Dataset``."""
     rows = []
-    for i in tqdm(range(n), desc=f"FocusShapes {split}", leave=False):
+    for i in progress.bar(range(n), desc=f"FocusShapes {split}", leave=False):
         rec = make_example(p, split, i)
         records.validate_record(rec, image_size=rec["image"].size)
         rows.append(rec)
@@ -479,7 +478,7 @@ def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Da
     ``meta``. JSONL records get theirs from ``record_views``.
     """
     ev_imgs, ctl_imgs, ctl_boxes = [], [], []
-    for row in tqdm(ds, desc="counterfactual views", leave=False):
+    for row in progress.bar(ds, desc="counterfactual views", leave=False):
         meta = records.decode_meta(row["meta"])
         image = row["image"].convert("RGB")
         boxes = [list(b) for b in row["evidence_boxes"]]
@@ -506,7 +505,7 @@ def make_focus_shapes(p: DataParams) -> datasets.DatasetDict:
     sizes = {"train": p.n_train, "warmup": p.n_warmup, "test_id": p.n_test_id,
              "test_ood": p.n_test_ood}
     out = {}
-    for split in tqdm(SPLITS, desc="FocusShapes splits"):
+    for split in progress.bar(SPLITS, desc="FocusShapes splits"):
         ds = make_split(p, split, sizes[split])
         if split.startswith("test"):
             ds = add_counterfactual_views(ds, p)
@@ -582,7 +581,7 @@ def make_jsonl_dataset(p: DataParams) -> tuple[datasets.DatasetDict, dict[str, i
     if p.source != "jsonl":
         raise ValueError(f"make_jsonl_dataset: the data params name source {p.source!r}")
     out, skipped = {}, {}
-    for split in tqdm(SPLITS, desc="JSONL splits"):
+    for split in progress.bar(SPLITS, desc="JSONL splits"):
         out[split], skipped[split] = load_jsonl_split(p, split)
     train_ids = set(out["train"]["id"])
     for split in ("test_id", "test_ood"):

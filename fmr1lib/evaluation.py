@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fmr1lib import (
     anchoring,
@@ -41,6 +40,7 @@ from fmr1lib import (
     data,
     faithful,
     modeling,
+    progress,
     prompting,
     records,
     repro,
@@ -92,7 +92,7 @@ def predict_answers(model: Any, processor: Any, ds: Any, n: int = 0, batch_size:
     model.eval()
     ds = _subset(ds, n)
     out: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(ds), batch_size), desc="generate", leave=False):
+    for start in progress.bar(range(0, len(ds), batch_size), desc="generate", leave=False):
         rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
         _, texts = generate_greedy(model, processor, rows, max_new_tokens, image_column)
         for r, text in zip(rows, texts, strict=True):
@@ -466,7 +466,7 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
     ds = _subset(ds, n)
     has_views = views and {"image_cf_evidence", "image_cf_control"} <= set(ds.column_names)
     out: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False):
+    for start in progress.bar(range(0, len(ds), batch_size), desc=desc, leave=False):
         rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
         with_views = [j for j, r in enumerate(rows) if has_views and data.row_has_views(r)]
         texts, maps, ans_mass, view_texts = _batch_outputs(model, processor, rows, with_views,

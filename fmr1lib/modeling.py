@@ -442,6 +442,11 @@ def vision_token_ids(processor: Any) -> list[int]:
     return [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
 
+GREEDY_TOP_K = 50
+"""The ``top_k`` passed with greedy decoding: transformers' own default, which it does not flag as
+a sampling-only setting (greedy decoding takes the argmax and never applies it)."""
+
+
 def decoding_kwargs(do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
                     top_k: int = 0, min_new_tokens: int = 0) -> dict[str, Any]:
     """Every ``generate`` argument that decides which token is emitted, set explicitly.
@@ -461,7 +466,9 @@ def decoding_kwargs(do_sample: bool, temperature: float = 1.0, top_p: float = 1.
         raise ValueError(f"top_k and min_new_tokens must be >= 0, got {top_k}, {min_new_tokens}")
     return {"do_sample": do_sample, "num_beams": 1,
             "temperature": float(temperature) if do_sample else 1.0,
-            "top_p": float(top_p) if do_sample else 1.0, "top_k": int(top_k) if do_sample else 0,
+            # Greedy decoding never reads top_k; 50 is the value transformers treats as unset
+            # there (any other one logs "generation flags are not valid ... ['top_k']").
+            "top_p": float(top_p) if do_sample else 1.0, "top_k": int(top_k) if do_sample else GREEDY_TOP_K,
             "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
             "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
             "no_repeat_ngram_size": 0, "min_new_tokens": int(min_new_tokens),

@@ -1,9 +1,11 @@
 """Figures: one ``fig_*`` function per figure, one theme, one name per variant.
 
 Each function takes data (datasets, dicts of numbers, arrays), draws one figure, saves
-it as PNG when ``path`` is given (atomically, through a temp file, with fixed metadata so
-that the bytes repeat), and returns the ``matplotlib.figure.Figure`` so a notebook shows it
-inline.
+it when ``path`` is given as PNG and, beside it, as PDF for print (atomically, through a temp
+file, with fixed metadata so that the bytes repeat), shows it in the output of the notebook
+cell that drew it (``show``: in every Jupyter kernel, whatever matplotlib backend the
+environment chose, ``MPLBACKEND=Agg`` in headless runs included) and returns the
+``matplotlib.figure.Figure``.
 
 Every figure is drawn inside ``theme()`` (seaborn's ``whitegrid`` style and ``notebook``
 context, applied as an rc context so the global matplotlib state is left alone). Variants and
@@ -18,12 +20,14 @@ import csv
 import io
 import json
 import re
+import sys
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -95,15 +99,17 @@ METRIC_NAMES: dict[str, str] = {
 COLORS: dict[str, str] = {
     "stage-0 backbone": "#949494",
     "stage-0 warm-up": "#595959",
-    "plain SFT": "#ca9161",
-    "text-perception SFT": "#de8f05",
+    "plain SFT": "#de8f05",
+    "text-perception SFT": "#8c613c",
     "anchoring (stage 1)": "#029e73",
-    "GRPO from backbone": "#56b4e9",
+    "GRPO from backbone": "#6a3d9a",
     "anchoring + GRPO": "#0173b2",
     "Faithful-MR1 (boxes)": "#d55e00",
     "Faithful-MR1 (occlusion)": "#cc78bc",
 }
-"""One colour per display name (seaborn's colorblind palette), the same in every figure."""
+"""One colour per display name, the same in every figure: seaborn's colorblind palette, with a
+dark brown and a purple where two rows would otherwise share a hue family (the two SFT
+baselines, the two GRPO rows)."""
 
 EVIDENCE_COLOR = "#00a844"
 CUE_COLOR = "#d500f9"
@@ -124,9 +130,19 @@ THEME_RC: dict[str, Any] = _theme_rc()
 
 @contextmanager
 def theme() -> Iterator[None]:
-    """The figures' seaborn theme, as an rc context (every ``fig_*`` draws inside it)."""
+    """The figures' seaborn theme, as an rc context (every ``fig_*`` draws inside it).
+
+    Leaving the context restores every rc value except ``interactive``: the first figure of a
+    Jupyter session resolves the inline backend, whose hook switches interactive mode on inside
+    the context; restoring the old ``False`` there left every later figure of the session,
+    plain ``plt.subplots()`` ones included, undisplayed.
+    """
     with plt.rc_context(THEME_RC):
-        yield
+        try:
+            yield
+        finally:
+            interactive = mpl.rcParams["interactive"]
+    mpl.rcParams["interactive"] = interactive
 
 
 def display_name(name: str) -> str:
@@ -166,12 +182,65 @@ def _wrap(text: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)) or text
 
 
+# Fixed metadata keeps the bytes identical across runs (no software version, no date).
+_METADATA = {"png": {"Software": None},
+             "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None}}
+
+VECTOR_FORMAT = "pdf"
+"""Every saved figure is also written in this vector format, beside the PNG (same name)."""
+
+
+def _render(fig: plt.Figure, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, bbox_inches="tight", metadata=_METADATA[fmt])
+    return buf.getvalue()
+
+
+def _kernel() -> Any:
+    """The running IPython kernel's shell, or None outside a Jupyter kernel."""
+    if "IPython" not in sys.modules:  # never imported: not inside IPython
+        return None
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell if getattr(shell, "kernel", None) is not None else None
+
+
+def show(fig: plt.Figure, png: bytes | None = None) -> bool:
+    """Show ``fig`` in the current cell's output when running in a Jupyter kernel, and close it.
+
+    The PNG is displayed directly rather than left to the matplotlib backend: headless runs set
+    ``MPLBACKEND=Agg`` (``make reproduce``, ``make test``), which displays nothing, and an
+    interactive kernel's inline backend shows a figure only at the end of the cell. Closing it
+    keeps the inline backend from showing it a second time.
+
+    Returns:
+        True when the figure was displayed (in a kernel), False elsewhere (scripts, tests).
+    """
+    if _kernel() is None:
+        return False
+    from IPython.display import display
+
+    title = fig.get_suptitle()
+    alt = f"<Figure: {title}>" if title else "<Figure>"
+    display({"image/png": png if png is not None else _render(fig, "png"), "text/plain": alt},
+            raw=True)
+    plt.close(fig)
+    return True
+
+
+def vector_path(path: str | Path) -> Path:
+    """Where the vector copy of a figure saved at ``path`` goes (``VECTOR_FORMAT``)."""
+    return Path(path).with_suffix("." + VECTOR_FORMAT)
+
+
 def _save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
+    png = None
     if path is not None:
-        buf = io.BytesIO()
-        # A fixed metadata dict keeps the PNG bytes identical across runs.
-        fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
-        atomic_write_bytes(path, buf.getvalue())
+        png = _render(fig, "png")
+        atomic_write_bytes(path, png)
+        atomic_write_bytes(vector_path(path), _render(fig, VECTOR_FORMAT))
+    show(fig, png)
     return fig
 
 
@@ -259,16 +328,26 @@ def fig_sample_grid(rows: Sequence[Mapping[str, Any]], path: str | Path | None =
 def fig_data_summary(task_counts: Mapping[str, Mapping[str, int]],
                      answer_counts: Mapping[str, Mapping[str, int]],
                      agreement: Mapping[str, float], path: str | Path | None = None) -> plt.Figure:
-    """Question families and answers per split, and the cue's agreement rate per split."""
+    """Question families and answers per split, and the cue's agreement rate per split.
+
+    With a single question family there is nothing to compare: the family is named in the
+    answers panel's title instead of drawing one bar per split at 1.0.
+    """
     splits = list(task_counts)
     fams = sorted({f for c in task_counts.values() for f in c})
     answers = sorted({a for c in answer_counts.values() for a in c})
     split_colors = dict(zip(splits, sns.color_palette("deep", len(splits)), strict=True))
+    answers_title = "answers" if len(fams) > 1 else f"answers (every question: {', '.join(fams) or 'none'})"
+    panels = [(answer_counts, answers, answers_title)]
+    ratios = [len(answers) + 1, 4]
+    if len(fams) > 1:
+        panels.insert(0, (task_counts, fams, "question families"))
+        ratios.insert(0, len(fams) + 1)
     with theme():
-        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8),
-                                 gridspec_kw={"width_ratios": [max(1, len(fams)) + 1, len(answers) + 1, 4]})
-        for ax, counts, cats, title in ((axes[0], task_counts, fams, "question families"),
-                                        (axes[1], answer_counts, answers, "answers")):
+        fig, axes = plt.subplots(1, len(ratios), figsize=(4.5 * len(ratios) + 0.5, 3.8),
+                                 gridspec_kw={"width_ratios": ratios})
+        legend_ax = axes[len(panels) - 1]
+        for ax, (counts, cats, title) in zip(axes, panels, strict=False):
             x, y, hue = [], [], []
             for s in splits:
                 tot = max(1, sum(counts[s].values()))
@@ -277,22 +356,23 @@ def fig_data_summary(task_counts: Mapping[str, Mapping[str, int]],
                     y.append(counts[s].get(c, 0) / tot)
                     hue.append(s)
             sns.barplot(x=x, y=y, hue=hue, order=cats, hue_order=splits, palette=split_colors,
-                        ax=ax, legend=ax is axes[1])
+                        ax=ax, legend=ax is legend_ax)
             ax.set_title(title)
             ax.set_ylabel("share of split")
             ax.set_xlabel("")
             if len(cats) > 4:
                 ax.tick_params(axis="x", rotation=45)
-        axes[1].legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        legend_ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         vals = [agreement[s] for s in splits]
-        axes[2].bar(splits, [0 if np.isnan(v) else v for v in vals],
-                    color=["#999999" if np.isnan(v) else CUE_COLOR for v in vals])
+        ax = axes[-1]
+        ax.bar(splits, [0 if np.isnan(v) else v for v in vals],
+               color=["#999999" if np.isnan(v) else CUE_COLOR for v in vals])
         for j, v in enumerate(vals):
-            axes[2].text(j, (0 if np.isnan(v) else v) + 0.02, "no cue" if np.isnan(v) else f"{v:.2f}",
-                         ha="center", fontsize=9)
-        axes[2].set_ylim(0, 1.12)
-        axes[2].set_ylabel("share of cued examples")
-        axes[2].set_title("cue agrees with the answer")
+            ax.text(j, (0 if np.isnan(v) else v) + 0.02, "no cue" if np.isnan(v) else f"{v:.2f}",
+                    ha="center", fontsize=9)
+        ax.set_ylim(0, 1.12)
+        ax.set_ylabel("share of cued examples")
+        ax.set_title("cue agrees with the answer")
         fig.tight_layout()
     return _save(fig, path)
 
@@ -429,21 +509,55 @@ def _cells_inside(boxes: Sequence[Sequence[float]], shape: tuple[int, int],
 # --------------------------------------------------------------------------------------
 
 
+SMOOTH_POINTS = 15
+"""Curves with more points than this are drawn smoothed (``smooth``), the raw values faint."""
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (over the points so far at the start).
+
+    >>> smooth([0.0, 2.0, 4.0, 6.0], 2).tolist()
+    [0.0, 1.0, 3.0, 5.0]
+    """
+    ys = np.asarray(values, dtype=float)
+    if window <= 1 or ys.size == 0:
+        return ys
+    c = np.cumsum(np.insert(ys, 0, 0.0))
+    idx = np.arange(1, ys.size + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _smooth_window(n: int) -> int:
+    return max(1, n // 10) if n > SMOOTH_POINTS else 1
+
+
+def _step_label(window: int) -> str:
+    return "step" if window <= 1 else f"step (moving average of {window} logged steps; faint: raw)"
+
+
 def fig_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str],
                         path: str | Path | None = None, title: str = "") -> plt.Figure:
-    """One panel per metric key, one line per run (rows of a ``metrics.jsonl``); the legend
-    sits below the panels."""
+    """One panel per metric key, one line per run (rows of a ``metrics.jsonl``), in the run's
+    colour; long curves (over ``SMOOTH_POINTS`` points) drawn as a moving average over a tenth
+    of the run with the raw values faint behind. The legend sits below the panels."""
     with theme():
         fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.3), squeeze=False)
         handles: dict[str, Any] = {}
         for ax, key in zip(axes[0], keys, strict=True):
+            window = 1
             for name, rows in logs.items():
                 pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    line, = ax.plot(xs, ys, lw=1.6, color=color_of(name), label=display_name(name))
+                    w = _smooth_window(len(ys))
+                    window = max(window, w)
+                    if w > 1:
+                        ax.plot(xs, ys, lw=0.7, alpha=0.25, color=color_of(name))
+                    line, = ax.plot(xs, smooth(ys, w), lw=1.8, color=color_of(name),
+                                    label=display_name(name))
                     handles.setdefault(display_name(name), line)
-            ax.set_xlabel("step")
+            ax.set_xlabel(_wrap(_step_label(window), 40))
             ax.set_title(_wrap(metric_name(key), 30))
         if title:
             fig.suptitle(title, fontsize=12)
@@ -654,6 +768,10 @@ def fig_data_efficiency(points: Sequence[Mapping[str, Any]], path: str | Path | 
         if chance is not None:
             ax.axhline(chance, color="grey", ls=":", lw=1.2, label="chance")
         ax.set_xscale("log")
+        # Ticked at the prompt counts that were run (a log axis alone ticks 10, 100, ...).
+        counts = sorted({int(p["prompts"]) for p in points})
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.minorticks_off()
         ax.set_xlabel("distinct RL training prompts")
         ax.set_ylabel(metric_name(key))
         ax.set_title(title)
@@ -667,26 +785,46 @@ def fig_stage_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[
                      path: str | Path | None = None, title: str = "") -> plt.Figure:
     """One panel per ``(title, {name: [metrics rows of each seed]}, key)``: ``key`` against step.
 
-    Every seed of a name is drawn in the name's colour (thin lines); one legend below the
-    panels names every run once.
+    Per name, in the name's colour: each seed as a thin line and the mean over seeds (at the
+    steps every seed logged) as a thick one; long curves (over ``SMOOTH_POINTS`` points) are
+    moving averages over a tenth of the run. One legend below the panels names every run once.
     """
     with theme():
         fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.4), squeeze=False)
         handles: dict[str, Any] = {}
         for ax, (name, logs, key) in zip(axes[0], panels, strict=True):
+            window = 1
             for run, seeds in logs.items():
+                curves = []
                 for rows in seeds:
-                    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                    pts = dict((r["step"], r[key]) for r in rows if r.get(key) is not None)
                     if pts:
-                        xs, ys = zip(*pts, strict=True)
-                        line, = ax.plot(xs, ys, lw=1.0, alpha=0.85, color=color_of(run))
-                        handles.setdefault(display_name(run), line)
-            ax.set_xlabel("step")
+                        curves.append(pts)
+                if not curves:
+                    continue
+                color = color_of(run)
+                for pts in curves:
+                    xs = sorted(pts)
+                    w = _smooth_window(len(xs))
+                    window = max(window, w)
+                    ax.plot(xs, smooth([pts[x] for x in xs], w), color=color,
+                            **({"lw": 0.7, "alpha": 0.35} if len(curves) > 1 else {"lw": 1.6}))
+                common = sorted(set.intersection(*(set(p) for p in curves)))
+                if len(curves) > 1 and common:
+                    w = _smooth_window(len(common))
+                    mean = [float(np.mean([p[x] for p in curves])) for x in common]
+                    ax.plot(common, smooth(mean, w), lw=2.0, color=color)
+                handles.setdefault(display_name(run), Line2D([], [], color=color, lw=2.0))
+            ax.set_xlabel(_wrap(_step_label(window).replace("; faint: raw", ""), 40))
             ax.set_title(_wrap(f"{name}: {metric_name(key)}", 30))
         if title:
             fig.suptitle(title, fontsize=12)
         fig.tight_layout()
         if handles:
+            n_seeds = max((len(s) for _, logs, _ in panels for s in logs.values()), default=1)
+            if n_seeds > 1:
+                handles[f"thin: each of {n_seeds} seeds; thick: their mean"] = Line2D(
+                    [], [], color="#555555", lw=0.7)
             _legend_below(fig, list(handles.values()), list(handles), ncol=min(len(handles), 4))
     return _save(fig, path)
 

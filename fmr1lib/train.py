@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from fmr1lib import attention, repro
+from fmr1lib import attention, progress, repro
 
 logger = logging.getLogger(__name__)
 
@@ -538,14 +537,15 @@ def finish_trackers(acc: Any) -> None:
     acc.log_with = []
 
 
-PROGRESS_LINES_ENV = "FMR1_PROGRESS_LINES"
-"""Environment variable: when set to N, ``fit`` also writes a progress line to stderr when a
-run starts, every N seconds and when it ends (``cli.run_notebook`` sets it for the notebook
-kernels, whose progress bars are widgets or refresh rarely, and forwards their stderr)."""
+PROGRESS_LINES_ENV = progress.HEADLESS_ENV
+"""Environment variable: when set to N, ``fit`` writes a progress line instead of its bar when
+a run starts, every N seconds and when it ends, to ``progress.terminal()`` (``cli.run_notebook``
+sets it for the notebook kernels: the lines reach the terminal, not the executed notebook)."""
 
 
 class ProgressLines:
-    """A few whole progress lines of one training run on stderr (``PROGRESS_LINES_ENV``)."""
+    """A few whole progress lines of one training run on ``progress.terminal()``
+    (``PROGRESS_LINES_ENV``)."""
 
     def __init__(self, name: str, start: int, total: int, every_s: float) -> None:
         self.name, self.start, self.total, self.every_s = name, start, total, every_s
@@ -561,10 +561,9 @@ class ProgressLines:
         return cls(name, start, total, every) if every > 0 else None
 
     def _write(self, text: str) -> None:
-        import sys
-
-        sys.stderr.write(f"[train] {self.name}: {text}\n")
-        sys.stderr.flush()
+        out = progress.terminal()
+        out.write(f"[train] {self.name}: {text}\n")
+        out.flush()
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
@@ -634,7 +633,7 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
     # Headless (PROGRESS_LINES_ENV set): a few whole lines instead of the bar.
     lines = (ProgressLines.from_env(f"{out_dir.parent.name}/{out_dir.name} ({desc})", start,
                                     params.steps) if acc.is_main_process else None)
-    bar = tqdm(range(start, params.steps), desc=desc, initial=start, total=params.steps,
+    bar = progress.bar(range(start, params.steps), desc=desc, initial=start, total=params.steps,
                disable=not acc.is_main_process or lines is not None)
     try:
         for step in bar:

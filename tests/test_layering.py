@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
-                      "rewards", "data", "modeling", "attention", "batching", "runlock"),
+                      "rewards", "data", "modeling", "attention", "batching", "runlock", "progress"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
@@ -34,7 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 # Imports allowed inside one layer (importer -> modules of its own layer it may import).
 SAME_LAYER: dict[str, set[str]] = {
-    "data": {"config", "repro", "records", "counterfactual"},
+    "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
     "scoring": {"prompting", "records"},
