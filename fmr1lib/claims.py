@@ -338,6 +338,12 @@ def _holds(pre: Mapping[str, Any], labels: Mapping[str, str]) -> list[tuple[str,
         out.append(("the shortcut baseline takes the shortcut", bool(sb["holds"])))
     for row, ch in pre.get("rl_answer_change", {}).items():
         out.append((f"{labels.get(row, row)} moved away from its start model", bool(ch["holds"])))
+    for row, v in pre.get("faithful_reward_validity", {}).items():
+        out.append((f"the faithful reward of {labels.get(row, row)} ranks trajectories as their "
+                    "reading does", bool(v["holds"])))
+    for row, v in pre.get("start_reading_spread", {}).items():
+        out.append((f"the start model of {labels.get(row, row)} has rollouts that read the cue",
+                    bool(v["holds"])))
     return out
 
 
@@ -361,7 +367,7 @@ def results_markdown(doc: Mapping[str, Any], long: Sequence[Mapping[str, Any]] =
 
     seeds = list(doc.get("seeds", []))
     items = list(doc.get("claims", []))
-    counts = {v: sum(c["verdict"] == v for c in items) for v in VERDICTS}
+    counts = {v: sum(c.get("status", c["verdict"]) == v for c in items) for v in STATUSES}
     lines = ["## What the results say", "",
              f"Generated from `claims.json` ({doc.get('profile', '?')} profile, {len(seeds)} "
              f"training seed{'s' if len(seeds) != 1 else ''}: {', '.join(map(str, seeds))}).", ""]
@@ -395,13 +401,16 @@ def results_markdown(doc: Mapping[str, Any], long: Sequence[Mapping[str, Any]] =
         lines.append("**Claims.** None could be tested.")
         return "\n".join(lines)
     lines.append(f"**Claims.** {counts['supported']} supported, {counts['refuted']} refuted, "
-                 f"{counts['inconclusive']} inconclusive (a verdict reads the 95% t interval of "
-                 "the paired differences over seeds"
+                 f"{counts['inconclusive']} inconclusive, {counts['untestable']} untestable (a "
+                 "verdict reads the 95% t interval of the paired differences over seeds; a claim "
+                 "whose preconditions fail is untestable, whatever its interval"
                  + ("; with one seed there is no interval, so every verdict is inconclusive"
                     if len(seeds) < 2 else "") + ").")
     lines.append("")
     meaning = {"supported": "the data support it", "refuted": "the data contradict it",
-               "inconclusive": "these seeds cannot tell"}
+               "inconclusive": "these seeds cannot tell",
+               "untestable": "a precondition fails, so this run does not test it"}
     for c, sentence in zip(items, claims_sentences(doc, labels), strict=True):
-        lines.append(f"* **{c['verdict']}** ({meaning[c['verdict']]}): {sentence}")
+        status = c.get("status", c["verdict"])
+        lines.append(f"* **{status}** ({meaning[status]}): {sentence}")
     return "\n".join(lines)
