@@ -326,7 +326,7 @@ def parse_sets(items: list[str] | None, cls: type, where: str = "--set") -> dict
         if key in out:
             raise config.ParamsError(f"{where} {key}: given twice")
         try:
-            out[key] = yaml.safe_load(text)
+            out[key] = config.parse_yaml_value(text)
         except yaml.YAMLError as exc:
             raise config.ParamsError(f"{where} {key}: {text!r} is not a YAML value: {exc}") from exc
     return out

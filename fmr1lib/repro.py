@@ -217,6 +217,33 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_FOLDER_SHA: dict[str, tuple[tuple, str]] = {}
+"""``folder_sha256`` results with the (name, size, mtime, inode) of every file then: an
+unchanged folder is not hashed again by the same process."""
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """SHA-256 over the names and contents of every file under ``folder`` ("" if it holds
+    none): a saved model's identity, as its run's completion marker records it."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        return ""
+    signature = []
+    for f in files:
+        st = f.stat()
+        signature.append((f.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = str(folder.resolve())
+    cached = _FOLDER_SHA.get(key)
+    if cached is not None and cached[0] == tuple(signature):
+        return cached[1]
+    h = hashlib.sha256()
+    for (rel, *_), f in zip(signature, files):
+        h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    _FOLDER_SHA[key] = (tuple(signature), h.hexdigest())
+    return h.hexdigest()
+
+
 STALE_TEMP_S = 3600.0
 """Age (seconds since the last change) after which a temp folder whose writer cannot be
 checked (another host, an old name without owner tag) counts as a leftover."""
@@ -278,14 +305,40 @@ def old_folder(folder: str | Path) -> Path:
     return folder.with_name(f".{folder.name}.old")
 
 
+@contextlib.contextmanager
+def dir_lock(folder: str | Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` of the directory ``folder`` for the duration of the block
+    (blocking; the kernel drops it with its process, so a killed holder leaves none behind)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def recover_interrupted_swap(folder: str | Path) -> bool:
     """Put back the previous version of ``folder`` when a swap was killed between its two
     renames (``folder`` gone, ``.<name>.old`` there); drop a stale ``.old`` otherwise.
+
+    It runs under the swap lock of ``folder``'s parent (``dir_lock``), which ``swap_folder``
+    holds across its two renames: a reader arriving mid-swap waits for the swap to end instead
+    of taking the writer's parked old version for an interrupted one.
 
     Returns:
         True when the previous version was put back.
     """
     folder = Path(folder)
+    if not old_folder(folder).is_dir():
+        return False
+    with dir_lock(folder.parent):
+        return _recover_swap(folder)
+
+
+def _recover_swap(folder: Path) -> bool:
+    """``recover_interrupted_swap``'s work, under the swap lock."""
     old = old_folder(folder)
     if not old.is_dir():
         return False
@@ -305,11 +358,12 @@ def swap_folder(tmp: str | Path, folder: str | Path) -> Path:
     the old or the new version is complete on disk (``recover_interrupted_swap``)."""
     tmp, folder = Path(tmp), Path(folder)
     old = old_folder(folder)
-    recover_interrupted_swap(folder)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    fsync_dir(folder.parent)
+    with dir_lock(folder.parent):
+        _recover_swap(folder)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        fsync_dir(folder.parent)
     if old.exists():
         shutil.rmtree(old)
     return folder
@@ -749,13 +803,36 @@ def _verify_legacy_checkpoint(path: Path) -> None:
             raise CheckpointError(f"{f}: unreadable ({exc})", [f]) from None
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
+TRUST_UNVERIFIED_ENV = "FMR1_TRUST_UNVERIFIED_CHECKPOINT"
+"""Environment variable: set to 1, ``latest_checkpoint`` resumes from a checkpoint without a
+manifest (written before manifests existed) when it is the only checkpoint of the run; without
+it such a checkpoint is passed over with a warning (nothing vouches for its contents)."""
+
+
+def checkpoint_finite(path: str | Path) -> bool:
+    """Whether every trainable tensor of a checkpoint is finite (no NaN/inf weight)."""
+    import torch
+
+    try:
+        tensors = _load_tensors(Path(path) / "trainable.safetensors")
+    except CheckpointError:
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def latest_checkpoint(folder: str | Path, finite: bool = False) -> Path | None:
     """The newest valid checkpoint under ``folder`` (``verify_checkpoint``), or None if there
     is none at all.
 
     The ``latest`` pointer's checkpoint comes first, then the others newest first; a
     checkpoint that fails verification is passed over with a warning naming the bad file,
-    so a resume falls back on the previous complete one.
+    so a resume falls back on the previous complete one. A checkpoint without a manifest is
+    passed over too (nothing vouches for its tensors), unless it is the only checkpoint and
+    ``TRUST_UNVERIFIED_ENV`` asks for it.
+
+    Args:
+        finite: also pass over checkpoints holding a non-finite weight (what the non-finite
+            guard calls the last good checkpoint).
 
     Raises:
         CheckpointError: there are checkpoints but none is valid (names every bad file).
@@ -772,10 +849,19 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
         if named in found:
             found.remove(named)
             found.insert(0, named)
+    trust = os.environ.get(TRUST_UNVERIFIED_ENV, "") not in ("", "0") and len(found) == 1
     errors: list[CheckpointError] = []
     for path in found:
         try:
+            if not (path / MANIFEST).exists() and not trust:
+                raise CheckpointError(
+                    f"{path / MANIFEST}: missing, so nothing vouches for the checkpoint's "
+                    f"tensors (set {TRUST_UNVERIFIED_ENV}=1 to resume from it when it is the "
+                    f"run's only checkpoint)", [path / MANIFEST])
             verify_checkpoint(path)
+            if finite and not checkpoint_finite(path):
+                raise CheckpointError(f"{path / 'trainable.safetensors'}: non-finite weights",
+                                      [path / "trainable.safetensors"])
         except CheckpointError as exc:
             logger.warning("skipping checkpoint %s: %s", path, exc)
             errors.append(exc)

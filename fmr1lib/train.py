@@ -261,7 +261,13 @@ class TrainState:
     """Training seconds of the earlier segments of a resumed run (from its checkpoint)."""
 
     def _last_good(self) -> str:
-        last = repro.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        """The newest checkpoint that verifies and holds only finite weights ("none" if no
+        checkpoint does: a corrupted one is never offered as the place to resume from)."""
+        try:
+            last = (repro.latest_checkpoint(self.checkpoint_dir, finite=True)
+                    if self.checkpoint_dir else None)
+        except repro.CheckpointError:
+            last = None
         return str(last or "none")
 
     def backward(self, loss: torch.Tensor, what: str = "loss") -> None:

@@ -37,6 +37,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "data": {"config", "repro", "records", "counterfactual"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
+    "runlock": {"repro"},
     "scoring": {"prompting", "records"},
     "rewards": {"prompting", "scoring"},
     "batching": {"attention", "modeling", "prompting", "records"},

@@ -39,11 +39,16 @@ def _params(**kw):
 def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch):
     model0, processor, rows = tiny
     monkeypatch.setattr(stages, "ensure_backbone", lambda p: (copy.deepcopy(model0), processor))
+    monkeypatch.setattr(stages, "_start_run_of", lambda *a: None)  # no backbone run here
     dsd = {"train": rows}
     old = _params(run_root=str(tmp_path))
     stages.anchor_stage(old, "plain", dsd)
     folder = stages.run_folder(old, "anchor", "plain", create=False)
-    assert stages.is_complete(folder, old)
+
+    def is_complete(p):
+        return stages.run_status(p, "anchor", "plain").finished
+
+    assert is_complete(old)
 
     # Restart with another lr, killed after one step (its checkpoint is on disk).
     new = _params(run_root=str(tmp_path), lr=1e-3)
@@ -58,15 +63,15 @@ def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch
         stages.anchor_stage(new, "plain", dsd)
     assert repro.latest_checkpoint(folder / "checkpoints").name == "step_0000001"
     assert (folder / "info.json").exists() and (folder / "model" / "config.json").exists()
-    assert not stages.is_complete(folder, new)  # the old model is not this run's
-    assert not stages.is_complete(folder, old)  # nor is it vouched for any longer
+    assert not is_complete(new)  # the old model is not this run's
+    assert not is_complete(old)  # nor is it vouched for any longer
     assert not (folder / runlock.LOCK_NAME).exists()  # released on the exception
 
     # A run that returns early (stopped, not killed) saves its model but is not complete.
     monkeypatch.setattr(anchoring, "train_supervised", lambda *a, **kw: real(*a, **kw, stop_after=1))
     stages.anchor_stage(new, "plain", dsd)
     assert json.loads((folder / "info.json").read_text())["steps"] == 1
-    assert not stages.is_complete(folder, new)
+    assert not is_complete(new)
 
 
 # ---------------------------------------------------------------- resume checks
