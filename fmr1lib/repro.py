@@ -364,8 +364,8 @@ def swap_folder(tmp: str | Path, folder: str | Path) -> Path:
             folder.rename(old)
         tmp.rename(folder)
         fsync_dir(folder.parent)
-    if old.exists():
-        shutil.rmtree(old)
+        if old.exists():
+            shutil.rmtree(old)
     return folder
 
 
