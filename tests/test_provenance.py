@@ -106,34 +106,35 @@ def trained(chain, monkeypatch):
 @pytest.mark.train
 def test_changed_upstream_makes_downstream_unfinished_and_ablation_retrains_exactly_those(
         chain, trained):
-    assert all(chain.status().values())
     stages.ensure_trained(chain.ep, "anchoring_grpo", 0, chain.dsd)
     assert trained == []  # every run finished for its inputs: reused
 
-    # The data params file's content (a seed appended): every stage's dataset changed.
-    chain.append("01_data_construction", "seed: 7\n")
-    status = chain.status()
-    for st in status.values():
-        assert not st and st.reason.startswith("not finished: data params (") and "changed" in st.reason
-    chain.restore()
-    assert all(chain.status().values())  # the same content again: finished again
-
-    # The backbone params file's content: stages 1 and 2 report it, and the ablation retrains
-    # exactly the backbone, the stage-1 model and the stage-2 run.
+    # The backbone params file's content changed: the ablation retrains exactly the backbone,
+    # the stage-1 model and the stage-2 run, which started from it.
     chain.append("02_backbone", "lr: 0.0019\n")
+    stages.ensure_trained(chain.ep, "anchoring_grpo", 0, chain.dsd)
+    assert trained == [("backbone", None), ("anchor", "focus_anchor"), ("rl", "grpo")]
+    assert all(chain.status().values())
+
+    # Back to the file as it was: each stage says which input changed, then all three retrain.
+    chain.restore()
     status = chain.status()
     assert status["backbone"].reason.startswith("not finished: its own params")
     assert status["anchor"].reason.startswith(
         f"not finished: backbone params ({chain.file['02_backbone']}) changed")
     assert status["rl"].reason.startswith("not finished: backbone params (")
+    trained.clear()
     stages.ensure_trained(chain.ep, "anchoring_grpo", 0, chain.dsd)
     assert trained == [("backbone", None), ("anchor", "focus_anchor"), ("rl", "grpo")]
-    assert all(chain.status().values())
+
+    # The data params file's content (a seed appended): every stage's dataset changed.
+    chain.append("01_data_construction", "seed: 7\n")
+    for st in chain.status().values():
+        assert not st and st.reason.startswith("not finished: data params (") and "changed" in st.reason
+    chain.restore()
+    assert all(chain.status().values())  # the same content again: finished again
 
     # The start model of stage 2 changed on disk (stage 1 retrained by hand, or corrupted).
-    trained.clear()
-    chain.restore()
-    stages.ensure_trained(chain.ep, "anchoring_grpo", 0, chain.dsd)  # back to the files' runs
     trained.clear()
     _, ap, _ = chain.params()
     weights = stages.run_folder(ap, "anchor", "focus_anchor", create=False) / "model" / "model.safetensors"
@@ -207,7 +208,7 @@ def _save(folder: Path, step: int, weight: float) -> Path:
 @pytest.mark.unit
 def test_checkpoint_without_manifest_or_with_nan_weights_is_never_trusted(tmp_path, caplog,
                                                                           monkeypatch):
-    monkeypatch.delenv(repro.TRUST_UNVERIFIED_ENV, raising=False)
+    monkeypatch.delenv("FMR1_TRUST_UNVERIFIED_CHECKPOINT", raising=False)
     first = _save(tmp_path, 1, 0.5)
     second = _save(tmp_path, 2, -1.5)  # a valid safetensors file: only the manifest vouches
     (second / repro.MANIFEST).unlink()
@@ -366,9 +367,9 @@ def test_profile_pointer_and_yaml_numbers(tmp_path):
 def test_keys_that_may_change_on_resume_do_not_unfinish_a_run(chain, trained):
     chain.append("04_counterfactual_rl", "resume: true\nlog_every: 3\neval_n: 5\n")
     chain.append("03_anchoring", "n_show: 2\neval_batch_size: 7\n")
-    assert all(chain.status().values())
     stages.ensure_trained(chain.ep, "anchoring_grpo", 0, chain.dsd)
     assert trained == []  # reused, not retrained
+    assert all(chain.status().values())
 
 
 # ---------------------------------------------------------------- 8. one line per known failure
