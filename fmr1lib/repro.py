@@ -238,7 +238,7 @@ def folder_sha256(folder: str | Path) -> str:
     if cached is not None and cached[0] == tuple(signature):
         return cached[1]
     h = hashlib.sha256()
-    for (rel, *_), f in zip(signature, files):
+    for (rel, *_), f in zip(signature, files, strict=True):
         h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
     _FOLDER_SHA[key] = (tuple(signature), h.hexdigest())
     return h.hexdigest()

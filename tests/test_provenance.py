@@ -20,7 +20,6 @@ import torch
 
 from fmr1lib import cli, config, repro, runlock, stages, train
 
-
 FILES = {
     "01_data_construction": "n_train: 16\nn_warmup: 16\nn_test_id: 4\nn_test_ood: 4\n",
     "02_backbone": "data_params_file: {data}\nsteps: 2\nbatch_size: 2\nlr_warmup_steps: 0\n",
