@@ -551,6 +551,7 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     with _writing(out, acc):
         inputs = run_inputs(p, "backbone")
         check_resume_inputs(p, "backbone", None, out / "warmup" / "checkpoints", inputs)
+        repro.seed_everything(p.seed)  # before the data, as the model is built after it
         if p.model_name == "tiny":
             dsd = stage_data(p, acc, dsd)
         start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
@@ -558,8 +559,8 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _backbone_stage(p: Any, dsd: Any, acc: Any, out: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """``backbone_stage``'s work, under the run lock of ``out``, once its checks passed."""
-    repro.seed_everything(p.seed)
+    """``backbone_stage``'s work, under the run lock of ``out``, once its checks passed (and
+    the seed set)."""
     info: dict[str, Any] = {"model_name": p.model_name}
     finished = True
     t0 = time.perf_counter()
@@ -591,7 +592,8 @@ def _check_inputs(p: Any, stage: str, variant: str, out: Path, acc: Any,
                   dsd: Any) -> tuple[Any, Any, Any, dict[str, str]]:
     """Every check of a stage-1/2 run before its folder is touched (under its lock): a resume's
     params and inputs (``check_resume_inputs``), the dataset (built if missing) and its
-    ``train_split``, the start model (loaded; built if missing and allowed).
+    ``train_split``, the start model (loaded; built if missing and allowed). The seed is set
+    right before the start model loads, where the run's random numbers begin.
 
     Returns:
         ``(dsd, model, processor, inputs)``: the start model as loaded, the run's inputs.
@@ -602,6 +604,7 @@ def _check_inputs(p: Any, stage: str, variant: str, out: Path, acc: Any,
     if p.train_split not in dsd:
         raise config.ParamsError(f"key 'train_split': the dataset has no split "
                                  f"{p.train_split!r} (it has {sorted(dsd)})")
+    repro.seed_everything(p.seed)
     model, processor = ensure_backbone(p) if stage == "anchor" else start_model(p, variant)
     if inputs.get("start model") == UNFINISHED:  # built just now
         inputs = run_inputs(p, stage, variant)
@@ -626,7 +629,6 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
     with _writing(out, acc):
         dsd, model, processor, inputs = _check_inputs(p, "anchor", variant, out, acc, dsd)
         start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
-        repro.seed_everything(p.seed)
         model = prepare_trainable(model, processor, p)
         result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
                                             variant=variant, accelerator=acc)
@@ -642,7 +644,6 @@ def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.Tra
     with _writing(out, acc):
         dsd, model, processor, inputs = _check_inputs(p, "rl", variant, out, acc, dsd)
         start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
-        repro.seed_everything(p.seed)
         model = prepare_trainable(model, processor, p)
         result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant,
                                  accelerator=acc)
