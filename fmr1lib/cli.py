@@ -20,12 +20,12 @@ the resolved parameters and what would run, and stops there.
 ``anchor`` and ``rl`` start from the model of the stage before; when no run holds it finished
 for the inputs it would be made from now (``stages.run_status``: missing, or an upstream params
 file, the records files or its own start model changed) they stop (status 3) with the reason
-and the command that makes it, unless ``--build-missing`` asks to build it first.
+and the command that makes it, unless ``--build-missing`` asks to build it first. The notebooks,
+``reproduce`` and ``ablation`` build what is missing, in order.
 
 Every known failure (``ERRORS``: a refused resume, a locked run folder, no valid checkpoint, a
 non-finite loss, bad data records, ...) exits with its own status and one line naming the file,
 key or step; ``--debug`` shows its traceback instead.
-The notebooks, ``reproduce`` and ``ablation`` build what is missing, in order.
 
 ``notebook`` and ``reproduce`` print a line as each code cell starts, forward the kernel's
 stderr (a ``[train]`` line per training run every ``KERNEL_TQDM_MININTERVAL`` seconds, and text

@@ -9,10 +9,11 @@ is an empty or unreadable lock file (its writer was killed between creating and 
 lock from another host cannot be checked and is refused like a live one.
 
 Taking the lock, and taking over a stale one, happen under an ``fcntl.flock`` of the folder
-itself (``repro.dir_lock``, the guard): of two restarts that both find the same stale lock, the second to get the
-guard finds the first one's live lock, never the stale one, so exactly one holds the folder.
-The kernel drops the guard with its process, so a killed holder leaves nothing to clean up. The lock goes when the
-``with`` block ends, also on an exception; only the owner's own lock file is removed.
+itself (``repro.dir_lock``, the guard): of two restarts that both find the same stale lock, the
+second to get the guard finds the first one's live lock, never the stale one, so exactly one
+holds the folder. The kernel drops the guard with its process, so a killed holder leaves nothing
+to clean up. The lock goes when the ``with`` block ends, also on an exception; only the owner's
+own lock file is removed.
 
 Under ``accelerate launch`` only the main process takes the lock (``enabled=False`` elsewhere):
 the other processes write no run-level files.
