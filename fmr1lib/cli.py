@@ -608,7 +608,7 @@ ERRORS: tuple[tuple[str, str, int], ...] = (
     ("fmr1lib.stages", "MissingPrerequisiteError", 3),
     ("fmr1lib.train", "ResumeMismatchError", 4),
     ("fmr1lib.runlock", "RunLockedError", 5),
-    ("fmr1lib.repro", "CheckpointError", 6),
+    ("fmr1lib.checkpoints", "CheckpointError", 6),
     ("fmr1lib.train", "NonFiniteLossError", 7),
     ("fmr1lib.records", "DataError", 8),
 )

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import anchoring, config, data, grpo, modeling, repro, runlock, train
+from fmr1lib import anchoring, checkpoints, config, data, grpo, modeling, repro, runlock, train
 
 logger = logging.getLogger(__name__)
 
@@ -288,12 +288,12 @@ def check_resume_inputs(p: Any, stage: str, variant: str | None, ckpt_dir: Path,
 
     Raises:
         train.ResumeMismatchError: naming the changed key or input.
-        repro.CheckpointError: there are checkpoints but none is valid.
+        checkpoints.CheckpointError: there are checkpoints but none is valid.
     """
     if not p.resume or not ckpt_dir.exists():
         return
     out = run_folder(p, stage, variant, create=False)
-    ck = repro.latest_checkpoint(ckpt_dir)
+    ck = checkpoints.latest_checkpoint(ckpt_dir)
     if ck is None:
         return
     train.check_resume(ck, p)

@@ -21,7 +21,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
-                      "rewards", "data", "modeling", "attention", "batching", "runlock"),
+                      "rewards", "data", "modeling", "attention", "batching", "runlock",
+                      "checkpoints"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "grpo"),
@@ -38,6 +39,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
     "runlock": {"repro"},
+    "checkpoints": {"repro"},
     "scoring": {"prompting", "records"},
     "rewards": {"prompting", "scoring"},
     "batching": {"attention", "modeling", "prompting", "records"},

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmr1lib import cli, config, repro, runlock, stages, train
+from fmr1lib import checkpoints, cli, config, repro, runlock, stages, train
 
 FILES = {
     "01_data_construction": "n_train: 16\nn_warmup: 16\nn_test_id: 4\nn_test_ood: 4\n",
@@ -200,7 +200,7 @@ def _save(folder: Path, step: int, weight: float) -> Path:
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight.fill_(weight)
-    repro.save_checkpoint(folder, step, model, keep=10)
+    checkpoints.save_checkpoint(folder, step, model, keep=10)
     return folder / f"step_{step:07d}"
 
 
@@ -210,20 +210,20 @@ def test_checkpoint_without_manifest_or_with_nan_weights_is_never_trusted(tmp_pa
     monkeypatch.delenv("FMR1_TRUST_UNVERIFIED_CHECKPOINT", raising=False)
     first = _save(tmp_path, 1, 0.5)
     second = _save(tmp_path, 2, -1.5)  # a valid safetensors file: only the manifest vouches
-    (second / repro.MANIFEST).unlink()
+    (second / checkpoints.MANIFEST).unlink()
     with caplog.at_level(logging.WARNING, logger="fmr1lib.repro"):
-        assert repro.latest_checkpoint(tmp_path) == first
-    assert str(second / repro.MANIFEST) in caplog.text
+        assert checkpoints.latest_checkpoint(tmp_path) == first
+    assert str(second / checkpoints.MANIFEST) in caplog.text
 
     # The only checkpoint, without a manifest: refused unless asked for explicitly.
     only = tmp_path / "only"
     ck = _save(only, 1, 0.5)
-    (ck / repro.MANIFEST).unlink()
-    with pytest.raises(repro.CheckpointError, match=repro.TRUST_UNVERIFIED_ENV):
-        repro.latest_checkpoint(only)
-    monkeypatch.setenv(repro.TRUST_UNVERIFIED_ENV, "1")
-    assert repro.latest_checkpoint(only) == ck
-    monkeypatch.delenv(repro.TRUST_UNVERIFIED_ENV)
+    (ck / checkpoints.MANIFEST).unlink()
+    with pytest.raises(checkpoints.CheckpointError, match=checkpoints.TRUST_UNVERIFIED_ENV):
+        checkpoints.latest_checkpoint(only)
+    monkeypatch.setenv(checkpoints.TRUST_UNVERIFIED_ENV, "1")
+    assert checkpoints.latest_checkpoint(only) == ck
+    monkeypatch.delenv(checkpoints.TRUST_UNVERIFIED_ENV)
 
     # A checkpoint whose weights are NaN is never called the last good one.
     nan = tmp_path / "nan"
