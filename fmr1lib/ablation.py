@@ -2,9 +2,10 @@
 
 Every row of the table is one trained model per seed, made by the stage functions of notebooks
 02-04 with the parameter files those notebooks use; only ``seed`` (and, for the data-efficiency
-runs, ``n_prompts``) changes. A run that finished with exactly these parameters (for seed 0:
-the runs of notebooks 03 and 04) is reused (``stages.is_complete``: its completion marker names
-their hash); one made with other parameters, or killed or stopped early, is retrained. The
+runs, ``n_prompts``) changes. A run that finished from exactly the inputs it would be made from
+now (for seed 0: the runs of notebooks 03 and 04) is reused (``stages.run_status``: its
+completion marker records them); one made from other params, upstream params files, records
+files or start model, or killed or stopped early, is retrained. The
 stage-0 backbone is one model shared by every seed (its row varies only through the bootstrap).
 
 Evaluations go through ``evaluation.evaluate_saved``: one JSON per model under

@@ -17,9 +17,15 @@ like the file), ``--variants`` (known variants, each once) and ``--profile`` (a 
 status 2 and a ``ParamsError`` line naming the file or flag and the key. ``--dry-run`` prints
 the resolved parameters and what would run, and stops there.
 
-``anchor`` and ``rl`` start from the model of the stage before; when it is missing they stop
-(status 1) with the command that makes it, unless ``--build-missing`` asks to build it first.
-The notebooks, ``reproduce`` and ``ablation`` build what is missing, in order.
+``anchor`` and ``rl`` start from the model of the stage before; when no run holds it finished
+for the inputs it would be made from now (``stages.run_status``: missing, or an upstream params
+file, the records files or its own start model changed) they stop (status 3) with the reason
+and the command that makes it, unless ``--build-missing`` asks to build it first. The notebooks,
+``reproduce`` and ``ablation`` build what is missing, in order.
+
+Every known failure (``ERRORS``: a refused resume, a locked run folder, no valid checkpoint, a
+non-finite loss, bad data records, ...) exits with its own status and one line naming the file,
+key or step; ``--debug`` shows its traceback instead.
 
 ``notebook`` and ``reproduce`` print a line as each code cell starts and estimate what is left
 from the times of the last finished run (``runs/<profile>/reproduce_times.json``); the kernel
@@ -364,7 +370,7 @@ def parse_sets(items: list[str] | None, cls: type, where: str = "--set") -> dict
         if key in out:
             raise config.ParamsError(f"{where} {key}: given twice")
         try:
-            out[key] = yaml.safe_load(text)
+            out[key] = config.parse_yaml_value(text)
         except yaml.YAMLError as exc:
             raise config.ParamsError(f"{where} {key}: {text!r} is not a YAML value: {exc}") from exc
     return out
@@ -588,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m fmr1lib``."""
     parser = argparse.ArgumentParser(prog="python -m fmr1lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a known failure instead of its one line")
     sub = parser.add_subparsers(dest="command", required=True)
     profile_help = (f"a folder under params/: one of {', '.join(config.profiles(project_root()))}"
                     f" (default: tiny)")
@@ -636,23 +644,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERRORS: tuple[tuple[str, str, int], ...] = (
+    ("fmr1lib.config", "ParamsError", 2),
+    ("fmr1lib.stages", "MissingPrerequisiteError", 3),
+    ("fmr1lib.train", "ResumeMismatchError", 4),
+    ("fmr1lib.runlock", "RunLockedError", 5),
+    ("fmr1lib.checkpoints", "CheckpointError", 6),
+    ("fmr1lib.train", "NonFiniteLossError", 7),
+    ("fmr1lib.records", "DataError", 8),
+)
+"""``(module, error class, exit status)`` of every known failure: ``main`` prints it as one
+line ``<class>: <message>`` (the message names the file, key or step) with its own status, and
+no traceback unless ``--debug``. Anything else is a bug and keeps its traceback (status 1)."""
+
+
+def _known_error(exc: BaseException) -> tuple[str, int] | None:
+    """``(class name, exit status)`` of ``exc`` if it is one of ``ERRORS`` (modules that were
+    never imported raised nothing)."""
+    for module, name, status in ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return name, status
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fmr1lib``.
 
     Returns:
-        0 on success, 2 on a ``ParamsError`` (a bad file, flag or override), 1 when a stage's
-        start model is missing and ``--build-missing`` was not given.
+        0 on success; for a known failure (``ERRORS``) its status: 2 a ``ParamsError`` (a bad
+        file, flag or override), 3 a missing start model without ``--build-missing``, 4 a
+        refused resume, 5 a run folder locked by another run, 6 no valid checkpoint, 7 a
+        non-finite loss, 8 bad data records.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except config.ParamsError as exc:
-        print(f"ParamsError: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        stages = sys.modules.get("fmr1lib.stages")  # only an imported stage layer raises it
-        if not isinstance(exc, getattr(stages, "MissingPrerequisiteError", ())):
+    except Exception as exc:  # noqa: BLE001 - known failures get one line, others re-raise
+        known = _known_error(exc)
+        if known is None or debug:
             raise
-        print(f"MissingPrerequisiteError: {exc}", file=sys.stderr)
-        return 1
+        name, status = known
+        print(f"{name}: {exc}", file=sys.stderr)
+        return status

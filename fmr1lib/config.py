@@ -76,6 +76,65 @@ def check_at_least(params: Any, low: float, *keys: str) -> None:
             raise ValueError(f"key {key!r}: must be >= {low}, got {value}")
 
 
+SPLITS = ("train", "warmup", "test_id", "test_ood")
+"""The splits of every dataset (``data.SPLITS``): what ``train_split`` may name."""
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+"""Attention kernels a model may load with (``attn_implementation``); attention capture runs
+on top of whichever is set (``attention.CAPTURE_IMPLEMENTATION``)."""
+
+RANGES: dict[str, tuple[float, float, str]] = {
+    "seed": (0, 2**32 - 1, "numpy seeds are 0..2**32-1, and a seed names its run folder"),
+    "steps": (1, 10**7, "optimiser steps of one run"),
+    "grad_accum": (1, 2**16, "micro-batches per optimiser step"),
+    "batch_size": (1, 2**16, "examples per optimiser step and process"),
+    "lr": (0, 1.0, "a learning rate above 1 makes AdamW diverge"),
+    "weight_decay": (0, 10.0, "AdamW's decoupled decay; above 10 it erases the weights"),
+    "lr_warmup_steps": (0, 10**7, "warm-up steps of one run"),
+    "grad_clip": (0, 10**6, "a gradient-norm bound (0: off)"),
+    "log_every": (0, 10**7, "steps between two logs"),
+    "checkpoint_every": (0, 10**7, "steps between two checkpoints"),
+    "eval_n": (0, 10**7, "examples per test split"),
+    "eval_batch_size": (1, 2**16, "examples per generation batch"),
+    "max_new_tokens": (1, 2**15, "generated tokens per response"),
+    "prompts_per_step": (1, 2**16, "prompts per GRPO step"),
+    "group_size": (2, 2**12, "completions per prompt"),
+    "num_iterations": (1, 100, "policy updates per rollout batch"),
+    "clip_low": (0, 1.0, "the ratio's lower clip is 1 - clip_low"),
+    "clip_high": (0, 1.0, "the ratio's upper clip is 1 + clip_high; above 2x it bounds nothing"),
+    "beta": (0, 100.0, "the KL penalty's weight"),
+    "w_acc": (0, 100.0, "a negative reward weight rewards the opposite behaviour"),
+    "w_fmt": (0, 100.0, "a negative reward weight rewards the opposite behaviour"),
+    "w_faith": (0, 100.0, "a negative reward weight rewards the opposite behaviour"),
+    "lambda_attn": (0, 1000.0, "the anchoring loss's weight"),
+    "lambda_attn_rl": (0, 1000.0, "the auxiliary anchoring loss's weight"),
+    "temperature": (0, 100.0, "the sampling temperature"),
+    "n_boot": (1, 10**6, "bootstrap resamples"),
+    "n_train": (1, 10**8, "examples of a split"),
+    "n_warmup": (0, 10**8, "examples of a split"),
+    "n_test_id": (1, 10**8, "examples of a split"),
+    "n_test_ood": (1, 10**8, "examples of a split"),
+}
+"""``field: (low, high, why)``: every numeric field of that name, in any stage's params, lies in
+``[low, high]`` (``lr`` and ``temperature``: ``(low, high]``); a value outside is refused with the
+reason."""
+
+_OPEN_LOW = frozenset({"lr", "temperature"})
+
+
+def check_ranges(params: Any) -> None:
+    """Every field of ``params`` named in ``RANGES`` is in its range (ValueError naming the key,
+    the range and why)."""
+    for key, (low, high, why) in RANGES.items():
+        value = getattr(params, key, None)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        above = value > low if key in _OPEN_LOW else value >= low
+        if not (above and value <= high):
+            bracket = "(" if key in _OPEN_LOW else "["
+            raise ValueError(f"key {key!r}: {value!r} is not in {bracket}{low:g}, {high:g}] ({why})")
+
+
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """A profile is a plain folder name under ``params/`` (no separators, no ``..``)."""
 
@@ -275,6 +334,9 @@ class ModelLoadParams:
         """Value checks of the loading settings."""
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"key 'dtype': {self.dtype!r} not in ['float32', 'bfloat16', 'float16']")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"key 'attn_implementation': {self.attn_implementation!r} not in "
+                             f"{list(ATTN_IMPLEMENTATIONS)}")
 
 
 @dataclasses.dataclass
@@ -549,6 +611,8 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
         self.validate_adapter()
         self.validate_train()
         check_variants("variants", self.variants, self.VARIANTS)
+        if self.train_split not in SPLITS:
+            raise ValueError(f"key 'train_split': {self.train_split!r} not in {list(SPLITS)}")
         if self.attn_loss not in ("kl", "mass"):
             raise ValueError(f"key 'attn_loss': {self.attn_loss!r} not in ['kl', 'mass']")
         check_layers("anchor_layers", self.anchor_layers)
@@ -710,6 +774,8 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
         self.validate_adapter()
         self.validate_optim()
         check_variants("variants", self.variants, self.VARIANTS)
+        if self.train_split not in SPLITS:
+            raise ValueError(f"key 'train_split': {self.train_split!r} not in {list(SPLITS)}")
         if self.loss_agg not in ("token_mean", "seq_mean"):
             raise ValueError(f"key 'loss_agg': {self.loss_agg!r} not in token_mean/seq_mean")
         if self.faithful_form not in ("raw", "group_tanh"):
@@ -932,6 +998,19 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads ``1e-4`` as a string: it wants a dot in a float's mantissa. YAML 1.2
+# and every reader of these files take it for the number it looks like.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml_value(text: str) -> Any:
+    """One YAML value as the parameter files read it (``1e-4`` a float, ``[a, b]`` a list)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     """The mapping of a parameter file: UTF-8 YAML, no key set twice, not empty (``{}`` is
     the explicit "all defaults")."""
@@ -972,8 +1051,8 @@ def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
         )
     checked = {k: _check(v, hints[k], f"{origin}: key {k!r}") for k, v in values.items()}
     params = cls(**checked)
-    for name in ("validate_common", "validate"):
-        validate = getattr(params, name, None)
+    checks = [getattr(params, n, None) for n in ("validate_common", "validate")]
+    for validate in [*checks, lambda: check_ranges(params)]:
         if callable(validate):
             try:
                 validate()
@@ -1004,9 +1083,30 @@ def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
         origin, values = "<defaults>", {}
     elif isinstance(source, (str, Path)):
         origin, values = str(source), _read_yaml(Path(source))
+        check_file_profile(Path(source), values)
     else:
         origin, values = "<dict>", dict(source)
     return _build(cls, {**values, **overrides}, origin)
+
+
+def load_pointed(cls: type[T], path: str | Path, key: str, **overrides: Any) -> T:
+    """``load_params(cls, path, **overrides)`` for the file a pointer ``key`` names: an error
+    names the key too (a ``backbone_params_file`` that leads to another stage's file)."""
+    try:
+        return load_params(cls, path, **overrides)
+    except ParamsError as exc:
+        raise ParamsError(f"key {key!r} points at {path}, which is not a {cls.__name__} "
+                          f"file: {exc}") from exc
+
+
+def check_file_profile(path: Path, values: Mapping[str, Any]) -> None:
+    """A file of a profile folder (``params/<profile>/*.yaml``) that names a ``profile`` names
+    its folder's (ParamsError naming the file otherwise)."""
+    folder = Path(path).resolve().parent
+    named = values.get("profile")
+    if folder.parent.name == "params" and isinstance(named, str) and named != folder.name:
+        raise ParamsError(f"{path}: key 'profile' is {named!r}, but the file is in the "
+                          f"{folder.name!r} profile folder")
 
 
 PARAMS_ROOT = Path(__file__).resolve().parents[1]
@@ -1149,7 +1249,7 @@ def _upstream_backbone(p: Any) -> tuple[Any, str] | None:
         path = Path(name) if Path(name).is_absolute() else PARAMS_ROOT / name
         if not path.is_file():
             return None
-        up = load_params(cls, path)
+        up = load_pointed(cls, path, key)
         return (up, name) if cls is BackboneParams else _upstream_backbone(up)
     return None
 

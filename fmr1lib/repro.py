@@ -5,8 +5,8 @@ same folder, fsynced, then ``os.replace`` and an fsync of the folder), so a run 
 mid-write never leaves a torn file; folders (checkpoints, models, datasets) are built in a
 temp folder next to their target and swapped in (``swap_folder``). Temp files and folders
 get the permissions the umask gives (``make_temp_file`` / ``make_temp_dir``), not
-``tempfile``'s private 0600 / 0700. Checkpoints carry a manifest (sizes and SHA-256 of every
-file) that ``latest_checkpoint`` / ``load_checkpoint`` verify before resuming.
+``tempfile``'s private 0600 / 0700. Checkpoints are written and verified by
+``fmr1lib.checkpoints`` with these tools.
 Notebooks record their results with ``Recorder.record(name, value)``; tests and later
 notebooks read them back as data with ``read_records``.
 """
@@ -217,6 +217,33 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_FOLDER_SHA: dict[str, tuple[tuple, str]] = {}
+"""``folder_sha256`` results with the (name, size, mtime, inode) of every file then: an
+unchanged folder is not hashed again by the same process."""
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """SHA-256 over the names and contents of every file under ``folder`` ("" if it holds
+    none): a saved model's identity, as its run's completion marker records it."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        return ""
+    signature = []
+    for f in files:
+        st = f.stat()
+        signature.append((f.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = str(folder.resolve())
+    cached = _FOLDER_SHA.get(key)
+    if cached is not None and cached[0] == tuple(signature):
+        return cached[1]
+    h = hashlib.sha256()
+    for (rel, *_), f in zip(signature, files, strict=True):
+        h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    _FOLDER_SHA[key] = (tuple(signature), h.hexdigest())
+    return h.hexdigest()
+
+
 STALE_TEMP_S = 3600.0
 """Age (seconds since the last change) after which a temp folder whose writer cannot be
 checked (another host, an old name without owner tag) counts as a leftover."""
@@ -278,14 +305,40 @@ def old_folder(folder: str | Path) -> Path:
     return folder.with_name(f".{folder.name}.old")
 
 
+@contextlib.contextmanager
+def dir_lock(folder: str | Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` of the directory ``folder`` for the duration of the block
+    (blocking; the kernel drops it with its process, so a killed holder leaves none behind)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def recover_interrupted_swap(folder: str | Path) -> bool:
     """Put back the previous version of ``folder`` when a swap was killed between its two
     renames (``folder`` gone, ``.<name>.old`` there); drop a stale ``.old`` otherwise.
+
+    It runs under the swap lock of ``folder``'s parent (``dir_lock``), which ``swap_folder``
+    holds across its two renames: a reader arriving mid-swap waits for the swap to end instead
+    of taking the writer's parked old version for an interrupted one.
 
     Returns:
         True when the previous version was put back.
     """
     folder = Path(folder)
+    if not old_folder(folder).is_dir():
+        return False
+    with dir_lock(folder.parent):
+        return _recover_swap(folder)
+
+
+def _recover_swap(folder: Path) -> bool:
+    """``recover_interrupted_swap``'s work, under the swap lock."""
     old = old_folder(folder)
     if not old.is_dir():
         return False
@@ -305,13 +358,14 @@ def swap_folder(tmp: str | Path, folder: str | Path) -> Path:
     the old or the new version is complete on disk (``recover_interrupted_swap``)."""
     tmp, folder = Path(tmp), Path(folder)
     old = old_folder(folder)
-    recover_interrupted_swap(folder)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    fsync_dir(folder.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    with dir_lock(folder.parent):
+        _recover_swap(folder)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        fsync_dir(folder.parent)
+        if old.exists():
+            shutil.rmtree(old)
     return folder
 
 
@@ -515,368 +569,3 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Atomically write rows as JSONL."""
     text = "".join(json.dumps(_to_jsonable(r)) + "\n" for r in rows)
     return atomic_write_text(path, text)
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoints: safetensors for every tensor, JSON for the rest; no pickle anywhere
-# --------------------------------------------------------------------------------------
-
-CHECKPOINT_PREFIX = "step_"
-
-ENGINE_TAG = "engine"
-"""Tag of the DeepSpeed engine checkpoint inside a checkpoint's ``deepspeed/`` folder."""
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    import torch
-
-    tensors: dict[str, Any] = {}
-    scalars: dict[str, Any] = {}
-    for pid, slots in state["state"].items():
-        for name, value in slots.items():
-            key = f"{pid}.{name}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                scalars[key] = value
-    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of ``_flatten_optimizer``: parameters keyed by index (``Optimizer.state_dict``)
-    or, in a state gathered from FSDP shards, by name (``key_by: "name"``)."""
-    by_name = meta.get("key_by") == "name"
-    state: dict[int | str, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.rsplit(".", 1) if by_name else key.split(".", 1)
-        state.setdefault(pid if by_name else int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, json) holding the python, numpy and torch RNG states."""
-    import torch
-
-    py = random.getstate()
-    np_state = np.random.get_state()
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                      float(np_state[4])]}
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured."""
-    import torch
-
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = None,
-                    scheduler: Any = None, extra: dict[str, Any] | None = None,
-                    keep: int = 2, weights: dict[str, Any] | None = None,
-                    optimizer_state: dict[str, Any] | None = None,
-                    engine_dir: str | Path | None = None) -> Path:
-    """Write ``<folder>/step_<step>/`` atomically: trainable weights, optimizer, scheduler, RNG.
-
-    Only parameters with ``requires_grad`` are saved (all of them for full fine-tuning,
-    the adapters for LoRA): the frozen rest is rebuilt from the starting checkpoint.
-    Older checkpoints beyond the last ``keep`` are deleted.
-
-    Args:
-        weights: the trainable tensors to save instead of ``model``'s own (under sharding:
-            gathered from every process's shard, full shapes).
-        optimizer_state: an optimiser state dict to save instead of ``optimizer.state_dict()``
-            (FSDP: gathered to full tensors, parameters keyed by name).
-        engine_dir: a DeepSpeed engine checkpoint written by every process; it is moved into
-            the checkpoint as ``deepspeed/``.
-
-    ``manifest.json``, written last, holds the size and SHA-256 of every other file
-    (``verify_checkpoint``); every file and folder is fsynced before the rename. Temp folders
-    left by killed saves (``.step_*``) are deleted first (``clean_stale_temps``).
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(folder, f".{CHECKPOINT_PREFIX}")
-    final = folder / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = make_temp_dir(folder, f".{final.name}.")
-    try:
-        if weights is None:
-            weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                       if p.requires_grad}
-        else:
-            weights = {n: t.detach().cpu().contiguous() for n, t in weights.items()}
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        meta: dict[str, Any] = {"step": step, "extra": extra or {}}
-        if optimizer_state is None and optimizer is not None:
-            optimizer_state = optimizer.state_dict()
-        if optimizer_state is not None:
-            opt_t, opt_meta = _flatten_optimizer(optimizer_state)
-            if any(isinstance(pid, str) for pid in optimizer_state["state"]):
-                opt_meta["key_by"] = "name"
-            save_file(opt_t or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-            meta["optimizer"] = opt_meta
-        if engine_dir is not None:
-            os.replace(engine_dir, tmp / "deepspeed")
-            meta["deepspeed"] = {"dir": "deepspeed", "tag": ENGINE_TAG}
-        if scheduler is not None:
-            meta["scheduler"] = scheduler.state_dict()
-        rng_t, rng_meta = rng_state()
-        save_file(rng_t, str(tmp / "rng.safetensors"))
-        meta["rng"] = rng_meta
-        atomic_write_json(tmp / "state.json", meta)
-        apply_umask_modes(tmp)
-        fsync_tree(tmp)
-        atomic_write_json(tmp / MANIFEST, checkpoint_manifest(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    atomic_write_text(folder / "latest", final.name + "\n")
-    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-    return final
-
-
-MANIFEST = "manifest.json"
-"""A checkpoint's list of files with their sizes and SHA-256, written last."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete or corrupted; ``files`` names the bad file(s)."""
-
-    def __init__(self, message: str, files: list[str | Path] | None = None):
-        super().__init__(message)
-        self.files = [str(f) for f in files or []]
-
-
-def checkpoint_manifest(folder: str | Path) -> dict[str, Any]:
-    """``{"files": {relative path: {"size", "sha256"}}}`` of every file under ``folder``
-    but the manifest itself."""
-    folder = Path(folder)
-    files = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = f.relative_to(folder).as_posix()
-        if rel != MANIFEST:
-            files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
-    return {"files": files}
-
-
-_VERIFIED: dict[str, tuple] = {}
-"""Checkpoints whose hashes matched, with the (size, mtime, inode) of each file then: a
-second check of an unchanged checkpoint (``latest_checkpoint`` then ``load_checkpoint``)
-does not hash it again."""
-
-
-def verify_checkpoint(path: str | Path) -> Path:
-    """Check a checkpoint against its manifest (every file there, of its size and SHA-256).
-
-    A checkpoint written before manifests existed is checked for a readable ``state.json``
-    and readable safetensors headers (a truncated file fails there).
-
-    Returns:
-        ``path``.
-
-    Raises:
-        CheckpointError: a file is missing, truncated or corrupted; the message names it.
-    """
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        _verify_legacy_checkpoint(path)
-        return path
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-        listed = [(rel, int(v["size"]), str(v["sha256"])) for rel, v in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})",
-                              [manifest_path]) from None
-    signature = []
-    for rel, size, _ in listed:
-        f = path / rel
-        try:
-            st = f.stat()
-        except FileNotFoundError:
-            raise CheckpointError(f"{f}: missing (listed in {manifest_path})", [f]) from None
-        if st.st_size != size:
-            raise CheckpointError(f"{f}: {st.st_size} bytes, the manifest says {size} "
-                                  f"(truncated or overwritten)", [f])
-        signature.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
-    key = str(path.resolve())
-    if _VERIFIED.get(key) == tuple(signature):
-        return path
-    for rel, _, sha in listed:
-        if file_sha256(path / rel) != sha:
-            raise CheckpointError(f"{path / rel}: SHA-256 differs from {manifest_path} "
-                                  f"(corrupted)", [path / rel])
-    _VERIFIED[key] = tuple(signature)
-    return path
-
-
-def _verify_legacy_checkpoint(path: Path) -> None:
-    from safetensors import safe_open
-
-    state = path / "state.json"
-    if not state.exists():
-        raise CheckpointError(f"{state}: missing (incomplete checkpoint)", [state])
-    meta = read_checkpoint_meta(path)
-    names = ["trainable.safetensors", "rng.safetensors"]
-    if "optimizer" in meta:
-        names.append("optimizer.safetensors")
-    for name in names:
-        f = path / name
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: all mean unreadable
-            raise CheckpointError(f"{f}: unreadable ({exc})", [f]) from None
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest valid checkpoint under ``folder`` (``verify_checkpoint``), or None if there
-    is none at all.
-
-    The ``latest`` pointer's checkpoint comes first, then the others newest first; a
-    checkpoint that fails verification is passed over with a warning naming the bad file,
-    so a resume falls back on the previous complete one.
-
-    Raises:
-        CheckpointError: there are checkpoints but none is valid (names every bad file).
-    """
-    folder = Path(folder)
-    found = sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-                   reverse=True)
-    pointer = folder / "latest"
-    if pointer.exists():
-        try:
-            named = folder / pointer.read_text().strip()
-        except OSError:
-            named = None
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
-    errors: list[CheckpointError] = []
-    for path in found:
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as exc:
-            logger.warning("skipping checkpoint %s: %s", path, exc)
-            errors.append(exc)
-            continue
-        if errors:
-            logger.warning("resuming from the older checkpoint %s", path)
-        return path
-    if errors:
-        raise CheckpointError(
-            f"no valid checkpoint in {folder}: " + "; ".join(str(e) for e in errors),
-            [f for e in errors for f in e.files])
-    return None
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's ``state.json``: step, extra, optimiser layout, scheduler, RNG.
-
-    Raises:
-        CheckpointError: ``state.json`` is missing or not valid JSON (names it).
-    """
-    state = Path(path) / "state.json"
-    try:
-        meta = json.loads(state.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state}: missing (incomplete checkpoint)", [state]) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{state}: unreadable ({exc})", [state]) from None
-    if not isinstance(meta, dict) or "step" not in meta:
-        raise CheckpointError(f"{state}: not a checkpoint state (no 'step')", [state])
-    return meta
-
-
-def _load_tensors(file: Path) -> dict[str, Any]:
-    """``safetensors.torch.load_file``, its errors naming the file (``CheckpointError``)."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: all mean unreadable
-        raise CheckpointError(f"{file}: unreadable ({exc})", [file]) from None
-
-
-def read_optimizer_state(path: str | Path) -> dict[str, Any] | None:
-    """A checkpoint's optimiser state dict as saved (None: it holds none)."""
-    path = Path(path)
-    meta = read_checkpoint_meta(path)
-    if "optimizer" not in meta:
-        return None
-    opt_t = _load_tensors(path / "optimizer.safetensors")
-    opt_t.pop("_empty", None)
-    return _unflatten_optimizer(opt_t, meta["optimizer"])
-
-
-def load_checkpoint(path: str | Path, model: Any, optimizer: Any = None, scheduler: Any = None,
-                    restore_rng: bool = True, weights: bool = True) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``; returns its ``state.json`` dict.
-
-    Args:
-        optimizer: loaded from an index-keyed optimiser state; one keyed by name (gathered
-            from FSDP shards) goes through ``set_optimizer_state_dict`` with ``model``.
-        weights: False leaves the weights alone (a DeepSpeed engine reloads its own).
-
-    Raises:
-        CheckpointError: the checkpoint fails ``verify_checkpoint`` or a file is unreadable.
-    """
-    path = Path(path)
-    verify_checkpoint(path)
-    meta = read_checkpoint_meta(path)
-    if weights:
-        _load_weights(path, model)
-    if optimizer is not None and "optimizer" in meta:
-        state = read_optimizer_state(path)
-        if meta["optimizer"].get("key_by") == "name":
-            _load_named_optimizer(model, optimizer, state)
-        else:
-            optimizer.load_state_dict(state)
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
-    if restore_rng:
-        set_rng_state(_load_tensors(path / "rng.safetensors"), meta["rng"])
-    return meta
-
-
-def _load_named_optimizer(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Load a full optimiser state keyed by parameter name; under FSDP each process keeps the
-    part of every tensor that matches its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def _load_weights(path: Path, model: Any) -> None:
-    """Copy a checkpoint's trainable tensors into ``model``'s parameters of the same name."""
-    import torch
-
-    weights = _load_tensors(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = sorted(set(weights) - set(params))
-    if missing:
-        raise KeyError(f"{path}: checkpoint holds parameters the model lacks: {missing[:5]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].dtype))

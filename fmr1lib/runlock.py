@@ -4,9 +4,16 @@ A stage that writes a run folder holds ``RunLock(folder)`` while it runs. The lo
 ``<folder>/run.lock``, created with ``O_CREAT | O_EXCL`` (so of two processes racing for it,
 exactly one gets it) and holding the owner's pid, host and start time as JSON. A second writer
 gets ``RunLockedError`` naming the folder and the owner. A lock left by a process that no
-longer exists on this host (killed, crashed) is stale: it is taken over with a warning. A lock
-from another host cannot be checked and is refused like a live one. The lock goes when the
-``with`` block ends, also on an exception; only the owner's own lock file is removed.
+longer exists on this host (killed, crashed) is stale: it is taken over with a warning, and so
+is an empty or unreadable lock file (its writer was killed between creating and writing it). A
+lock from another host cannot be checked and is refused like a live one.
+
+Taking the lock, and taking over a stale one, happen under an ``fcntl.flock`` of the folder
+itself (``repro.dir_lock``, the guard): of two restarts that both find the same stale lock, the
+second to get the guard finds the first one's live lock, never the stale one, so exactly one
+holds the folder. The kernel drops the guard with its process, so a killed holder leaves nothing
+to clean up. The lock goes when the ``with`` block ends, also on an exception; only the owner's
+own lock file is removed.
 
 Under ``accelerate launch`` only the main process takes the lock (``enabled=False`` elsewhere):
 the other processes write no run-level files.
@@ -23,6 +30,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from fmr1lib import repro
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +103,32 @@ class RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        for _ in range(3):  # a stale lock removed by us (or a racing process) is retried
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.held = True
-            return self
+        with repro.dir_lock(self.folder):  # the guard
+            for _ in range(3):  # a stale lock removed by us is retried
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self._take_over_if_stale()
+                    continue
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.held = True
+                return self
         raise RunLockedError(f"{self.folder}: could not take the run lock {self.path}")
 
     def _take_over_if_stale(self) -> None:
-        """Remove the lock file if its owner is a process of this host that no longer exists;
-        otherwise raise ``RunLockedError`` naming the owner."""
+        """Remove the lock file if its owner is a process of this host that no longer exists, or
+        if it is empty or unreadable (under the guard, no live writer is still filling it in);
+        otherwise raise ``RunLockedError`` naming the owner. Called under the guard."""
         owner = read_lock(self.folder)
         if owner is None:  # released meanwhile
+            return
+        if not owner:
+            logger.warning("%s: taking over an empty or unreadable run lock (its writer was "
+                           "killed while creating it)", self.folder)
+            self.path.unlink(missing_ok=True)
             return
         pid, host = owner.get("pid"), owner.get("host")
         same_host = host == socket.gethostname()
@@ -124,10 +140,7 @@ class RunLock:
             except FileNotFoundError:
                 pass
             return
-        if not owner:
-            who = "an unknown process (unreadable lock file)"
-        else:
-            who = f"pid {pid} on host {host}" + ("" if same_host else " (cannot be checked)")
+        who = f"pid {pid} on host {host}" + ("" if same_host else " (cannot be checked)")
         raise RunLockedError(
             f"{self.folder} is being written by {who} since {owner.get('started', '?')}: two "
             f"runs in one folder would interleave its logs and checkpoints. Wait for that run, "

@@ -11,23 +11,28 @@ trained ``model/``. A stage's params name the params files of the stages before 
 follows those pointers, so a stage-2 run of seed ``k`` starts from stage 1 of seed ``k``. Only
 this module names run folders: the notebooks, the CLI and the ablation call it.
 
-A stage holds the folder's ``runlock.RunLock`` while it writes (one writer per folder). Starting
-a run removes the folder's completion marker ``complete.json``; the run writes it again last,
-after ``model/`` and ``info.json``, with the hash of the params it finished with, and only when
-it ran every step. ``is_complete`` trusts a folder only through that marker, so a run that
-was killed (or stopped early) never vouches for a model an earlier run left behind.
+A stage holds the folder's ``runlock.RunLock`` while it writes (one writer per folder), and
+checks everything first: a resume's params and inputs, the dataset, the start model; a refusal
+leaves the folder as it was. Then it removes the folder's completion marker ``complete.json``
+and records its params and inputs (``inputs.json``: ``run_inputs``); the run writes the marker
+again last, after ``model/`` and ``info.json``, only when it ran every step, with those inputs
+and the hash of ``model/``. ``run_status`` is the one answer to "is this run finished": the
+marker's inputs must equal the run's inputs now (its trajectory params, the content of every
+upstream params file, the records files, the start model, itself finished now), so a run that
+was killed, stopped early, or made from inputs that have changed since never counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import anchoring, config, data, grpo, modeling, repro, runlock, train
+from fmr1lib import anchoring, checkpoints, config, data, grpo, modeling, repro, runlock, train
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ def upstream_params(p: Any, stage: str) -> Any:
         overrides["seed"] = getattr(p, "seed", 0)
         if hasattr(p, "backbone_params_file"):
             overrides["backbone_params_file"] = p.backbone_params_file
-    return config.load_params(cls, repro.resolve_path(getattr(p, key)), **overrides)
+    return config.load_pointed(cls, repro.resolve_path(getattr(p, key)), key, **overrides)
 
 
 def run_folder(p: Any, stage: str, variant: str | None = None, create: bool = True) -> Path:
@@ -131,51 +136,193 @@ def eval_path(p: Any, name: str) -> Path:
 COMPLETE = "complete.json"
 """A run folder's completion marker, written last by the run that finished (``mark_complete``)."""
 
+INPUTS = "inputs.json"
+"""The fingerprint of a run's inputs when it started (``run_inputs``), written by ``start_run``."""
+
+UNFINISHED = "<not finished>"
+"""The fingerprint ``run_inputs`` gives a start model whose own run is not finished now."""
+
 
 def params_hash(params: Any) -> str:
-    """SHA-256 of the resolved params (class and every field, canonical JSON)."""
+    """SHA-256 of the resolved params (class and every field, canonical JSON): the results
+    files' stamp (``ablation.study_params_hash``)."""
     blob = json.dumps({"class": type(params).__name__, "params": config.params_to_dict(params)},
                       sort_keys=True, default=str)
     return repro.sha256_text(blob)
 
 
+def content_hash(params: Any) -> str:
+    """SHA-256 of what of ``params`` decides a result: ``train.trajectory_params`` (every field
+    but the keys that may change on resume: ``resume``, ``log_every``, ``eval_*``, ...)."""
+    blob = json.dumps({"class": type(params).__name__, "params": train.trajectory_params(params)},
+                      sort_keys=True, default=str)
+    return repro.sha256_text(blob)
+
+
+_STAGE_OF = {"BackboneParams": "backbone", "AnchorParams": "anchor", "RLParams": "rl"}
+
+
+def _start_run_of(p: Any, stage: str, variant: str | None) -> tuple[Any, str, str | None] | None:
+    """``(params, stage, variant)`` of the run whose model the ``stage`` run of ``p`` starts from."""
+    if stage == "anchor":
+        return upstream_params(p, "backbone"), "backbone", None
+    if stage == "rl":
+        ap = upstream_params(p, "anchor")
+        start = start_variant(variant or "grpo")
+        if start is None:
+            return upstream_params(ap, "backbone"), "backbone", None
+        return ap, "anchor", start
+    return None
+
+
+def run_inputs(p: Any, stage: str, variant: str | None = None) -> dict[str, str]:
+    """The fingerprint of everything that decides the result of the ``stage`` run of ``p``:
+    ``{input: sha256}`` over its own trajectory params, the resolved content of every upstream
+    params file (data, backbone, stage 1), the records files of a JSONL dataset and the model
+    it starts from (the start run's recorded model hash; ``UNFINISHED`` when that run is not
+    finished now)."""
+    dp = upstream_params(p, "data")
+    out = {"params": content_hash(p), "data params": content_hash(dp)}
+    if dp.source == "jsonl":
+        out["records files"] = repro.sha256_text(json.dumps(data.source_files(dp), sort_keys=True))
+    if stage == "rl":
+        out["anchor params"] = content_hash(upstream_params(p, "anchor"))
+    if stage in ("anchor", "rl"):
+        out["backbone params"] = content_hash(upstream_params(p, "backbone"))
+    start = _start_run_of(p, stage, variant)
+    if start is not None:
+        status = run_status(*start)
+        out["start model"] = status.model_sha256 if status.finished else UNFINISHED
+    return out
+
+
+def _describe(p: Any, stage: str, variant: str | None, key: str) -> str:
+    """An input of ``run_inputs`` as a message names it (with its file or run folder)."""
+    files = {"data params": "data_params_file", "anchor params": "anchor_params_file",
+             "backbone params": "backbone_params_file"}
+    if key in files:
+        holder = p if hasattr(p, files[key]) else upstream_params(p, "anchor")
+        return f"{key} ({getattr(holder, files[key])})"
+    if key == "records files":
+        return f"records files ({', '.join(upstream_params(p, 'data').jsonl_files.values())})"
+    if key == "start model":
+        start = _start_run_of(p, stage, variant)
+        return f"start model ({run_folder(start[0], start[1], start[2], create=False) / 'model'})"
+    return f"its own params ({type(p).__name__})"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """Whether a run folder holds a finished run of the inputs it would be made from now."""
+
+    folder: Path
+    finished: bool
+    reason: str = ""
+    """Empty when finished, else ``not finished: <what> ...``."""
+    model_sha256: str = ""
+    """The finished run's model hash (``repro.folder_sha256`` of ``model/``)."""
+
+    def __bool__(self) -> bool:
+        return self.finished
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_status(p: Any, stage: str, variant: str | None = None) -> RunStatus:
+    """Whether the ``stage`` run of ``p`` (its ``variant``) is finished: the one answer every
+    consumer asks (the CLI's prerequisite check, ``ensure_backbone``, ``start_model``, the
+    notebooks, the ablation's reuse).
+
+    Finished means: the folder's completion marker was written by a run that ran every step,
+    the inputs it records equal ``run_inputs`` now (its own trajectory params, every upstream
+    params file's content, the dataset's records files and its start model, itself finished
+    now), and ``model/`` still holds the files the marker hashed. Otherwise ``reason`` says
+    which input changed.
+    """
+    folder = run_folder(p, stage, variant, create=False)
+    marker = _read_json(folder / COMPLETE)
+    if marker is None:
+        return RunStatus(folder, False, f"not finished: no finished run in {folder}")
+    saved = marker.get("inputs")
+    if not isinstance(saved, dict) or not (folder / "model" / "config.json").exists():
+        return RunStatus(folder, False, f"not finished: {folder} records no finished model "
+                                        f"with its inputs (made before inputs were recorded)")
+    now = run_inputs(p, stage, variant)
+    for key in [*now, *(k for k in saved if k not in now)]:
+        if now.get(key) == UNFINISHED:
+            return RunStatus(folder, False, f"not finished: {_describe(p, stage, variant, key)} "
+                                            f"is not finished")
+        if saved.get(key) != now.get(key):
+            return RunStatus(folder, False, f"not finished: {_describe(p, stage, variant, key)} "
+                                            f"changed since {folder} finished")
+    model_sha = repro.folder_sha256(folder / "model")
+    if model_sha != marker.get("model_sha256"):
+        return RunStatus(folder, False, f"not finished: {folder / 'model'} changed since its "
+                                        f"run finished")
+    return RunStatus(folder, True, "", model_sha)
+
+
 def mark_complete(folder: Path, params: Any, **info: Any) -> Path:
     """Write ``folder/complete.json`` (atomically): the run that made ``folder`` finished, with
-    ``params``. Call it after everything else of the run is on disk."""
-    return repro.atomic_write_json(Path(folder) / COMPLETE, {
-        "class": type(params).__name__, "params_sha256": params_hash(params), **info})
-
-
-def _finished(folder: Path) -> bool:
-    """A run folder whose last run finished (completion marker and saved model), with any params."""
-    return (folder / COMPLETE).exists() and (folder / "model" / "config.json").exists()
-
-
-def is_complete(folder: Path, params: Any) -> bool:
-    """A finished run made with exactly ``params``: the completion marker of the run that
-    finished names their hash, the saved model is there, and ``params.json`` holds them.
-
-    A run started later in the folder removed the marker, so a killed restart (with these
-    params or others) is never complete.
-    """
+    ``params`` and the inputs it started from (``INPUTS``), and the hash of ``model/``. Call it
+    after everything else of the run is on disk."""
     folder = Path(folder)
-    marker = folder / COMPLETE
-    if not (marker.exists() and (folder / "model" / "config.json").exists()):
-        return False
-    try:
-        saved = json.loads(marker.read_text()).get("params_sha256")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return saved == params_hash(params) and repro.saved_params_equal(folder, params)
+    inputs = _read_json(folder / INPUTS)
+    if inputs is None:
+        stage = _STAGE_OF[type(params).__name__]
+        inputs = run_inputs(params, stage, info.get("variant"))
+    return repro.atomic_write_json(folder / COMPLETE, {
+        "class": type(params).__name__, "params_sha256": params_hash(params), **info,
+        "inputs": inputs, "model_sha256": repro.folder_sha256(folder / "model")})
 
 
-def start_run(folder: Path, params: Any, acc: Any) -> None:
-    """What a stage does to its run folder before training: drop the completion marker of an
-    earlier run (first, so a kill from here on leaves the folder incomplete), then record
-    ``params`` (``params.json``). The main process writes."""
+def check_resume_inputs(p: Any, stage: str, variant: str | None, ckpt_dir: Path,
+                        inputs: dict[str, str]) -> None:
+    """Refuse, before the run folder is touched, a resume (``p.resume``) that would continue a
+    checkpoint of ``ckpt_dir`` with other trajectory params (``train.check_resume``) or other
+    inputs than the run started from (an upstream params file, the records files, the start
+    model: ``INPUTS``).
+
+    Raises:
+        train.ResumeMismatchError: naming the changed key or input.
+        checkpoints.CheckpointError: there are checkpoints but none is valid.
+    """
+    if not p.resume or not ckpt_dir.exists():
+        return
+    out = run_folder(p, stage, variant, create=False)
+    ck = checkpoints.latest_checkpoint(ckpt_dir)
+    if ck is None:
+        return
+    train.check_resume(ck, p)
+    saved = _read_json(out / INPUTS)
+    if saved is None:
+        logger.warning("%s records no inputs (written before they were stored): resuming %s "
+                       "without checking them", out, ck)
+        return
+    changed = [k for k in inputs if k != "params" and saved.get(k) != inputs[k]]
+    if changed:
+        what = ", ".join(_describe(p, stage, variant, k) for k in changed)
+        raise train.ResumeMismatchError(
+            f"cannot resume {ck}: {what} changed since the run started; a resumed run would be "
+            f"trained on two versions of it. Restore it, or start anew with resume: false.")
+
+
+def start_run(folder: Path, params: Any, acc: Any, inputs: dict[str, str] | None = None) -> None:
+    """What a stage does to its run folder once every check passed: drop the completion
+    marker of an earlier run (first, so a kill from here on leaves the folder incomplete),
+    then record ``params`` (``params.json``) and ``inputs`` (``INPUTS``). The main process
+    writes."""
     if acc.is_main_process:
         (Path(folder) / COMPLETE).unlink(missing_ok=True)
         repro.save_params(params, folder)
+        if inputs is not None:
+            repro.atomic_write_json(Path(folder) / INPUTS, inputs)
 
 
 @contextlib.contextmanager
@@ -251,25 +398,30 @@ def _make_command(stage: str, p: Any, file: str, variant: str | None = None) -> 
 
 def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> list[tuple[str, str]]:
     """The start models the ``stage`` run of ``p`` (``anchor``, ``rl``; its ``variant``) needs
-    and that no finished run holds, in the order to make them: ``(what, command)`` pairs."""
+    and that no run holds finished (``run_status``), in the order to make them: ``(what,
+    command)`` pairs; ``what`` says why (``not finished: <input> changed``)."""
     if stage == "rl":
         ap = upstream_params(p, "anchor")
         start = start_variant(variant or "grpo")
         if start is None:
             return missing_prerequisites(ap, "anchor")
-        folder = run_folder(ap, "anchor", start, create=False)
-        if _finished(folder):
+        status = run_status(ap, "anchor", start)
+        if status:
             return []
         return [*missing_prerequisites(ap, "anchor"),
-                (f"the stage-1 {start} model ({folder}; notebooks/03_anchoring.ipynb)",
+                (f"the stage-1 {start} model ({status.folder}, {status.reason}; "
+                 f"notebooks/03_anchoring.ipynb)",
                  _make_command("anchor", ap, p.anchor_params_file, start))]
     if stage == "anchor":
-        folder = run_folder(upstream_params(p, "backbone"), "backbone", create=False)
-        if _finished(folder):
+        bp = upstream_params(p, "backbone")
+        status = run_status(bp, "backbone")
+        if status:
             return []
-        return [(f"the stage-0 backbone ({folder}; notebooks/02_backbone.ipynb)",
-                 _make_command("backbone", upstream_params(p, "backbone"),
-                               p.backbone_params_file))]
+        backbone_file = getattr(p, "backbone_params_file", None) or upstream_params(
+            p, "anchor").backbone_params_file
+        return [(f"the stage-0 backbone ({status.folder}, {status.reason}; "
+                 f"notebooks/02_backbone.ipynb)",
+                 _make_command("backbone", bp, backbone_file))]
     return []
 
 
@@ -300,15 +452,18 @@ def check_prerequisites(p: Any, stage: str, variants: list[str] | None = None,
 def ensure_backbone(p: Any, build: bool | None = None) -> tuple[Any, Any]:
     """The profile's saved stage-0 backbone; if it is missing, built (notebook 02's step) when
     ``build`` (default ``BUILD_MISSING``), else ``MissingPrerequisiteError``."""
-    folder = model_folder(p, "backbone")
-    if not _finished(folder.parent):
+    bp = p if isinstance(p, config.BackboneParams) else upstream_params(p, "backbone")
+    status = run_status(bp, "backbone")
+    folder = status.folder / "model"
+    if not status:
         if not (BUILD_MISSING if build is None else build) and isinstance(p, config.BackboneParams):
-            raise MissingPrerequisiteError(f"no finished backbone at {folder}: make it with "
+            raise MissingPrerequisiteError(f"backbone {status.reason}: make it with "
                                            f"`python -m fmr1lib backbone --params ...` "
                                            f"(notebooks/02_backbone.ipynb)")
-        check_prerequisites(p, "anchor", build=build)
-        logger.info("no finished backbone at %s: building it (notebook 02)", folder)
-        backbone_stage(upstream_params(p, "backbone"))
+        if not isinstance(p, config.BackboneParams):
+            check_prerequisites(p, "anchor", build=build)
+        logger.info("backbone %s: building it (notebook 02)", status.reason)
+        backbone_stage(bp)
     return modeling.load_saved_backbone(folder, p)
 
 
@@ -322,10 +477,11 @@ def start_model(p: Any, variant: str, build: bool | None = None) -> tuple[Any, A
     start = start_variant(variant)
     if start is None:
         return ensure_backbone(ap, build)
-    folder = model_folder(ap, "anchor", start)
-    if not _finished(folder.parent):
+    status = run_status(ap, "anchor", start)
+    folder = status.folder / "model"
+    if not status:
         check_prerequisites(p, "rl", [variant], build=build)
-        logger.info("no finished stage-1 model at %s: training it (notebook 03)", folder)
+        logger.info("stage-1 model %s: training it (notebook 03)", status.reason)
         with build_missing(True):  # and the backbone, if that is missing too
             anchor_stage(ap, start)
     return modeling.load_saved_backbone(folder, p)
@@ -408,19 +564,23 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = run_folder(p, "backbone")
     with _writing(out, acc):
+        inputs = run_inputs(p, "backbone")
+        check_resume_inputs(p, "backbone", None, out / "warmup" / "checkpoints", inputs)
+        repro.seed_everything(p.seed)  # before the data, as the model is built after it
+        if p.model_name == "tiny":
+            dsd = stage_data(p, acc, dsd)
+        start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
         return _backbone_stage(p, dsd, acc, out)
 
 
 def _backbone_stage(p: Any, dsd: Any, acc: Any, out: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """``backbone_stage``'s work, under the run lock of ``out``."""
-    start_run(out, p, acc)
-    repro.seed_everything(p.seed)
+    """``backbone_stage``'s work, under the run lock of ``out``, once its checks passed (and
+    the seed set)."""
     info: dict[str, Any] = {"model_name": p.model_name}
     finished = True
     t0 = time.perf_counter()
     if p.model_name == "tiny":
         data_p = upstream_params(p, "data")
-        dsd = stage_data(p, acc, dsd)
         model, processor = modeling.build_tiny_backbone(p, data_p.colors, data_p.shapes, p.seed)
         if p.warmup:
             res = anchoring.train_supervised(model, processor, dsd["warmup"], p, out / "warmup",
@@ -443,6 +603,29 @@ def _backbone_stage(p: Any, dsd: Any, acc: Any, out: Path) -> tuple[Any, Any, di
     return model, processor, info
 
 
+def _check_inputs(p: Any, stage: str, variant: str, out: Path, acc: Any,
+                  dsd: Any) -> tuple[Any, Any, Any, dict[str, str]]:
+    """Every check of a stage-1/2 run before its folder is touched (under its lock): a resume's
+    params and inputs (``check_resume_inputs``), the dataset (built if missing) and its
+    ``train_split``, the start model (loaded; built if missing and allowed). The seed is set
+    right before the start model loads, where the run's random numbers begin.
+
+    Returns:
+        ``(dsd, model, processor, inputs)``: the start model as loaded, the run's inputs.
+    """
+    inputs = run_inputs(p, stage, variant)
+    check_resume_inputs(p, stage, variant, out / "checkpoints", inputs)
+    dsd = stage_data(p, acc, dsd)
+    if p.train_split not in dsd:
+        raise config.ParamsError(f"key 'train_split': the dataset has no split "
+                                 f"{p.train_split!r} (it has {sorted(dsd)})")
+    repro.seed_everything(p.seed)
+    model, processor = ensure_backbone(p) if stage == "anchor" else start_model(p, variant)
+    if inputs.get("start model") == UNFINISHED:  # built just now
+        inputs = run_inputs(p, stage, variant)
+    return dsd, model, processor, inputs
+
+
 def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
     """Stage 1: train one variant from the saved backbone and save it under ``run_folder``.
 
@@ -457,12 +640,10 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
     """
     check_prerequisites(p, "anchor", [variant])  # before the run folder is touched
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
-    dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "anchor", variant)
     with _writing(out, acc):
-        start_run(out, p, acc)
-        repro.seed_everything(p.seed)
-        model, processor = ensure_backbone(p)
+        dsd, model, processor, inputs = _check_inputs(p, "anchor", variant, out, acc, dsd)
+        start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
         model = prepare_trainable(model, processor, p)
         result = anchoring.train_supervised(model, processor, dsd[p.train_split], p, out,
                                             variant=variant, accelerator=acc)
@@ -474,12 +655,10 @@ def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.Tra
     """Stage 2: train one variant from its start point and save it under ``run_folder``."""
     check_prerequisites(p, "rl", [variant])  # before the run folder is touched
     acc = train.make_accelerator(p)
-    dsd = stage_data(p, acc, dsd)
     out = run_folder(p, "rl", variant)
     with _writing(out, acc):
-        start_run(out, p, acc)
-        repro.seed_everything(p.seed)
-        model, processor = start_model(p, variant)
+        dsd, model, processor, inputs = _check_inputs(p, "rl", variant, out, acc, dsd)
+        start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
         model = prepare_trainable(model, processor, p)
         result = grpo.train_grpo(model, processor, dsd[p.train_split], p, out, variant,
                                  accelerator=acc)
@@ -523,7 +702,8 @@ def row_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -
 
 def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
                    n_prompts: int = 0) -> Path:
-    """Train ``row`` for ``seed`` unless a complete run with the same params exists.
+    """Train ``row`` for ``seed`` unless its run is finished for the inputs it would be made
+    from now (``run_status``): a changed upstream params file, dataset or start model retrains it.
 
     Returns:
         The folder of the trained model.
@@ -538,7 +718,9 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
     start = start_variant(variant) if stage == "rl" else None
     if start is not None:  # the start point, same seed
         ensure_trained(ep, next(r for r, sv in ROWS.items() if sv == ("anchor", start)), seed, dsd)
-    if not is_complete(folder, params):
-        logger.info("training %s (seed %d%s)", row, seed, f", {n_prompts} prompts" if n_prompts else "")
+    status = run_status(params, stage, variant)
+    if not status:
+        logger.info("training %s (seed %d%s): %s", row, seed,
+                    f", {n_prompts} prompts" if n_prompts else "", status.reason)
         (anchor_stage if stage == "anchor" else rl_stage)(params, variant, dsd)
     return folder / "model"

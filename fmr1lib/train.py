@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fmr1lib import attention, progress, repro
+from fmr1lib import attention, checkpoints, progress, repro
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def check_resume(checkpoint: Path, params: Any) -> dict[str, Any]:
     Raises:
         ResumeMismatchError: naming every changed key with its old and new value.
     """
-    meta = repro.read_checkpoint_meta(checkpoint)
+    meta = checkpoints.read_checkpoint_meta(checkpoint)
     saved = (meta.get("extra") or {}).get("params")
     if saved is None:
         logger.warning("%s records no parameters (written before they were stored): resuming "
@@ -260,7 +260,13 @@ class TrainState:
     """Training seconds of the earlier segments of a resumed run (from its checkpoint)."""
 
     def _last_good(self) -> str:
-        last = repro.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        """The newest checkpoint that verifies and holds only finite weights ("none" if no
+        checkpoint does: a corrupted one is never offered as the place to resume from)."""
+        try:
+            last = (checkpoints.latest_checkpoint(self.checkpoint_dir, finite=True)
+                    if self.checkpoint_dir else None)
+        except checkpoints.CheckpointError:
+            last = None
         return str(last or "none")
 
     def backward(self, loss: torch.Tensor, what: str = "loss") -> None:
@@ -347,7 +353,7 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = lr_schedule(optimizer, params.lr_schedule, params.lr_warmup_steps, params.steps)
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    ck = repro.latest_checkpoint(ckpt_dir) if params.resume and ckpt_dir is not None else None
+    ck = checkpoints.latest_checkpoint(ckpt_dir) if params.resume and ckpt_dir is not None else None
     elapsed = 0.0
     if ck is not None:  # before anything is loaded: a changed run is refused untouched
         elapsed = float((check_resume(ck, params).get("extra") or {}).get("elapsed_s", 0.0))
@@ -360,7 +366,7 @@ def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelera
     # Sharded optimiser state (and ZeRO-3's partitioned weights) load after the wrapping.
     late = ck is not None and (uses_fsdp(accelerator) or uses_deepspeed(accelerator))
     if ck is not None:
-        meta = repro.load_checkpoint(ck, model, None if late else optimizer, scheduler,
+        meta = checkpoints.load_checkpoint(ck, model, None if late else optimizer, scheduler,
                                      weights=not uses_deepspeed(accelerator))
         start = int(meta["step"])
         logger.info("resumed from %s (step %d)", ck, start)
@@ -384,13 +390,13 @@ def _load_sharded_state(acc: Any, ck: Path, model: Any, optimizer: Any) -> None:
     DeepSpeed: the engine reloads its own checkpoint (weights and optimiser partitions).
     """
     if uses_deepspeed(acc):
-        meta = repro.read_checkpoint_meta(ck)
+        meta = checkpoints.read_checkpoint_meta(ck)
         if "deepspeed" not in meta:
             raise ValueError(f"{ck}: no DeepSpeed engine state; it was not written under DeepSpeed")
         model.load_checkpoint(str(ck / meta["deepspeed"]["dir"]), tag=meta["deepspeed"]["tag"],
                               load_optimizer_states=True, load_lr_scheduler_states=False)
         return
-    repro.load_checkpoint(ck, model, _torch_optimizer(optimizer), restore_rng=False,
+    checkpoints.load_checkpoint(ck, model, _torch_optimizer(optimizer), restore_rng=False,
                           weights=False)
 
 
@@ -419,7 +425,7 @@ def _open_logs(state: TrainState, out_dir: Path, names: Sequence[str]) -> dict[s
 
 def _check_extra(checkpoint: Path, extra: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint written with other stage metadata (e.g. another variant)."""
-    saved = (repro.read_checkpoint_meta(checkpoint).get("extra") or {})
+    saved = (checkpoints.read_checkpoint_meta(checkpoint).get("extra") or {})
     changed = sorted(k for k in extra if k in saved and saved[k] != extra[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {extra[k]!r}" for k in changed)
@@ -436,7 +442,7 @@ def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
         extra = {**extra, "params": state.trajectory}
     if not (uses_fsdp(acc) or uses_deepspeed(acc)):
         if acc.is_main_process:
-            repro.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
+            checkpoints.save_checkpoint(state.checkpoint_dir, step, acc.unwrap_model(state.model),
                                   state.optimizer, state.scheduler, extra=extra)
         return
     model = acc.unwrap_model(state.model)
@@ -447,7 +453,7 @@ def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
     optimizer_state = _full_optimizer_state(state) if uses_fsdp(acc) else None
     engine = _save_engine_state(state, step) if uses_deepspeed(acc) else None
     if acc.is_main_process:
-        repro.save_checkpoint(state.checkpoint_dir, step, model, None, state.scheduler,
+        checkpoints.save_checkpoint(state.checkpoint_dir, step, model, None, state.scheduler,
                               extra=extra, weights=weights, optimizer_state=optimizer_state,
                               engine_dir=engine)
     acc.wait_for_everyone()
@@ -465,9 +471,9 @@ def _full_optimizer_state(state: TrainState) -> dict[str, Any]:
 
 def _save_engine_state(state: TrainState, step: int) -> Path:
     """Every process writes its partition of DeepSpeed's engine checkpoint (weights, fp32
-    master weights, optimiser state) into a folder ``repro.save_checkpoint`` moves in."""
+    master weights, optimiser state) into a folder ``checkpoints.save_checkpoint`` moves in."""
     folder = state.checkpoint_dir / f".deepspeed_{step:07d}"
-    state.model.save_checkpoint(str(folder), tag=repro.ENGINE_TAG, save_latest=False)
+    state.model.save_checkpoint(str(folder), tag=checkpoints.ENGINE_TAG, save_latest=False)
     state.accelerator.wait_for_everyone()
     return folder
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -81,7 +80,11 @@ def test_stage_params_change_only_the_seed():
 
 
 def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, monkeypatch):
-    ep = config.load_params(config.EvalParams, run_root=str(tmp_path))
+    anchor_file = tmp_path / "03_anchoring.yaml"
+    anchor_file.write_text((repro.project_root() / "params/tiny/03_anchoring.yaml").read_text())
+    ep = config.load_params(config.EvalParams, run_root=str(tmp_path),
+                            anchor_params_file=str(anchor_file))
+    monkeypatch.setattr(stages, "_start_run_of", lambda *a: None)  # no backbone run here
     trained = []
 
     def fake_anchor_stage(p, variant, dsd=None):
@@ -98,11 +101,11 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
     assert trained == [("focus_anchor", 1)] and folder.name == "model"
     stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert len(trained) == 1  # complete and same params: reused
-    # A run made with other params (here: other steps) is stale and trains again.
-    stored = folder.parent / "params.json"
-    blob = json.loads(stored.read_text())
-    blob["params"]["steps"] += 1
-    stored.write_text(json.dumps(blob))
+    # The params file's content changed (here: other steps): the run is stale and trains again.
+    anchor_file.write_text(anchor_file.read_text() + "steps: 201\n")
+    ap = stages.row_params(ep, "anchoring", 1)
+    assert stages.run_status(ap, "anchor", "focus_anchor").reason.startswith(
+        "not finished: its own params")
     stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert trained == [("focus_anchor", 1)] * 2
 

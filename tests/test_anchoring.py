@@ -13,6 +13,7 @@ from fmr1lib import (
     anchoring,
     attention,
     batching,
+    checkpoints,
     config,
     data,
     evaluation,
@@ -177,7 +178,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, rows, tmp_path):
     # fail_at_step is the 0-based index: the fifth step, logged as step 5, after checkpoint 4.
     with pytest.raises(fmr1_train.NonFiniteLossError, match="step 5;.*step_0000004"):
         anchoring.train_supervised(model, processor, train, p2, tmp_path, "plain", fail_at_step=4)
-    last = repro.latest_checkpoint(tmp_path / "checkpoints")
+    last = checkpoints.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name == "step_0000004"
     state = repro.read_records(last / "state.json")
     assert state["step"] == 4

@@ -92,7 +92,7 @@ def test_rl_without_stage1_model_stops_with_the_command(at_root, tmp_path, monke
     runs = tmp_path / "runs"
     argv = ["rl", "--params", RL, "--variants", "faithful", "--set", f"run_root={runs}",
             "--set", "seed=1"]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 3
     err = capsys.readouterr().err
     assert "python -m fmr1lib backbone --params params/tiny/02_backbone.yaml" in err
     assert (f"python -m fmr1lib anchor --params {ANCHOR} --variants focus_anchor "
@@ -100,7 +100,7 @@ def test_rl_without_stage1_model_stops_with_the_command(at_root, tmp_path, monke
     assert "--build-missing" in err
     assert not runs.exists()  # stopped before any run folder
     assert cli.main(["anchor", "--params", ANCHOR, "--variants", "plain", "--set",
-                     f"run_root={runs}"]) == 1
+                     f"run_root={runs}"]) == 3
     assert "python -m fmr1lib backbone --params params/tiny/02_backbone.yaml" in capsys.readouterr().err
     with pytest.raises(stages.MissingPrerequisiteError, match="fmr1lib anchor"):
         stages.start_model(cli.load_stage_params(config.RLParams, RL, [f"run_root={runs}"]),

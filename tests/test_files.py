@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fmr1lib import benchmark, config, data, evaluation, modeling, records, repro
+from fmr1lib import benchmark, checkpoints, config, data, evaluation, modeling, records, repro
 from fmr1lib.records import DataError
 
 BENCH = Path(__file__).parent / "data" / "benchmark_sample"
@@ -73,7 +73,7 @@ def _save_two(folder: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     for step in (1, 2):
         model(torch.ones(1, 4)).sum().backward()
         opt.step()
-        repro.save_checkpoint(folder, step, model, opt, extra={"tag": step})
+        checkpoints.save_checkpoint(folder, step, model, opt, extra={"tag": step})
     return model, opt
 
 
@@ -98,12 +98,12 @@ def test_damaged_newest_checkpoint_falls_back_on_the_older_one(tmp_path, caplog,
     bad = ckpts / "step_0000002" / name
     damage(bad)
     with caplog.at_level(logging.WARNING, logger="fmr1lib.repro"):
-        found = repro.latest_checkpoint(ckpts)
+        found = checkpoints.latest_checkpoint(ckpts)
     assert found == ckpts / "step_0000001"
     assert any(str(bad) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert repro.load_checkpoint(found, model, opt)["extra"] == {"tag": 1}
-    with pytest.raises(repro.CheckpointError) as err:
-        repro.load_checkpoint(bad.parent, model, opt)
+    assert checkpoints.load_checkpoint(found, model, opt)["extra"] == {"tag": 1}
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        checkpoints.load_checkpoint(bad.parent, model, opt)
     assert str(bad) in str(err.value) and err.value.files == [str(bad)]
 
 
@@ -114,10 +114,10 @@ def test_no_valid_checkpoint_is_a_clear_error_naming_the_files(tmp_path):
     for f in bad:
         _truncate(f)
     with pytest.raises(ValueError, match="no valid checkpoint") as err:  # a CheckpointError
-        repro.latest_checkpoint(ckpts)
+        checkpoints.latest_checkpoint(ckpts)
     assert sorted(err.value.files) == sorted(map(str, bad))
     assert all(str(f) in str(err.value) for f in bad)
-    assert repro.latest_checkpoint(tmp_path / "none") is None
+    assert checkpoints.latest_checkpoint(tmp_path / "none") is None
 
 
 def test_checkpoint_manifest_lists_every_file_and_everything_is_fsynced(tmp_path, monkeypatch):
@@ -133,11 +133,9 @@ def test_checkpoint_manifest_lists_every_file_and_everything_is_fsynced(tmp_path
         assert entry == {"size": (ck / rel).stat().st_size, "sha256": repro.file_sha256(ck / rel)}
     # Per save at least: 4 files + manifest, the temp folder, the checkpoints folder.
     assert len(synced) >= 2 * 7
-    # A checkpoint from before manifests is still accepted, and checked for readable files.
-    (ck / repro.MANIFEST).unlink()
-    assert repro.latest_checkpoint(tmp_path) == ck
-    _truncate(ck / "rng.safetensors")
-    assert repro.latest_checkpoint(tmp_path) == tmp_path / "step_0000001"
+    # A checkpoint without a manifest is passed over: nothing vouches for its tensors.
+    (ck / checkpoints.MANIFEST).unlink()
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "step_0000001"
 
 
 def test_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
@@ -266,7 +264,7 @@ class _Processor:
 
 def test_written_files_and_folders_follow_the_umask(tmp_path, umask_022):
     assert _mode(repro.atomic_write_json(tmp_path / "a.json", {"x": 1})) == 0o644
-    ck = repro.save_checkpoint(tmp_path / "ck", 1, torch.nn.Linear(2, 2))
+    ck = checkpoints.save_checkpoint(tmp_path / "ck", 1, torch.nn.Linear(2, 2))
     assert _mode(ck) == 0o755
     assert {_mode(f) for f in ck.iterdir()} == {0o644}
     tiny = modeling.build_tiny_backbone(config.ModelParams(), seed=0)
@@ -411,7 +409,7 @@ def test_stale_temp_folders_are_cleaned_at_the_start_of_a_save(tmp_path):
     for d in (old, dead, young, engine):
         d.mkdir(parents=True)
     os.utime(old, (two_hours_ago, two_hours_ago))
-    repro.save_checkpoint(ckpts, 1, torch.nn.Linear(2, 2))
+    checkpoints.save_checkpoint(ckpts, 1, torch.nn.Linear(2, 2))
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(
         [young.name, engine.name, "latest", "step_0000001"])
 

@@ -12,6 +12,7 @@ from fmr1lib import (
     anchoring,
     attention,
     batching,
+    checkpoints,
     config,
     counterfactual,
     data,
@@ -507,7 +508,7 @@ def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(backbone_params, r
     # fail_at_step is the 0-based index: the third step (step 3 in the logs) fails.
     with pytest.raises(train.NonFiniteLossError, match="step 3;.*step_0000002"):
         grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo", fail_at_step=2)
-    last = repro.latest_checkpoint(tmp_path / "checkpoints")
+    last = checkpoints.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name.endswith("0000002")
     assert len(repro.read_jsonl(tmp_path / "metrics.jsonl")) == 2
 

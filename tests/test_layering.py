@@ -21,7 +21,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
-                      "rewards", "data", "modeling", "attention", "batching", "runlock", "progress"),
+                      "rewards", "data", "modeling", "attention", "batching", "runlock", "progress",
+                      "checkpoints"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
@@ -37,6 +38,8 @@ SAME_LAYER: dict[str, set[str]] = {
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
+    "runlock": {"repro"},
+    "checkpoints": {"repro"},
     "scoring": {"prompting", "records"},
     "rewards": {"prompting", "scoring"},
     "batching": {"attention", "modeling", "prompting", "records"},

@@ -16,7 +16,18 @@ import types
 import pytest
 import torch
 
-from fmr1lib import anchoring, cli, config, data, modeling, repro, runlock, stages, train
+from fmr1lib import (
+    anchoring,
+    checkpoints,
+    cli,
+    config,
+    data,
+    modeling,
+    repro,
+    runlock,
+    stages,
+    train,
+)
 from fmr1lib.config import DataParams
 
 BASE = {"steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 1, "lr_warmup_steps": 0}
@@ -39,11 +50,16 @@ def _params(**kw):
 def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch):
     model0, processor, rows = tiny
     monkeypatch.setattr(stages, "ensure_backbone", lambda p: (copy.deepcopy(model0), processor))
+    monkeypatch.setattr(stages, "_start_run_of", lambda *a: None)  # no backbone run here
     dsd = {"train": rows}
     old = _params(run_root=str(tmp_path))
     stages.anchor_stage(old, "plain", dsd)
     folder = stages.run_folder(old, "anchor", "plain", create=False)
-    assert stages.is_complete(folder, old)
+
+    def is_complete(p):
+        return stages.run_status(p, "anchor", "plain").finished
+
+    assert is_complete(old)
 
     # Restart with another lr, killed after one step (its checkpoint is on disk).
     new = _params(run_root=str(tmp_path), lr=1e-3)
@@ -56,17 +72,17 @@ def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(anchoring, "train_supervised", killed)
     with pytest.raises(KeyboardInterrupt):
         stages.anchor_stage(new, "plain", dsd)
-    assert repro.latest_checkpoint(folder / "checkpoints").name == "step_0000001"
+    assert checkpoints.latest_checkpoint(folder / "checkpoints").name == "step_0000001"
     assert (folder / "info.json").exists() and (folder / "model" / "config.json").exists()
-    assert not stages.is_complete(folder, new)  # the old model is not this run's
-    assert not stages.is_complete(folder, old)  # nor is it vouched for any longer
+    assert not is_complete(new)  # the old model is not this run's
+    assert not is_complete(old)  # nor is it vouched for any longer
     assert not (folder / runlock.LOCK_NAME).exists()  # released on the exception
 
     # A run that returns early (stopped, not killed) saves its model but is not complete.
     monkeypatch.setattr(anchoring, "train_supervised", lambda *a, **kw: real(*a, **kw, stop_after=1))
     stages.anchor_stage(new, "plain", dsd)
     assert json.loads((folder / "info.json").read_text())["steps"] == 1
-    assert not stages.is_complete(folder, new)
+    assert not is_complete(new)
 
 
 # ---------------------------------------------------------------- resume checks
@@ -101,7 +117,7 @@ def test_resume_refuses_changed_trajectory_params_and_allows_logging_ones(tiny, 
 
     res = resume(log_every=2, checkpoint_every=2, eval_n=7)  # logging and eval keys: allowed
     assert res.steps == 3
-    state = repro.read_checkpoint_meta(repro.latest_checkpoint(tmp_path / "checkpoints"))
+    state = checkpoints.read_checkpoint_meta(checkpoints.latest_checkpoint(tmp_path / "checkpoints"))
     assert state["extra"]["params"]["lr"] == p.lr and "log_every" not in state["extra"]["params"]
 
 
@@ -125,7 +141,7 @@ def test_nan_gradient_with_finite_loss_stops_before_the_step(tiny, tmp_path, mon
     with pytest.raises(train.NonFiniteLossError,
                        match=r"gradient norm nan at step 3 .*step_0000002"):
         anchoring.train_supervised(model, processor, rows, p, tmp_path, "plain")
-    assert repro.latest_checkpoint(tmp_path / "checkpoints").name == "step_0000002"
+    assert checkpoints.latest_checkpoint(tmp_path / "checkpoints").name == "step_0000002"
     assert len(repro.read_jsonl(tmp_path / "metrics.jsonl")) == 2
     assert all(torch.isfinite(q).all() for q in model.parameters())  # no step on the NaN
 
@@ -140,7 +156,7 @@ def test_resumed_run_reports_the_time_of_every_segment(tiny, tmp_path, monkeypat
     p = _params(steps=3, checkpoint_every=2)
     anchoring.train_supervised(copy.deepcopy(model0), processor, rows, p, tmp_path, "plain",
                                stop_after=2)
-    first = repro.read_checkpoint_meta(tmp_path / "checkpoints" / "step_0000002")
+    first = checkpoints.read_checkpoint_meta(tmp_path / "checkpoints" / "step_0000002")
     assert first["extra"]["elapsed_s"] >= 1000
     monkeypatch.setattr(train, "time", time)
     res = anchoring.train_supervised(copy.deepcopy(model0), processor, rows,
