@@ -494,7 +494,7 @@ def metric_bars(long: Sequence[dict[str, Any]], rows: Sequence[str], splits: Seq
 # The README's results, generated from the committed files
 # --------------------------------------------------------------------------------------
 
-README_BLOCKS = ("results", "claims", "preconditions")
+README_BLOCKS = ("results", "claims", "preconditions", "verdicts")
 """The README's generated blocks, each between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``
 (``scripts/update_readme.py`` writes them; ``tests/test_readme_results.py`` checks them)."""
 
@@ -515,6 +515,7 @@ def readme_blocks(figures: str | Path) -> dict[str, str]:
                    f"`{doc['commit'][:12]}`); 95% t intervals.\n\n"
                    + claims.claims_markdown(doc, plotting.DISPLAY_NAMES)),
         "preconditions": "\n".join(f"* {line}" for line in pre),
+        "verdicts": claims.verdict_markdown(doc, plotting.DISPLAY_NAMES),
     }
 
 

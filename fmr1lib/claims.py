@@ -414,3 +414,59 @@ def results_markdown(doc: Mapping[str, Any], long: Sequence[Mapping[str, Any]] =
         status = c.get("status", c["verdict"])
         lines.append(f"* **{status}** ({meaning[status]}): {sentence}")
     return "\n".join(lines)
+
+
+def _failed_reason(pre: Mapping[str, Any], path: str, labels: Mapping[str, str]) -> str:
+    """Why one required precondition (``"<key>"`` or ``"<key>:<row>"``) fails, from its numbers."""
+    key, _, row = path.partition(":")
+    entry = pre.get(key) or {}
+    entry = (entry.get(row) if row else entry) or {}
+    name = labels.get(row, row)
+
+    def f(x: Any) -> str:
+        return _num(x, sign="")
+
+    if not entry:
+        return f"{key} was not measured"
+    if key == "faithful_reward_validity":
+        lo, hi = entry["ci95"]
+        return (f"the faithful reward of {name} does not follow what its trajectories read: "
+                f"within-group rank correlation with reading {_num(entry['mean'])} "
+                f"[{_num(lo)}, {_num(hi)}], needs the interval above 0")
+    if key == "start_reading_spread":
+        return (f"{f(entry['mean'])} of {name}'s start-model rollouts depend on the cue (needs >= "
+                f"{entry['threshold']:.2f}): there is little for the reward to select")
+    if key == "rl_answer_change":
+        return (f"{name} changed {f(entry['mean'])} of its start model's answers (needs >= "
+                f"{entry['threshold']:.2f})")
+    if key == "shortcut_baseline_conflict_accuracy":
+        return (f"the shortcut baseline does not clearly take the shortcut (conflict accuracy "
+                f"{f(entry['mean'])}, cue rate {f(entry['cue_rate'])}, chance {f(entry['chance'])})")
+    return f"{path} does not hold"
+
+
+def verdict_markdown(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """The claims grouped by what they read as (``STATUSES``), each with its numbers and, for an
+    untestable one, which precondition failed and by how much: the README's "what they say"."""
+    labels = labels or {}
+    groups: dict[str, list[Mapping[str, Any]]] = {s: [] for s in STATUSES}
+    for c in doc["claims"]:
+        groups[c.get("status", c["verdict"])].append(c)
+    lines = []
+    for status in STATUSES:
+        if not groups[status]:
+            continue
+        lines.append(f"**{status.capitalize()}** ({len(groups[status])} of {len(doc['claims'])}):")
+        for c in groups[status]:
+            lo, hi = c["ci95"]
+            text = (f"* {c['claim']}: {labels.get(c['a'], c['a'])} − {labels.get(c['b'], c['b'])} "
+                    f"on {c['metric']} ({c['split']}) {_num(c['diff_mean'])} "
+                    f"[{_num(lo)}, {_num(hi)}]")
+            failed = [k for k, v in (c.get("preconditions") or {}).items() if not v]
+            if failed:
+                text += (f" (interval alone: {c['verdict']}); not tested because "
+                         + "; and ".join(_failed_reason(doc["preconditions"], k, labels)
+                                         for k in failed))
+            lines.append(text)
+        lines.append("")
+    return "\n".join(lines).strip()

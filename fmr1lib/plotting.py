@@ -69,6 +69,9 @@ DISPLAY_NAMES: dict[str, str] = {
     "grpo": ABLATION_ROW_LABELS["anchoring_grpo"],
     "faithful": ABLATION_ROW_LABELS["faithful_mr1"],
     "faithful_occlusion": ABLATION_ROW_LABELS["faithful_mr1_occlusion"],
+    "grpo_plain": ABLATION_ROW_LABELS["plain_grpo"],
+    "faithful_plain": ABLATION_ROW_LABELS["plain_faithful"],
+    "plain SFT (start)": ABLATION_ROW_LABELS["plain_sft"],
 }
 """One display name per variant / ablation row, used by every figure. The ablation rows keep
 the table's labels (``config.ABLATION_ROW_LABELS``), so figures and tables agree."""
@@ -106,6 +109,8 @@ COLORS: dict[str, str] = {
     "anchoring + GRPO": "#0173b2",
     "Faithful-MR1 (boxes)": "#d55e00",
     "Faithful-MR1 (occlusion)": "#cc78bc",
+    "plain SFT + GRPO": "#56b4e9",
+    "plain SFT + faithful reward": "#ece133",
 }
 """One colour per display name, the same in every figure: seaborn's colorblind palette, with a
 dark brown and a purple where two rows would otherwise share a hue family (the two SFT

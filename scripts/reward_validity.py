@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from fmr1lib import config, faithful, reading, records, repro, stages, validity
@@ -33,6 +34,33 @@ CANDIDATES = {
 """The candidates (``floor``: ``min_dependency`` 0.1 nats)."""
 
 
+def table_markdown(results: list[dict]) -> str:
+    """Per candidate, the mean within-group rank correlation with ``reading`` on each seed (its
+    number of groups) and the mean over seeds, for each start model; then the instrument check."""
+    rows = sorted({r["row"] for r in results}, key=lambda r: r != "plain_sft")
+    head = " | ".join(f"{r}: seeds {' / '.join(str(x['seed']) for x in results if x['row'] == r)} "
+                      f"(groups) | mean" for r in rows)
+    lines = [f"| candidate | {head} |", "| --- |" + " --- | --- |" * len(rows)]
+    for name in results[0]["candidates"]:
+        cells = []
+        for row in rows:
+            rs = [r for r in results if r["row"] == row]
+            m = [r["candidates"][name]["spearman_mean"] for r in rs]
+            g = [r["candidates"][name]["n_groups"] for r in rs]
+            cells += [" / ".join(f"{x:+.2f} ({k})" for x, k in zip(m, g, strict=True)), f"{np.nanmean(m):+.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| start model | cue-dependent share of distinct correct rollouts | evidence answers with "
+              "reading > 0 (n) | cue answers with reading < 0 (n) |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        rs = [r for r in results if r["row"] == row]
+        spread = " / ".join(f"{r['reading_spread']:.2f}" for r in rs)
+        ev = " / ".join(f"{r['instrument']['evidence_positive']:.2f} ({r['instrument']['n_evidence']})"
+                        for r in rs)
+        cue = " / ".join(f"{r['instrument']['cue_negative']:.2f} ({r['instrument']['n_cue']})" for r in rs)
+        lines.append(f"| {row} | {spread} | {ev} | {cue} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/study/05_evaluation.yaml")
@@ -41,7 +69,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--reading", default="logprob", choices=reading.READINGS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table", default=None, metavar="JSON",
+                    help="print the markdown table of a results file and stop")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as fh:
+            print(table_markdown(json.load(fh)))
+        return
     torch.set_num_threads(1)
     ep = config.load_params(config.EvalParams, repro.resolve_path(args.params))
     results = []
@@ -73,6 +107,7 @@ def main() -> None:
     out = args.out or str(repro.run_dir(ep, f"validity_{args.reading}.json", create=False))
     with open(out, "w") as fh:
         json.dump(results, fh, indent=1, default=float)
+    print(table_markdown(results))
     print("wrote", out)
 
 
