@@ -136,13 +136,7 @@ def instrument_check(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
                         source.append(name)
         if not picked:
             continue
-        sel = torch.tensor(picked)
-        with batching.eval_mode(model):
-            logits = batching.completion_logits(
-                model, batching.select_sequences(batch.inputs, sel), batch.completion_ids.shape[1],
-                params.temperature)
-        r = reading.reading_scores(model, processor, batch, chunk, sel, logits, answers,
-                                   params.intervention, params.temperature, how)
+        r = _readings(model, processor, batch, chunk, picked, answers, params, how)
         for name, v in zip(source, r, strict=True):
             if np.isfinite(v):
                 signs[name].append(v > 0 if name == "evidence" else v < 0)
@@ -177,14 +171,8 @@ def example_pair(model: Any, processor: Any, rows: Sequence[dict[str, Any]], par
                   for same in g.distinct_correct()]
         if not picked:
             continue
-        sel = torch.tensor(picked)
-        with batching.eval_mode(model):
-            logits = batching.completion_logits(
-                model, batching.select_sequences(batch.inputs, sel), batch.completion_ids.shape[1],
-                params.temperature)
         answers = [chunk[i // batch.group_size]["answer"] for i in picked]
-        r = reading.reading_scores(model, processor, batch, chunk, sel, logits, answers,
-                                   params.intervention, params.temperature)
+        r = _readings(model, processor, batch, chunk, picked, answers, params)
         for gi, g in enumerate(groups):
             mine = [(v, i) for v, i in zip(r, picked, strict=True)
                     if i // batch.group_size == gi and np.isfinite(v)]
@@ -198,3 +186,15 @@ def example_pair(model: Any, processor: Any, rows: Sequence[dict[str, Any]], par
         if best is not None and best["readings"][0] > 0 > best["readings"][1]:
             break  # one reads the evidence, the other the cue
     return best
+
+
+def _readings(model: Any, processor: Any, batch: batching.SequenceBatch,
+              rows: Sequence[dict[str, Any]], picked: Sequence[int], answers: Sequence[str],
+              params: Any, how: str = "logprob") -> list[float]:
+    """``reading`` of the ``picked`` sequences of ``batch`` (their eval-mode logits on ``I`` first)."""
+    sel = torch.tensor(list(picked))
+    with batching.eval_mode(model):
+        logits = batching.completion_logits(model, batching.select_sequences(batch.inputs, sel),
+                                            batch.completion_ids.shape[1], params.temperature)
+    return reading.reading_scores(model, processor, batch, rows, sel, logits, answers,
+                                  params.intervention, params.temperature, how)
