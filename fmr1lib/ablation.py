@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fmr1lib import claims, config, evaluation, repro, stages
+from fmr1lib import claims, config, evaluation, repro, stages, validity
 from fmr1lib.stages import ROWS
 
 logger = logging.getLogger(__name__)
@@ -287,10 +287,12 @@ START_ROW = {"grpo_backbone": "backbone", "anchoring_grpo": "anchoring",
 """The row each stage-2 row starts from (same seed)."""
 
 
-FAITHFUL_USE = ("rl_answer_change:{a}", "faithful_reward_validity:{a}", "start_reading_spread:{a}")
+FAITHFUL_USE = ("rl_answer_change:{a}", "faithful_reward_validity:{a}", "start_reading_spread:{a}",
+                "within_group_reading_spread:{a}")
 """What a faithful-use claim of row ``a`` requires: the row moved, its reward measured faithful
-use (``faithful_reward_validity``), and its start model's rollouts differed in what they read
-(``start_reading_spread``)."""
+use (``faithful_reward_validity``), its start model's rollouts differed in what they read
+(``start_reading_spread``), and they differed *within* groups, where GRPO compares them
+(``within_group_reading_spread``)."""
 
 
 def _use(a: str) -> tuple[str, ...]:
@@ -350,6 +352,10 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
       if its 95% interval over seeds lies above 0.
     * ``start_reading_spread``: per faithful row, the cue-dependent share of the scored
       rollouts of its first stage-2 steps (``claims.spread_summary``); ``holds`` if >= 0.2.
+    * ``within_group_reading_spread``: per faithful row, on its start model's rollouts of the
+      first ``SPREAD_PROMPTS`` train prompts (``start_reading_spread``), the share of groups whose
+      distinct correct rollouts hold both a cue-dependent and an evidence-dependent one: what
+      GRPO can compare within a group. ``holds`` if >= ``WITHIN_SPREAD_MIN``.
     * ``route_shares``: the greedy responses' reasoning routes (``prompting.response_route``)
       of the start model and of each stage-2 row, mean over seeds.
     """
@@ -408,6 +414,23 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
     out["faithful_group_std_correct"] = std
     out["faithful_reward_validity"] = validity
     out["start_reading_spread"] = spread
+    within: dict[str, Any] = {}
+    measured: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in FAITHFUL_ROWS:
+        if row in rows:
+            start = START_ROW[row]
+            for s in ep.seeds:
+                if (start, s) not in measured:
+                    measured[(start, s)] = start_reading_spread(ep, start, s, dsd)
+            per = [measured[(start, s)] for s in ep.seeds]
+            mixed = claims.mean_or_nan([d["mixed_share"] for d in per])
+            within[row] = {"start": start, "seed_values": [d["mixed_share"] for d in per],
+                           "mean": mixed, "threshold": WITHIN_SPREAD_MIN,
+                           "cue_share": [d["cue_share"] for d in per],
+                           "within_var_share": [d["within_var_share"] for d in per],
+                           "n_groups": [d["n_groups"] for d in per], "prompts": SPREAD_PROMPTS,
+                           "holds": bool(mixed >= WITHIN_SPREAD_MIN)}
+    out["within_group_reading_spread"] = within
     out["route_shares"] = shares
     return out
 
@@ -417,6 +440,25 @@ FAITHFUL_ROWS = tuple(RL_ROW[v] for v in config.RLParams.FAITHFUL_VARIANTS)
 START_SPREAD_MIN = 0.2
 """``start_reading_spread`` holds when at least this share of the start model's correct
 rollouts depend on the cue: below it there is little for any reward to select."""
+
+
+WITHIN_SPREAD_MIN = 0.2
+"""``within_group_reading_spread`` holds when at least this share of the start model's groups
+hold both a cue-dependent and an evidence-dependent correct rollout."""
+SPREAD_PROMPTS = 64
+"""Train prompts the within-group spread of a start model is measured on."""
+
+
+def start_reading_spread(ep: config.EvalParams, start: str, seed: int, dsd: Any) -> dict[str, Any]:
+    """``validity.reading_spread`` of the start model ``start`` (an ablation row) of ``seed``, on
+    ``G`` rollouts of each of the first ``SPREAD_PROMPTS`` prompts of the stage-2 train split."""
+    _, _, rp = stages.seed_params(ep, seed)
+    folder = stages.ensure_trained(ep, start, seed, dsd)
+    model, processor = stages.load_model(folder, rp, "03_anchoring")
+    split = dsd[rp.train_split]
+    rows = [split[i] for i in range(min(SPREAD_PROMPTS, len(split)))]
+    return validity.reading_spread(validity.group_readings(model, processor, rows, rp, seed=seed),
+                                   WITHIN_SPREAD_MIN)
 
 
 def claims_document(ep: config.EvalParams, long: Sequence[dict[str, Any]],

@@ -324,6 +324,13 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
         out.append(f"{labels.get(row, row)}: cue-dependent share of the start model's correct "
                    f"rollouts (first {v['first_steps']} steps) {f(v['mean'])} (needs >= "
                    f"{v['threshold']:.2f}): {'holds' if v['holds'] else 'DOES NOT HOLD'}")
+    for row, v in pre.get("within_group_reading_spread", {}).items():
+        share = " ".join(f(x) for x in v["within_var_share"])
+        out.append(f"{labels.get(row, row)}: groups of its start model ({labels.get(v['start'], v['start'])}, "
+                   f"{v['prompts']} train prompts) whose correct rollouts hold both a cue-dependent "
+                   f"and an evidence-dependent one {f(v['mean'])} (needs >= {v['threshold']:.2f}; "
+                   f"within-group share of reading's variance per seed: {share}): "
+                   f"{'holds' if v['holds'] else 'DOES NOT HOLD'}")
     for row, sh in pre.get("route_shares", {}).items():
         out.append(f"{labels.get(row, row)} greedy routes ({split}): "
                    + ", ".join(f"{k} {f(v)}" for k, v in sh.items()))
@@ -344,6 +351,9 @@ def _holds(pre: Mapping[str, Any], labels: Mapping[str, str]) -> list[tuple[str,
     for row, v in pre.get("start_reading_spread", {}).items():
         out.append((f"the start model of {labels.get(row, row)} has rollouts that read the cue",
                     bool(v["holds"])))
+    for row, v in pre.get("within_group_reading_spread", {}).items():
+        out.append((f"the start model of {labels.get(row, row)} has groups whose rollouts differ in "
+                    "what they read", bool(v["holds"])))
     return out
 
 
@@ -436,6 +446,11 @@ def _failed_reason(pre: Mapping[str, Any], path: str, labels: Mapping[str, str])
     if key == "start_reading_spread":
         return (f"{f(entry['mean'])} of {name}'s start-model rollouts depend on the cue (needs >= "
                 f"{entry['threshold']:.2f}): there is little for the reward to select")
+    if key == "within_group_reading_spread":
+        return (f"within a group, {name}'s start-model rollouts read alike: {f(entry['mean'])} of "
+                f"its groups hold both a cue-dependent and an evidence-dependent rollout (needs >= "
+                f"{entry['threshold']:.2f}), so GRPO has no within-group difference in reading for "
+                "the reward to select")
     if key == "rl_answer_change":
         return (f"{name} changed {f(entry['mean'])} of its start model's answers (needs >= "
                 f"{entry['threshold']:.2f})")

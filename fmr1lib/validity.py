@@ -198,3 +198,56 @@ def _readings(model: Any, processor: Any, batch: batching.SequenceBatch,
                                             batch.completion_ids.shape[1], params.temperature)
     return reading.reading_scores(model, processor, batch, rows, sel, logits, answers,
                                   params.intervention, params.temperature, how)
+
+
+def reading_spread(groups: Sequence[Sequence[float]], threshold: float = 0.2) -> dict[str, Any]:
+    """How much a start model's correct rollouts differ in what they read, and where.
+
+    Args:
+        groups: per prompt, the ``reading`` of each of its distinct correct rollouts.
+        threshold: the share of mixed groups the faithful reward needs to have something to select.
+
+    Returns:
+        ``cue_share`` (share of all rollouts that are cue-dependent), ``mixed_share`` (share of the
+        groups with at least two rollouts that hold both a cue-dependent and an evidence-dependent
+        one: what GRPO can compare), ``within_var_share`` (within-group variance of ``reading`` over
+        its total variance), ``n_groups``.
+
+    >>> s = reading_spread([[-1.0, -1.1], [2.0, 2.1], [-0.5, 0.5]])
+    >>> round(s["cue_share"], 2), round(s["mixed_share"], 2), s["n_groups"]
+    (0.5, 0.33, 3)
+    """
+    groups = [[float(v) for v in g if np.isfinite(v)] for g in groups]
+    values = np.array([v for g in groups for v in g], dtype=float)
+    multi = [g for g in groups if len(g) >= 2]
+    total = float(values.var()) if values.size else float("nan")
+    within = float(np.mean([np.var(g) for g in multi])) if multi else float("nan")
+    mixed = float(np.mean([min(g) < 0 < max(g) for g in multi])) if multi else float("nan")
+    return {"cue_share": float(np.mean(values < 0)) if values.size else float("nan"),
+            "mixed_share": mixed,
+            "within_var_share": within / total if total > 0 else float("nan"),
+            "n_groups": len(multi), "threshold": threshold}
+
+
+@torch.no_grad()
+def group_readings(model: Any, processor: Any, rows: Sequence[dict[str, Any]], params: Any,
+                   seed: int = 0, prompts_per_batch: int = 4) -> list[list[float]]:
+    """Per prompt, the ``reading`` of each distinct correct rollout of ``model`` (``G`` samples
+    along the stage-2 code path; seeded)."""
+    torch.manual_seed(seed)
+    ctx = grpo.setup_grpo(model, processor, params, "faithful")
+    out: list[list[float]] = []
+    for start in range(0, len(rows), prompts_per_batch):
+        chunk = list(rows[start:start + prompts_per_batch])
+        groups = grpo.rollout(ctx, chunk)
+        batch = batching.build_sequences(chunk, [g.tokens for g in groups], processor)
+        picked = [gi * batch.group_size + same[0] for gi, g in enumerate(groups)
+                  for same in g.distinct_correct()]
+        per: list[list[float]] = [[] for _ in groups]
+        if picked:
+            answers = [chunk[i // batch.group_size]["answer"] for i in picked]
+            for i, v in zip(picked, _readings(model, processor, batch, chunk, picked, answers,
+                                               params), strict=True):
+                per[i // batch.group_size].append(v)
+        out += per
+    return out

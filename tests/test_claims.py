@@ -118,7 +118,8 @@ def test_study_claims_cover_the_issue_list_and_the_efficiency_points():
     # Every faithful-use claim names the preconditions it needs.
     for c in ablation.study_claims(ep):
         if c.a in ablation.FAITHFUL_ROWS:
-            assert {f"faithful_reward_validity:{c.a}", f"start_reading_spread:{c.a}"} <= set(c.requires)
+            assert {f"faithful_reward_validity:{c.a}", f"start_reading_spread:{c.a}",
+                    f"within_group_reading_spread:{c.a}"} <= set(c.requires)
 
 
 def test_a_claim_whose_precondition_fails_reads_as_untestable():

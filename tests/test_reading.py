@@ -73,3 +73,28 @@ def test_reading_is_evidence_minus_cue_dependence(tiny):
     none = copy.deepcopy(row)
     none["meta"]["cue"] = None
     assert math.isnan(_reading(model, processor, none, text))
+
+
+def test_reading_spread_tells_prompt_level_from_within_group_spread():
+    """The faithful reward compares trajectories within a group: a start model whose rollouts
+    read the cue on some prompts and the evidence on others (prompt-level spread) gives it
+    nothing to select; only groups that mix both do."""
+    from fmr1lib import validity
+
+    prompt_level = validity.reading_spread([[-1.0, -1.02], [2.0, 2.03], [-0.5, -0.49], [1.0, 1.01]])
+    assert prompt_level["cue_share"] == pytest.approx(0.5)
+    assert prompt_level["mixed_share"] == 0.0 and prompt_level["within_var_share"] < 1e-3
+    mixed = validity.reading_spread([[-1.0, 1.0], [2.0, -2.0], [1.0, 1.1]])
+    assert mixed["mixed_share"] == pytest.approx(2 / 3) and mixed["within_var_share"] > 0.5
+    # Groups with one defined reading count for the cue share, not for mixing.
+    lone = validity.reading_spread([[-1.0], [1.0, float("nan")]])
+    assert lone["n_groups"] == 0 and math.isnan(lone["mixed_share"])
+
+
+def test_doctests_of_the_instrument_modules():
+    import doctest
+
+    from fmr1lib import validity
+
+    for module in (reading, validity):
+        assert doctest.testmod(module).failed == 0, module.__name__
