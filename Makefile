@@ -1,5 +1,5 @@
 # fmr1: every target sets up .venv itself when it is missing.
-#   make reproduce            run every notebook of the study profile headless (papermill; ~23 min)
+#   make reproduce            run every notebook of the study profile headless (papermill; ~25 min)
 #   make reproduce PROFILE=tiny   the fast profile (~5 min), what make test runs
 #   make reproduce PROFILE=qwen2_5_vl_3b   one process per notebook, no accelerate launch (README: Running on GPUs)
 #   make test                 unit tests + notebooks under nbval (every tier)
