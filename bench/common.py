@@ -149,9 +149,10 @@ def sft_model(steps: int = 60, n_rows: int = 64, variant: str = "plain") -> tupl
 
 
 def rl_params(**overrides: Any) -> config.RLParams:
-    """RL parameters of the benchmarks: P = 4 prompts, G = 8 samples, 32 new tokens."""
+    """RL parameters of the benchmarks: P = 4 prompts, G = 8 samples, 32 new tokens; the training
+    step alone, without the reading diagnostic (an instrument, docs/design.md §6.6)."""
     base = {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 32, "log_every": 0,
-            "checkpoint_every": 0, "n_show": 0}
+            "checkpoint_every": 0, "n_show": 0, "reading_diagnostic": False}
     base.update(overrides)
     return config.load_params(config.RLParams, **base)
 

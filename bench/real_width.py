@@ -247,7 +247,7 @@ def anchor_params(width: str, **overrides: Any) -> config.AnchorParams:
 def rl_params(width: str, **overrides: Any) -> config.RLParams:
     """The profile's stage-2 file (LoRA r 64, vision frozen), for one small step."""
     base = {**{k: v for k, v in _RUN.items() if k != "image_max_pixels"}, **GRPO,
-            "log_every": 0, "n_show": 0}
+            "log_every": 0, "n_show": 0, "reading_diagnostic": False}
     base.update(overrides)
     return config.load_params(config.RLParams, _profile_file(width, "04_counterfactual_rl.yaml"),
                               **base)
