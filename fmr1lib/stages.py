@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import anchoring, checkpoints, config, data, grpo, modeling, repro, runlock, train
+from fmr1lib import (anchoring, checkpoints, config, data, grpo, modeling, owndata, repro,
+                     runlock, train)
 
 logger = logging.getLogger(__name__)
 
@@ -566,9 +567,13 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     with _writing(out, acc):
         inputs = run_inputs(p, "backbone")
         check_resume_inputs(p, "backbone", None, out / "warmup" / "checkpoints", inputs)
+        owndata.check_warmup_source(p, f"BackboneParams (profile {p.profile!r})")
         repro.seed_everything(p.seed)  # before the data, as the model is built after it
         if p.model_name == "tiny":
             dsd = stage_data(p, acc, dsd)
+            if upstream_params(p, "data").source == "jsonl":
+                owndata.warn_small_grids(dsd, p, f"{p.data_params_file} with the backbone's "
+                                                 f"image_min_pixels/image_max_pixels")
         start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
         return _backbone_stage(p, dsd, acc, out)
 
