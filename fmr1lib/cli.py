@@ -8,6 +8,7 @@
     python -m fmr1lib notebook 01_data_construction --profile tiny
     python -m fmr1lib reproduce --profile tiny
     python -m fmr1lib check-params
+    python -m fmr1lib profile new mine --from tiny --jsonl train=a.jsonl test_id=b.jsonl test_ood=c.jsonl
 
 Stages run the same library calls as their notebooks, so ``accelerate launch -m fmr1lib
 <stage> --params FILE`` runs them on GPUs. Every command validates its parameter files (unknown
@@ -595,8 +596,9 @@ def _cmd_profile_new(args: argparse.Namespace) -> int:
         image_root=args.image_root, allow_outside_root=args.allow_outside_root)
     for note in notes:
         print(f"note: {note}")
-    print(f"wrote {out}/: every *_params_file points inside it; next: python -m fmr1lib "
-          f"check-params, then the stages with --params {out}/<notebook>.yaml")
+    shown = out.relative_to(project_root()) if out.is_relative_to(project_root()) else out
+    print(f"wrote {shown}/: every *_params_file points inside it; next: python -m fmr1lib "
+          f"check-params, then the stages with --params {shown}/<notebook>.yaml")
     return 0
 
 

@@ -194,3 +194,24 @@ def test_profile_new_validates_every_record_before_writing(tmp_path, capsys):
     assert cli.main(["profile", "new", "mine", "--params-root", str(tmp_path / "params"),
                      "--jsonl", f"train={STUDY / 'train.jsonl'}"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_own_data_from_profile_new_to_the_backbone_without_hand_edits(tmp_path, capsys, caplog):
+    # Symlinked images, no warm-up file, images too small for the default grid: the command's
+    # profile takes the data and the backbone stages as written.
+    folder = _symlinked_study(tmp_path)
+    shutil.copytree(ROOT / "params" / "tiny", tmp_path / "params" / "tiny")
+    assert cli.main(["profile", "new", "own", "--params-root", str(tmp_path / "params"),
+                     "--allow-outside-root", "--jsonl",
+                     *(f"{s}={folder / f'{s}.jsonl'}" for s in SPLITS)]) == 0
+    profile = tmp_path / "params" / "own"
+    runs = f"run_root={tmp_path / 'runs'}"
+    caplog.clear()  # profile new warned about the grid, and raised image_min_pixels
+    with caplog.at_level(logging.WARNING, logger="fmr1lib"):
+        assert cli.main(["data", "--params", str(profile / "01_data_construction.yaml"),
+                         "--set", runs]) == 0
+        assert cli.main(["backbone", "--params", str(profile / "02_backbone.yaml"),
+                         "--set", runs]) == 0
+    assert not [r for r in caplog.records if "image tokens" in r.getMessage()]
+    assert (tmp_path / "runs" / "own" / "backbone" / "model").is_dir()
+    capsys.readouterr()
