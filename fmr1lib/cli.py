@@ -449,7 +449,7 @@ def _run_variants(args: argparse.Namespace, cls: type, stage_name: str) -> int:
     # Parameters and variants are checked before the stages (torch, the model) are imported.
     p = load_stage_params(cls, args.params, args.set)
     variants = _variants(args, cls, p)
-    print(config.format_params(p))
+    print(config.format_params(dataclasses.replace(p, variants=variants)))  # those that run
     from fmr1lib import stages
 
     stage = {"anchor_stage": "anchor", "rl_stage": "rl"}[stage_name]

@@ -215,3 +215,12 @@ def test_own_data_from_profile_new_to_the_backbone_without_hand_edits(tmp_path, 
     assert not [r for r in caplog.records if "image tokens" in r.getMessage()]
     assert (tmp_path / "runs" / "own" / "backbone" / "model").is_dir()
     capsys.readouterr()
+
+
+def test_the_resolved_params_of_a_stage_show_the_variants_that_run(capsys):
+    tiny = str(ROOT / "params" / "tiny" / "03_anchoring.yaml")
+    assert cli.main(["anchor", "--params", tiny, "--variants", "plain", "focus_anchor",
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "variants: [plain, focus_anchor]" in out
+    assert "anchor/text_perception" not in out
