@@ -489,10 +489,20 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     ep = load_stage_params(config.EvalParams, args.params, args.set)
     print(config.format_params(ep))
     out = Path(args.out) if args.out else run_dir(ep, "ablation", create=False)
-    if args.dry_run:
-        return _dry_run([f"train the missing runs of rows {ep.rows} for seeds {ep.seeds}, "
-                         f"evaluate them on {ep.splits} and write ablation.md/.csv to {out}"])
     from fmr1lib import ablation, stages
+
+    if args.dry_run:
+        missing: dict[Path, str] = {}  # run folder -> line (the backbone row is one run)
+        for seed in ep.seeds:
+            for row in ep.rows:
+                status = stages.run_status(stages.row_params(ep, row, seed), *ablation.ROWS[row])
+                if not status:
+                    missing.setdefault(status.folder, f"train {row} (seed {seed}) -> "
+                                                      f"{status.folder}: {status.reason}")
+        return _dry_run([*missing.values(),
+                         f"evaluate rows {ep.rows} for seeds {ep.seeds} on {ep.splits} ("
+                         f"{len(missing) or 'no'} run(s) to train first) and write "
+                         f"ablation.md/.csv to {out}"])
 
     dsd = stages.stage_data(ep)
     long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)

@@ -224,3 +224,12 @@ def test_the_resolved_params_of_a_stage_show_the_variants_that_run(capsys):
     out = capsys.readouterr().out
     assert "variants: [plain, focus_anchor]" in out
     assert "anchor/text_perception" not in out
+
+
+def test_ablation_dry_run_lists_the_runs_it_would_train(tmp_path, capsys):
+    tiny = str(ROOT / "params" / "tiny" / "05_evaluation.yaml")
+    assert cli.main(["ablation", "--params", tiny, "--set", f"run_root={tmp_path}",
+                     "--set", "rows=[backbone, plain_sft, anchoring]", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  would train ")]
+    assert [ln.split()[2] for ln in lines] == ["backbone", "plain_sft", "anchoring"], lines
+    assert all(str(tmp_path) in ln for ln in lines)
