@@ -586,8 +586,9 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
     for line in foreign:
         print(line, file=sys.stderr)
     if foreign:
-        raise config.ParamsError(f"{len(foreign)} key(s) of {root} point into another profile's "
-                                 f"folder (first: {foreign[0]}); point them at the profile's own files")
+        raise config.ParamsError(f"{len(foreign)} *_params_file key(s) under {root} point out of "
+                                 f"their profile's folder (first: {foreign[0]}); point them at "
+                                 f"the profile's own files")
     print(f"{n} parameter files OK")
     return 0
 
@@ -677,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every parameter file, print what would run and the time estimate")
     p.set_defaults(func=_cmd_reproduce)
     p = sub.add_parser("check-params", help="validate every params/*/*.yaml; flag a "
-                       "*_params_file that points into another profile's folder")
+                       "*_params_file that points out of its profile's folder")
     p.add_argument("--params-root", default=None, help="folder of the profiles (default params/)")
     p.set_defaults(func=_cmd_check_params)
     p = sub.add_parser("profile", help="make a profile for your own JSONL data")

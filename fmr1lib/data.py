@@ -494,9 +494,10 @@ def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Da
     if no_views:
         split = records.decode_meta(ds[0]["meta"]).get("split", "a split")
         more = f", ... ({len(no_views) - 5} more)" if len(no_views) > 5 else ""
-        logger.warning("%s: %d of %d record(s) with evidence boxes have no counterfactual views "
-                       "(no room for same-sized control regions away from the evidence): %s%s",
-                       split, len(no_views), len(ds), ", ".join(map(repr, no_views[:5])), more)
+        logger.warning("%s: %d record(s) with evidence boxes (of %d) have no counterfactual views "
+                       "(no same-sized control region away from the evidence that changes the "
+                       "image; the box-based metrics skip them): %s%s", split, len(no_views),
+                       len(ds), ", ".join(map(repr, no_views[:5])), more)
     enc = datasets.Image().encode_example
     ds = ds.add_column("image_cf_evidence", [enc(im) for im in ev_imgs], feature=datasets.Image())
     ds = ds.add_column("image_cf_control", [enc(im) for im in ctl_imgs], feature=datasets.Image())

@@ -561,13 +561,13 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     Returns:
         ``(model, processor, info)``; the backbone is saved under ``runs/<profile>/backbone/``.
     """
+    owndata.check_warmup_source(p, f"BackboneParams (profile {p.profile!r})")  # before any work
     # Under ``accelerate launch`` every process runs this; only the main one writes.
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = run_folder(p, "backbone")
     with _writing(out, acc):
         inputs = run_inputs(p, "backbone")
         check_resume_inputs(p, "backbone", None, out / "warmup" / "checkpoints", inputs)
-        owndata.check_warmup_source(p, f"BackboneParams (profile {p.profile!r})")
         repro.seed_everything(p.seed)  # before the data, as the model is built after it
         if p.model_name == "tiny":
             dsd = stage_data(p, acc, dsd)

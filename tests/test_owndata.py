@@ -76,13 +76,13 @@ def test_backbone_refuses_a_warmup_without_a_warmup_file_before_any_work(tmp_pat
     assert len(err) == 1 and err[0].startswith(f"ParamsError: {f}: key 'warmup'")
     assert "warmup: false" in err[0] and "01_data_construction.yaml" in err[0]
     assert cli.main(["backbone", "--params", f, "--set", "warmup=false", "--dry-run"]) == 0
-    # The stage itself refuses before it writes its run folder's model.
+    # The stage itself refuses before it makes its run folder.
     from fmr1lib import stages
 
     p = config.load_params(config.BackboneParams, f, run_root=str(tmp_path / "runs"))
     with pytest.raises(config.ParamsError, match="key 'warmup'"):
         stages.backbone_stage(p)
-    assert not (stages.run_folder(p, "backbone", create=False) / "model").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_small_image_grids_get_one_warning_naming_the_count_and_image_min_pixels(caplog):
@@ -122,7 +122,7 @@ def test_records_without_views_get_one_summary_line(caplog):
     assert [len(b) for b in out["control_boxes"]] == [0, 0, 0]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("test_id: 3 of 3 record(s) with evidence boxes have no "
+    assert warnings[0].startswith("test_id: 3 record(s) with evidence boxes (of 3) have no "
                                   "counterfactual views")
     assert all(repr(i) in warnings[0] for i in ds["id"])
 
