@@ -157,7 +157,7 @@ def anchoring_settings(params: Any, variant: str) -> dict[str, Any]:
         raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
     lam = float(getattr(params, "lambda_attn", 0.0))
     if variant != "focus_anchor" and lam:
-        logger.info("variant %s ignores lambda_attn=%s", variant, lam)
+        logger.debug("variant %s ignores lambda_attn=%s", variant, lam)
     return {"lambda_attn": lam if variant == "focus_anchor" else 0.0,
             "attn_loss": getattr(params, "attn_loss", "kl"),
             "anchor_layers": getattr(params, "anchor_layers", "last_half"),

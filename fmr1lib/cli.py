@@ -8,6 +8,7 @@
     python -m fmr1lib notebook 01_data_construction --profile tiny
     python -m fmr1lib reproduce --profile tiny
     python -m fmr1lib check-params
+    python -m fmr1lib profile new mine --from tiny --jsonl train=a.jsonl test_id=b.jsonl test_ood=c.jsonl
 
 Stages run the same library calls as their notebooks, so ``accelerate launch -m fmr1lib
 <stage> --params FILE`` runs them on GPUs. Every command validates its parameter files (unknown
@@ -50,7 +51,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from fmr1lib import config, progress, repro
+from fmr1lib import config, owndata, progress, repro
 from fmr1lib.repro import project_root, run_dir
 
 logger = logging.getLogger("fmr1lib")
@@ -420,6 +421,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_backbone(args: argparse.Namespace) -> int:
     p = load_stage_params(config.BackboneParams, args.params, args.set)
     print(config.format_params(p))
+    owndata.check_warmup_source(p, args.params)  # before the dry run: it would fail the same
     from fmr1lib import stages
 
     if args.dry_run:
@@ -447,7 +449,7 @@ def _run_variants(args: argparse.Namespace, cls: type, stage_name: str) -> int:
     # Parameters and variants are checked before the stages (torch, the model) are imported.
     p = load_stage_params(cls, args.params, args.set)
     variants = _variants(args, cls, p)
-    print(config.format_params(p))
+    print(config.format_params(dataclasses.replace(p, variants=variants)))  # those that run
     from fmr1lib import stages
 
     stage = {"anchor_stage": "anchor", "rl_stage": "rl"}[stage_name]
@@ -487,10 +489,20 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     ep = load_stage_params(config.EvalParams, args.params, args.set)
     print(config.format_params(ep))
     out = Path(args.out) if args.out else run_dir(ep, "ablation", create=False)
-    if args.dry_run:
-        return _dry_run([f"train the missing runs of rows {ep.rows} for seeds {ep.seeds}, "
-                         f"evaluate them on {ep.splits} and write ablation.md/.csv to {out}"])
     from fmr1lib import ablation, stages
+
+    if args.dry_run:
+        missing: dict[Path, str] = {}  # run folder -> line (the backbone row is one run)
+        for seed in ep.seeds:
+            for row in ep.rows:
+                status = stages.run_status(stages.row_params(ep, row, seed), *ablation.ROWS[row])
+                if not status:
+                    missing.setdefault(status.folder, f"train {row} (seed {seed}) -> "
+                                                      f"{status.folder}: {status.reason}")
+        return _dry_run([*missing.values(),
+                         f"evaluate rows {ep.rows} for seeds {ep.seeds} on {ep.splits} ("
+                         f"{len(missing) or 'no'} run(s) to train first) and write "
+                         f"ablation.md/.csv to {out}"])
 
     dsd = stages.stage_data(ep)
     long = ablation.aggregate(ablation.run_ablation(ep, dsd), ep.splits)
@@ -563,15 +575,41 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
-    root = project_root() / "params"
-    n = 0
+    root = Path(args.params_root) if args.params_root else project_root() / "params"
+    n, foreign = 0, []
     for path in sorted(root.glob("*/*.yaml")):
         cls = config.PARAMS_BY_NOTEBOOK.get(path.stem)
         if cls is None:
             continue
-        config.load_params(cls, path)
+        foreign += owndata.foreign_pointers(path, config.load_params(cls, path), project_root())
         n += 1
+    for line in foreign:
+        print(line, file=sys.stderr)
+    if foreign:
+        raise config.ParamsError(f"{len(foreign)} *_params_file key(s) under {root} point out of "
+                                 f"their profile's folder (first: {foreign[0]}); point them at "
+                                 f"the profile's own files")
     print(f"{n} parameter files OK")
+    return 0
+
+
+def _cmd_profile_new(args: argparse.Namespace) -> int:
+    jsonl = {}
+    for item in args.jsonl:
+        split, sep, path = item.partition("=")
+        if not sep or not path or split in jsonl:
+            raise config.ParamsError(f"--jsonl {item!r}: give SPLIT=FILE once per split")
+        jsonl[split] = path
+    if args.warmup:
+        jsonl["warmup"] = args.warmup
+    out, notes = owndata.new_profile(
+        args.name, args.base, jsonl, root=project_root(), params_root=args.params_root,
+        image_root=args.image_root, allow_outside_root=args.allow_outside_root)
+    for note in notes:
+        print(f"note: {note}")
+    shown = out.relative_to(project_root()) if out.is_relative_to(project_root()) else out
+    print(f"wrote {shown}/: every *_params_file points inside it; next: python -m fmr1lib "
+          f"check-params, then the stages with --params {shown}/<notebook>.yaml")
     return 0
 
 
@@ -599,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     profile_help = (f"a folder under params/: one of {', '.join(config.profiles(project_root()))}"
                     f" (default: tiny)")
-    p = sub.add_parser("data", help="generate FocusShapes (notebook 01's data step)")
+    p = sub.add_parser("data", help="build the dataset: FocusShapes or JSONL records (notebook 01's data step)")
     _stage_flags(p)
     p.set_defaults(func=_cmd_data)
     p = sub.add_parser("backbone", help="build/load the backbone and warm it up (notebook 02)")
@@ -639,8 +677,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check every parameter file, print what would run and the time estimate")
     p.set_defaults(func=_cmd_reproduce)
-    p = sub.add_parser("check-params", help="validate every params/*/*.yaml")
+    p = sub.add_parser("check-params", help="validate every params/*/*.yaml; flag a "
+                       "*_params_file that points out of its profile's folder")
+    p.add_argument("--params-root", default=None, help="folder of the profiles (default params/)")
     p.set_defaults(func=_cmd_check_params)
+    p = sub.add_parser("profile", help="make a profile for your own JSONL data")
+    psub = p.add_subparsers(dest="action", required=True)
+    p = psub.add_parser("new", help="write params/NAME/ from another profile over JSONL files "
+                        "(every record validated first; nothing written on failure)")
+    p.add_argument("name", help="the new profile (refused if its folder exists)")
+    p.add_argument("--from", dest="base", default="tiny", help="profile to copy (default tiny)")
+    p.add_argument("--jsonl", nargs="+", required=True, metavar="SPLIT=FILE",
+                   help="records file of each split: train=... test_id=... test_ood=...")
+    p.add_argument("--warmup", default=None, metavar="FILE",
+                   help="records of the stage-0 warm-up (without it, warmup: false)")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder the image paths are relative to (default: each file's folder)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="allow image paths that leave the image root (a symlinked image folder)")
+    p.add_argument("--params-root", default=None, help="folder of the profiles (default params/)")
+    p.set_defaults(func=_cmd_profile_new)
     return parser
 
 

@@ -190,6 +190,9 @@ class DataParams(SeedParams, CommonParams):
     on_bad_record: str = "error"
     """``source: jsonl``: ``error`` stops at the first bad record (``records.DataError`` naming the
     file, line, record id and field); ``skip`` leaves bad records out, logging each and the count."""
+    allow_outside_root: bool = False
+    """``source: jsonl``: allow image paths that lead outside the image root (absolute paths,
+    ``..``, a symlinked image folder), as ``records check --allow-outside-root`` does."""
     image_size: int = 112
     """Side of the square scene in pixels; a multiple of 28 (one merged image token per 28 px cell)."""
     n_train: int = 3000
@@ -293,7 +296,7 @@ class DataParams(SeedParams, CommonParams):
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"key 'on_bad_record': {self.on_bad_record!r} not in ['error', 'skip']")
         if self.source == "focusshapes":
-            for key in ("jsonl_files", "image_root"):
+            for key in ("jsonl_files", "image_root", "allow_outside_root"):
                 if getattr(self, key):
                     raise ValueError(f"key {key!r}: set, but source is 'focusshapes' "
                                      f"(set source: jsonl to read records files)")

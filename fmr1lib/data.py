@@ -454,7 +454,7 @@ def record_views(image: Image.Image, boxes: list[list[float]], meta: dict[str, A
         ctrl = counterfactual.control_boxes(image.size, boxes, np.random.default_rng(seed),
                                             avoid=padded, accept=changes_pixels)
     except ValueError as exc:
-        logger.warning("record %r: no counterfactual views (%s)", record_id, exc)
+        logger.debug("record %r: no counterfactual views (%s)", record_id, exc)
         return image, image, []
     return (counterfactual.intervene(image, boxes, p.intervention, **kw),
             counterfactual.intervene(image, ctrl, p.intervention, **kw),
@@ -477,18 +477,27 @@ def add_counterfactual_views(ds: datasets.Dataset, p: DataParams) -> datasets.Da
     and the shortcut are unchanged). The intervention seed is the example's seed, stored in
     ``meta``. JSONL records get theirs from ``record_views``.
     """
-    ev_imgs, ctl_imgs, ctl_boxes = [], [], []
+    ev_imgs, ctl_imgs, ctl_boxes, no_views = [], [], [], []
     for row in progress.bar(ds, desc="counterfactual views", leave=False):
         meta = records.decode_meta(row["meta"])
         image = row["image"].convert("RGB")
         boxes = [list(b) for b in row["evidence_boxes"]]
         if p.source == "jsonl":
             ev, ctl, ctrl = record_views(image, boxes, meta, p, row["id"])
+            if boxes and not ctrl:
+                no_views.append(row["id"])
         else:
             ev, ctl, ctrl = _focus_shapes_views(image, boxes, meta, p)
         ev_imgs.append(ev)
         ctl_imgs.append(ctl)
         ctl_boxes.append(ctrl)
+    if no_views:
+        split = records.decode_meta(ds[0]["meta"]).get("split", "a split")
+        more = f", ... ({len(no_views) - 5} more)" if len(no_views) > 5 else ""
+        logger.warning("%s: %d record(s) with evidence boxes (of %d) have no counterfactual views "
+                       "(no same-sized control region away from the evidence that changes the "
+                       "image; the box-based metrics skip them): %s%s", split, len(no_views),
+                       len(ds), ", ".join(map(repr, no_views[:5])), more)
     enc = datasets.Image().encode_example
     ds = ds.add_column("image_cf_evidence", [enc(im) for im in ev_imgs], feature=datasets.Image())
     ds = ds.add_column("image_cf_control", [enc(im) for im in ctl_imgs], feature=datasets.Image())
@@ -546,7 +555,8 @@ def load_jsonl_split(p: DataParams, split: str) -> tuple[datasets.Dataset, int]:
     path = p.resolve(name)
     root = p.resolve(p.image_root) if p.image_root is not None else None
     recs, skipped = records.load_jsonl(path, root, p.on_bad_record, load_images=False,
-                                       verify_images=True)
+                                       verify_images=True,
+                                       allow_outside_root=p.allow_outside_root)
     if not recs:
         raise records.DataError(f"no valid record for split {split!r} ({skipped} skipped)",
                                 path=path)

@@ -346,7 +346,9 @@ def resolve_image_path(
         raise fail(
             "image",
             f"image = {ref!r}: the path leads outside the image root {root} (absolute paths, "
-            f"'..' and symlinks out of it are refused unless allow_outside_root is set)",
+            f"'..' and symlinks out of it are refused unless allow_outside_root is set: "
+            f"allow_outside_root: true in the data params, --allow-outside-root for records "
+            f"check / convert and profile new, --allow-absolute-images for the benchmark)",
         )
     return path
 

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import anchoring, checkpoints, config, data, grpo, modeling, repro, runlock, train
+from fmr1lib import (anchoring, checkpoints, config, data, grpo, modeling, owndata, repro,
+                     runlock, train)
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +144,17 @@ UNFINISHED = "<not finished>"
 """The fingerprint ``run_inputs`` gives a start model whose own run is not finished now."""
 
 
+STAMP_OMITS_AT = {"allow_outside_root": False}
+"""Keys added after results were stamped, left out of ``params_hash`` at these values (what the
+earlier results were made with), so a new key at its default keeps their stamps valid."""
+
+
 def params_hash(params: Any) -> str:
-    """SHA-256 of the resolved params (class and every field, canonical JSON): the results
-    files' stamp (``ablation.study_params_hash``)."""
-    blob = json.dumps({"class": type(params).__name__, "params": config.params_to_dict(params)},
+    """SHA-256 of the resolved params (class and every field, canonical JSON, less
+    ``STAMP_OMITS_AT``): the results files' stamp (``ablation.study_params_hash``)."""
+    values = {k: v for k, v in config.params_to_dict(params).items()
+              if k not in STAMP_OMITS_AT or v != STAMP_OMITS_AT[k]}
+    blob = json.dumps({"class": type(params).__name__, "params": values},
                       sort_keys=True, default=str)
     return repro.sha256_text(blob)
 
@@ -560,6 +568,7 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     Returns:
         ``(model, processor, info)``; the backbone is saved under ``runs/<profile>/backbone/``.
     """
+    owndata.check_warmup_source(p, f"BackboneParams (profile {p.profile!r})")  # before any work
     # Under ``accelerate launch`` every process runs this; only the main one writes.
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = run_folder(p, "backbone")
@@ -569,6 +578,9 @@ def backbone_stage(p: Any, dsd: Any = None) -> tuple[Any, Any, dict[str, Any]]:
         repro.seed_everything(p.seed)  # before the data, as the model is built after it
         if p.model_name == "tiny":
             dsd = stage_data(p, acc, dsd)
+            if upstream_params(p, "data").source == "jsonl":
+                owndata.warn_small_grids(dsd, p, f"{p.data_params_file} with the backbone's "
+                                                 f"image_min_pixels/image_max_pixels")
         start_run(out, p, acc, inputs)  # every check passed: the folder is written from here
         return _backbone_stage(p, dsd, acc, out)
 

@@ -64,6 +64,7 @@ RESUMABLE_KEYS = frozenset({
     "checkpoint_every",  # when checkpoints are written; saving draws no random numbers
     "run_root", "profile", "figures_dir",  # where outputs go (the run folder moved or renamed)
     "variants",  # which variants a stage function trains; each run folder is one variant
+    "allow_outside_root",  # whether image paths may leave the image root, not what they hold
 })
 """Parameters that may differ between a checkpoint and the run resuming it, together with
 every ``eval_*`` key (evaluation settings; no training step reads them). Every other

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
                       "rewards", "data", "modeling", "attention", "batching", "runlock", "progress",
-                      "checkpoints"),
+                      "checkpoints", "owndata"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
@@ -38,6 +38,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
+    "owndata": {"config", "records"},
     "runlock": {"repro"},
     "checkpoints": {"repro"},
     "scoring": {"prompting", "records"},
