@@ -265,7 +265,7 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
     rel = {split: _project_path(path, root) for split, path in jsonl.items()}
     img_root = _project_path(image_root, root) if image_root else None
     items = []
-    for split, path in rel.items():
+    for path in rel.values():
         recs, _ = records.load_jsonl(
             _resolve(path, root), _resolve(img_root, root) if img_root else None, "error",
             load_images=False, verify_images=True, allow_outside_root=allow_outside_root)
