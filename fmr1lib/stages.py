@@ -32,8 +32,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmr1lib import (anchoring, checkpoints, config, data, grpo, modeling, owndata, repro,
-                     runlock, train)
+from fmr1lib import (
+    anchoring,
+    checkpoints,
+    config,
+    data,
+    grpo,
+    modeling,
+    owndata,
+    repro,
+    runlock,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
