@@ -353,7 +353,7 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
     * ``start_reading_spread``: per faithful row, the cue-dependent share of the scored
       rollouts of its first stage-2 steps (``claims.spread_summary``); ``holds`` if >= 0.2.
     * ``within_group_reading_spread``: per faithful row, on its start model's rollouts of the
-      first ``SPREAD_PROMPTS`` train prompts (``start_reading_spread``), the share of groups whose
+      first ``SPREAD_PROMPTS`` train prompts (``start_model_spread``), the share of groups whose
       distinct correct rollouts hold both a cue-dependent and an evidence-dependent one: what
       GRPO can compare within a group. ``holds`` if >= ``WITHIN_SPREAD_MIN``.
     * ``route_shares``: the greedy responses' reasoning routes (``prompting.response_route``)
@@ -421,7 +421,7 @@ def preconditions(ep: config.EvalParams, dsd: Any, long: Sequence[dict[str, Any]
             start = START_ROW[row]
             for s in ep.seeds:
                 if (start, s) not in measured:
-                    measured[(start, s)] = start_reading_spread(ep, start, s, dsd)
+                    measured[(start, s)] = start_model_spread(ep, start, s, dsd)
             per = [measured[(start, s)] for s in ep.seeds]
             mixed = claims.mean_or_nan([d["mixed_share"] for d in per])
             within[row] = {"start": start, "seed_values": [d["mixed_share"] for d in per],
@@ -449,7 +449,7 @@ SPREAD_PROMPTS = 64
 """Train prompts the within-group spread of a start model is measured on."""
 
 
-def start_reading_spread(ep: config.EvalParams, start: str, seed: int, dsd: Any) -> dict[str, Any]:
+def start_model_spread(ep: config.EvalParams, start: str, seed: int, dsd: Any) -> dict[str, Any]:
     """``validity.reading_spread`` of the start model ``start`` (an ablation row) of ``seed``, on
     ``G`` rollouts of each of the first ``SPREAD_PROMPTS`` prompts of the stage-2 train split."""
     _, _, rp = stages.seed_params(ep, seed)

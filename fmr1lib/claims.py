@@ -286,6 +286,11 @@ def claims_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | None = 
     return out
 
 
+def _held(entry: Mapping[str, Any]) -> str:
+    """How a precondition sentence ends."""
+    return "holds" if entry["holds"] else "DOES NOT HOLD"
+
+
 def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | None = None
                            ) -> list[str]:
     """One line per precondition of a ``claims.json`` document, with whether it holds."""
@@ -304,13 +309,13 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
                    f"({split}) {f(sb['mean'])} vs the evidence readers' {readers} "
                    f"(needs >= {sb['margin']:.2f} below all), answers the cue on "
                    f"{f(sb['cue_rate'])} (chance {f(sb['chance'])}, needs >= {sb['margin']:.2f} "
-                   f"above): {'holds' if sb['holds'] else 'DOES NOT HOLD'}")
+                   f"above): {_held(sb)}")
     for row, ch in pre.get("rl_answer_change", {}).items():
         seeds = " ".join(f(v) for v in ch["seed_values"])
         out.append(f"{labels.get(row, row)} changed {f(ch['mean'])} of its start model's "
                    f"({labels.get(ch['start'], ch['start'])}) greedy {split} answers (seeds: "
                    f"{seeds}; needs >= {ch['threshold']:.2f}): "
-                   f"{'holds' if ch['holds'] else 'DOES NOT HOLD'}")
+                   f"{_held(ch)}")
     for row, st in pre.get("faithful_group_std_correct", {}).items():
         out.append(f"{labels.get(row, row)}: within-group std of the faithful reward among "
                    f"correct trajectories {f(st['mean'])}")
@@ -319,18 +324,18 @@ def precondition_sentences(doc: Mapping[str, Any], labels: Mapping[str, str] | N
         out.append(f"{labels.get(row, row)}: within-group rank correlation of the faithful reward "
                    f"with reading {_num(v['mean'])} (95% CI [{_num(lo)}, {_num(hi)}]; positive in "
                    f"{f(v['positive_share'])} of the groups; needs the interval above 0): "
-                   f"{'holds' if v['holds'] else 'DOES NOT HOLD'}")
+                   f"{_held(v)}")
     for row, v in pre.get("start_reading_spread", {}).items():
         out.append(f"{labels.get(row, row)}: cue-dependent share of the start model's correct "
                    f"rollouts (first {v['first_steps']} steps) {f(v['mean'])} (needs >= "
-                   f"{v['threshold']:.2f}): {'holds' if v['holds'] else 'DOES NOT HOLD'}")
+                   f"{v['threshold']:.2f}): {_held(v)}")
     for row, v in pre.get("within_group_reading_spread", {}).items():
         share = " ".join(f(x) for x in v["within_var_share"])
         out.append(f"{labels.get(row, row)}: groups of its start model ({labels.get(v['start'], v['start'])}, "
                    f"{v['prompts']} train prompts) whose correct rollouts hold both a cue-dependent "
                    f"and an evidence-dependent one {f(v['mean'])} (needs >= {v['threshold']:.2f}; "
                    f"within-group share of reading's variance per seed: {share}): "
-                   f"{'holds' if v['holds'] else 'DOES NOT HOLD'}")
+                   f"{_held(v)}")
     for row, sh in pre.get("route_shares", {}).items():
         out.append(f"{labels.get(row, row)} greedy routes ({split}): "
                    + ", ".join(f"{k} {f(v)}" for k, v in sh.items()))

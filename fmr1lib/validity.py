@@ -11,7 +11,7 @@ are cue-dependent). ``scripts/reward_validity.py`` runs it over the study's mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,32 +160,42 @@ def example_pair(model: Any, processor: Any, rows: Sequence[dict[str, Any]], par
         ``{"row", "completions": [higher reading, lower reading], "readings"}``, or None when no
         prompt had two distinct correct trajectories with a defined reading.
     """
-    torch.manual_seed(seed)
-    ctx = grpo.setup_grpo(model, processor, params, "faithful")
     best: dict[str, Any] | None = None
-    for start in range(0, len(rows), prompts_per_batch):
-        chunk = list(rows[start:start + prompts_per_batch])
-        groups = grpo.rollout(ctx, chunk)
-        batch = batching.build_sequences(chunk, [g.tokens for g in groups], processor)
-        picked = [gi * batch.group_size + same[0] for gi, g in enumerate(groups)
-                  for same in g.distinct_correct()]
-        if not picked:
-            continue
-        answers = [chunk[i // batch.group_size]["answer"] for i in picked]
-        r = _readings(model, processor, batch, chunk, picked, answers, params)
-        for gi, g in enumerate(groups):
-            mine = [(v, i) for v, i in zip(r, picked, strict=True)
-                    if i // batch.group_size == gi and np.isfinite(v)]
+    for scored in _sampled_readings(model, processor, rows, params, seed, prompts_per_batch):
+        for g, pairs in scored:
+            mine = [(v, k) for v, k in pairs if np.isfinite(v)]
             if len(mine) < 2:
                 continue
-            (lo, i_lo), (hi, i_hi) = min(mine), max(mine)
+            (lo, k_lo), (hi, k_hi) = min(mine), max(mine)
             if best is None or hi - lo > best["readings"][0] - best["readings"][1]:
-                k_hi, k_lo = i_hi % batch.group_size, i_lo % batch.group_size
                 best = {"row": g.row, "completions": [g.texts[k_hi], g.texts[k_lo]],
                         "readings": [hi, lo]}
         if best is not None and best["readings"][0] > 0 > best["readings"][1]:
             break  # one reads the evidence, the other the cue
     return best
+
+
+def _sampled_readings(model: Any, processor: Any, rows: Sequence[dict[str, Any]], params: Any,
+                      seed: int, prompts_per_batch: int
+                      ) -> Iterator[list[tuple[grpo.Group, list[tuple[float, int]]]]]:
+    """Per batch of prompts, each group with ``(reading, k)`` of its distinct correct rollouts
+    (``k``: the first of the identical copies); ``G`` samples along the stage-2 code path, seeded."""
+    torch.manual_seed(seed)
+    ctx = grpo.setup_grpo(model, processor, params, "faithful")
+    for start in range(0, len(rows), prompts_per_batch):
+        chunk = list(rows[start:start + prompts_per_batch])
+        groups = grpo.rollout(ctx, chunk)
+        batch = batching.build_sequences(chunk, [g.tokens for g in groups], processor)
+        g_size = batch.group_size
+        picked = [gi * g_size + same[0] for gi, g in enumerate(groups)
+                  for same in g.distinct_correct()]
+        pairs: list[list[tuple[float, int]]] = [[] for _ in groups]
+        if picked:
+            answers = [chunk[i // g_size]["answer"] for i in picked]
+            values = _readings(model, processor, batch, chunk, picked, answers, params)
+            for i, v in zip(picked, values, strict=True):
+                pairs[i // g_size].append((v, i % g_size))
+        yield list(zip(groups, pairs, strict=True))
 
 
 def _readings(model: Any, processor: Any, batch: batching.SequenceBatch,
@@ -234,20 +244,6 @@ def group_readings(model: Any, processor: Any, rows: Sequence[dict[str, Any]], p
                    seed: int = 0, prompts_per_batch: int = 4) -> list[list[float]]:
     """Per prompt, the ``reading`` of each distinct correct rollout of ``model`` (``G`` samples
     along the stage-2 code path; seeded)."""
-    torch.manual_seed(seed)
-    ctx = grpo.setup_grpo(model, processor, params, "faithful")
-    out: list[list[float]] = []
-    for start in range(0, len(rows), prompts_per_batch):
-        chunk = list(rows[start:start + prompts_per_batch])
-        groups = grpo.rollout(ctx, chunk)
-        batch = batching.build_sequences(chunk, [g.tokens for g in groups], processor)
-        picked = [gi * batch.group_size + same[0] for gi, g in enumerate(groups)
-                  for same in g.distinct_correct()]
-        per: list[list[float]] = [[] for _ in groups]
-        if picked:
-            answers = [chunk[i // batch.group_size]["answer"] for i in picked]
-            for i, v in zip(picked, _readings(model, processor, batch, chunk, picked, answers,
-                                               params), strict=True):
-                per[i // batch.group_size].append(v)
-        out += per
-    return out
+    return [[v for v, _ in pairs]
+            for scored in _sampled_readings(model, processor, rows, params, seed, prompts_per_batch)
+            for _, pairs in scored]
