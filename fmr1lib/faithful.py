@@ -368,6 +368,11 @@ class CounterfactualView:
     logits: torch.Tensor | None = None  # [n_sel, T, V] on I in eval mode (models with dropout)
     attn: torch.Tensor | None = None    # [n_sel, n_layers, T, seq] its captured attention rows
 
+    def on_original(self, logits: torch.Tensor) -> torch.Tensor:
+        """The selected trajectories' eval-mode logits on ``I``: the view's own when the model
+        has dropout, else the training forward's (``logits``, all sequences)."""
+        return self.logits if self.logits is not None else logits.detach().index_select(0, self.selected)
+
 
 def has_active_dropout(model: Any) -> bool:
     """Whether a train-mode forward of ``model`` differs from an eval-mode one (a dropout with
@@ -533,7 +538,7 @@ def score_selected(view: CounterfactualView, batch: batching.SequenceBatch, logi
     sel = view.selected
     mask = candidate_mask(batch.completion_mask.index_select(0, sel), scoring.focus_row)
     # Both sides of s_t in eval mode (``counterfactual_view``).
-    on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
+    on_i = view.on_original(logits)
     rows_i = view.attn if view.attn is not None else attn.detach().index_select(0, sel)
     s_t = visual_dependency(on_i, view.logits_cf, mask)
     share = region_share(rows_i, view.region_mask, view.image_mask)

@@ -547,7 +547,7 @@ def _log_reading(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualV
     trajectory, and per group the rank correlation of its faithful reward with ``reading``."""
     batch, p = chunk.batch, ctx.params
     sel = view.selected
-    on_i = view.logits if view.logits is not None else logits.detach().index_select(0, sel)
+    on_i = view.on_original(logits)
     model = ctx.accelerator.unwrap_model(ctx.model)
     g_size = batch.group_size
     rows = [g.row for g in chunk.groups]

@@ -82,11 +82,6 @@ def answer_positions(pieces: Sequence[str], answer: str) -> list[int]:
     return out
 
 
-def _removed_views(rows: Sequence[dict[str, Any]], regions: Sequence[Sequence[Sequence[float]]],
-                   processor: Any, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return faithful.counterfactual_pixels(rows, regions, processor, method)
-
-
 @torch.no_grad()
 def reading_scores(model: Any, processor: Any, batch: batching.SequenceBatch,
                    rows: Sequence[dict[str, Any]], selected: torch.Tensor, logits_i: torch.Tensor,
@@ -125,7 +120,7 @@ def reading_scores(model: Any, processor: Any, batch: batching.SequenceBatch,
     targets = batch.completion_ids.index_select(0, selected)
     lp_i = batching.token_logprobs(logits_i, targets, mask)
     for regions in ([rows[g]["evidence_boxes"] for g in keep], [shortcut_boxes(rows[g]) for g in keep]):
-        pv, thw = _removed_views([rows[g] for g in keep], regions, processor, method)
+        pv, thw = faithful.counterfactual_pixels([rows[g] for g in keep], regions, processor, method)
         inputs = batching.select_sequences(batch.inputs, selected, pv, thw, image_of)
         with batching.eval_mode(model):
             logits = batching.completion_logits(model, inputs, t, temperature)
