@@ -216,7 +216,7 @@ def study_params_hash(ep: config.EvalParams) -> str:
 def prompts_seen(rp: Any, n_train: int) -> int:
     """Distinct training prompts a stage-2 run draws from: ``n_prompts``, or, for a run on
     the whole split, at most ``steps x prompts_per_step`` (one pass, no prompt twice)."""
-    cap = rp.steps * rp.prompts_per_step
+    cap = rp.steps * rp.rollout.prompts_per_step
     return min(rp.n_prompts, n_train) if rp.n_prompts else min(cap, n_train)
 
 

@@ -35,11 +35,12 @@ import torch
 
 from fmr1lib import attention, batching, train
 from fmr1lib.batching import Batch
+from fmr1lib.choices import AttnLoss, options
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = batching.STAGE_VARIANTS
-ATTN_LOSSES = ("kl", "mass")
+ATTN_LOSSES = options(AttnLoss)
 EPS = 1e-8
 
 
@@ -246,8 +247,7 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
 
 def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_dir: str | Path,
                      variant: str = "plain", accelerator: Any = None,
-                     fail_at_step: int | None = None,
-                     stop_after: int | None = None) -> train.TrainResult:
+                     hooks: train.Hooks | None = None) -> train.TrainResult:
     """SFT with an optional anchoring term (``supervised_step``) in the training skeleton.
 
     Args:
@@ -260,8 +260,7 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
         out_dir: run folder: ``metrics.jsonl`` and ``checkpoints/`` go here.
         variant: ``plain``, ``focus_anchor`` or ``text_perception``.
         accelerator: optional ``accelerate.Accelerator``.
-        fail_at_step: test hook: make the loss NaN at this step.
-        stop_after: test hook: return after this many steps, as if the run were killed.
+        hooks: test hooks (``stop_after``, ``fail_at_step``).
 
     Returns:
         ``train.TrainResult`` with the logged metrics.
@@ -282,6 +281,6 @@ def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_
         mass = row["focus_mass"]
         return {"ce": f"{row['ce']:.3f}", "mass": f"{mass:.2f}" if mass else "-"}
 
-    return train.fit(state, params, out_dir, step_fn, f"{variant} training",
-                     checkpoint_extra={"variant": variant}, stop_after=stop_after,
-                     fail_at_step=fail_at_step, postfix=postfix)
+    loop = train.Loop(f"{variant} training", checkpoint_extra={"variant": variant},
+                      postfix=postfix)
+    return train.fit(state, params, out_dir, step_fn, loop, hooks or train.Hooks())

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from fmr1lib import attention, modeling, prompting, records
+from fmr1lib.choices import StageVariant, options
 
-STAGE_VARIANTS = ("plain", "focus_anchor", "text_perception")
+STAGE_VARIANTS = options(StageVariant)
 """Response templates: ``text_perception`` describes the evidence in words after ``<Focus>``."""
 
 

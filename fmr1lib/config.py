@@ -25,6 +25,35 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from fmr1lib import repro
+from fmr1lib.choices import (
+    AblationRow,
+    AttnImplementation,
+    AttnLoss,
+    Concentration,
+    CueCorner,
+    DataSource,
+    Dtype,
+    FaithfulAdvantage,
+    FaithfulForm,
+    Intervention,
+    LayerSelection,
+    LossAgg,
+    LrSchedule,
+    MixedPrecision,
+    OcclusionSearch,
+    OnBadRecord,
+    OodCue,
+    Reasoning,
+    RLVariant,
+    Split,
+    StageVariant,
+    TestSplit,
+    WarmupCue,
+    WarmupVariant,
+    options,
+)
+
 T = TypeVar("T")
 
 
@@ -41,7 +70,7 @@ def check_layers(key: str, value: str | list[int]) -> None:
     """A layer selection is ``last_half``, ``all`` or a non-empty list of distinct indices
     (ValueError naming ``key``); whether the backbone has them is checked by ``check_indices``."""
     if isinstance(value, str):
-        if value not in ("last_half", "all"):
+        if value not in options(LayerSelection):
             raise ValueError(f"key {key!r}: {value!r}: use last_half, all or indices")
         return
     if not value:
@@ -75,13 +104,6 @@ def check_at_least(params: Any, low: float, *keys: str) -> None:
         if value < low:
             raise ValueError(f"key {key!r}: must be >= {low}, got {value}")
 
-
-SPLITS = ("train", "warmup", "test_id", "test_ood")
-"""The splits of every dataset (``data.SPLITS``): what ``train_split`` may name."""
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-"""Attention kernels a model may load with (``attn_implementation``); attention capture runs
-on top of whichever is set (``attention.CAPTURE_IMPLEMENTATION``)."""
 
 RANGES: dict[str, tuple[float, float, str]] = {
     "seed": (0, 2**32 - 1, "numpy seeds are 0..2**32-1, and a seed names its run folder"),
@@ -125,8 +147,9 @@ _OPEN_LOW = frozenset({"lr", "temperature"})
 def check_ranges(params: Any) -> None:
     """Every field of ``params`` named in ``RANGES`` is in its range (ValueError naming the key,
     the range and why)."""
+    values = params_to_dict(params)
     for key, (low, high, why) in RANGES.items():
-        value = getattr(params, key, None)
+        value = values.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         above = value > low if key in _OPEN_LOW else value >= low
@@ -177,7 +200,7 @@ class DataParams(SeedParams, CommonParams):
         "ood_cue", "warmup_cue", "background")
     """Keys of the generator: with ``source: jsonl`` they must keep their defaults."""
 
-    source: str = "focusshapes"
+    source: DataSource = "focusshapes"
     """Where the records come from: ``focusshapes`` (generated from the keys below) or ``jsonl``
     (records files in the schema of docs/design.md §3.1, named by ``jsonl_files``)."""
     jsonl_files: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -187,7 +210,7 @@ class DataParams(SeedParams, CommonParams):
     image_root: str | None = None
     """``source: jsonl``: the folder the records' image paths are relative to (project root unless
     absolute); None: each records file's own folder."""
-    on_bad_record: str = "error"
+    on_bad_record: OnBadRecord = "error"
     """``source: jsonl``: ``error`` stops at the first bad record (``records.DataError`` naming the
     file, line, record id and field); ``skip`` leaves bad records out, logging each and the count."""
     allow_outside_root: bool = False
@@ -226,17 +249,17 @@ class DataParams(SeedParams, CommonParams):
     """Min and max object side in pixels."""
     cue_size: int = 24
     """Side of the shortcut cue square, placed in the fixed corner cell."""
-    cue_corner: str = "bottom_right"
+    cue_corner: CueCorner = "bottom_right"
     """Corner cell of the cue: top_left, top_right, bottom_left, bottom_right."""
     shortcut_p: float = 1.0
     """Probability that the cue agrees with the answer in ``train`` and ``test_id``."""
-    ood_cue: str = "contradict"
+    ood_cue: OodCue = "contradict"
     """Cue in ``test_ood``: ``contradict`` (never the answer) or ``random`` (uniform, chance)."""
-    warmup_cue: str = "none"
+    warmup_cue: WarmupCue = "none"
     """Cue in the warm-up split: ``none`` (absent) or ``random`` (uninformative)."""
     background: list[int] = dataclasses.field(default_factory=lambda: [235, 235, 235])
     """Background RGB colour of every scene."""
-    intervention: str = "background"
+    intervention: Intervention = "background"
     """Counterfactual intervention method: mask, background, blur, noise."""
     intervention_pad: int = 1
     """Pixels added around each box before intervening."""
@@ -259,15 +282,6 @@ class DataParams(SeedParams, CommonParams):
             raise ValueError("key 'tasks': weights must be >= 0 with a positive sum")
         if not 0.0 <= self.shortcut_p <= 1.0:
             raise ValueError(f"key 'shortcut_p': {self.shortcut_p} is not in [0, 1]")
-        choices = {
-            "ood_cue": ("contradict", "random"),
-            "warmup_cue": ("none", "random"),
-            "cue_corner": ("top_left", "top_right", "bottom_left", "bottom_right"),
-            "intervention": ("mask", "background", "blur", "noise"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"key {key!r}: {getattr(self, key)!r} not in {list(allowed)}")
         if len(self.object_size) != 2 or not 4 <= self.object_size[0] <= self.object_size[1] <= 26:
             raise ValueError(f"key 'object_size': {self.object_size} must be [min, max], 4 <= min <= max <= 26")
         if not 4 <= self.cue_size <= 28:
@@ -289,12 +303,7 @@ class DataParams(SeedParams, CommonParams):
         return out if out.is_absolute() else PARAMS_ROOT / out
 
     def _validate_source(self) -> None:
-        """The source keys: a known source, and for JSONL every split's file present on disk."""
-        sources = ("focusshapes", "jsonl")
-        if self.source not in sources:
-            raise ValueError(f"key 'source': {self.source!r} not in {list(sources)}")
-        if self.on_bad_record not in ("error", "skip"):
-            raise ValueError(f"key 'on_bad_record': {self.on_bad_record!r} not in ['error', 'skip']")
+        """The source keys: for JSONL, every split's file present on disk."""
         if self.source == "focusshapes":
             for key in ("jsonl_files", "image_root", "allow_outside_root"):
                 if getattr(self, key):
@@ -328,18 +337,10 @@ class DataParams(SeedParams, CommonParams):
 class ModelLoadParams:
     """How a saved model is loaded: every stage that trains or evaluates one reads these."""
 
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
     """Attention kernel of the model (capture works on top of sdpa; never switch to eager)."""
-
-    def validate_load(self) -> None:
-        """Value checks of the loading settings."""
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"key 'dtype': {self.dtype!r} not in ['float32', 'bfloat16', 'float16']")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"key 'attn_implementation': {self.attn_implementation!r} not in "
-                             f"{list(ATTN_IMPLEMENTATIONS)}")
 
 
 @dataclasses.dataclass
@@ -422,7 +423,6 @@ class ModelParams(AdapterParams, BuildParams, ModelLoadParams):
 
     def validate_model(self) -> None:
         """Value checks of the loading, build and adapter settings."""
-        self.validate_load()
         self.validate_build()
         self.validate_adapter()
 
@@ -472,13 +472,13 @@ class OptimParams(EvalSettings):
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    lr_schedule: str = "cosine"
+    lr_schedule: LrSchedule = "cosine"
     """constant, linear or cosine decay after the warm-up."""
     lr_warmup_steps: int = 20
     """Linear learning-rate warm-up steps."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 disables)."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """accelerate mixed precision: no, bf16, fp16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
@@ -504,10 +504,6 @@ class OptimParams(EvalSettings):
             pkgs = " ".join(TRACKERS[t][0] for t in missing)
             raise ValueError(f"key 'log_with': tracker {missing} needs a package that is not "
                              f"installed: pip install {pkgs} (or drop it from log_with)")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"key 'lr_schedule': {self.lr_schedule!r} not in constant/linear/cosine")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"key 'mixed_precision': {self.mixed_precision!r} not in no/bf16/fp16")
         self.validate_eval()
         check_at_least(self, 1, "steps", "grad_accum")
         if not self.lr > 0:
@@ -523,7 +519,7 @@ class TrainParams(OptimParams):
     batch_size: int = 16
     """Examples per optimiser step and process; they are split into ``grad_accum``
     micro-batches of ``batch_size / grad_accum`` (so ``grad_accum`` <= ``batch_size``)."""
-    reasoning: str = "look"
+    reasoning: Reasoning = "look"
     """Reasoning of the reference responses: ``look`` ("look at the circle"), or ``two_route``:
     "the circle is red" (the evidence route) or "the corner patch is red" (the cue route, on a
     share ``cue_route_share`` of the records whose cue agrees with the answer), so that reading
@@ -535,8 +531,6 @@ class TrainParams(OptimParams):
         """Value checks for the optimisation settings and the batch size."""
         self.validate_optim()
         check_at_least(self, 1, "batch_size")
-        if self.reasoning not in ("look", "two_route"):
-            raise ValueError(f"key 'reasoning': {self.reasoning!r} not in ['look', 'two_route']")
         if not 0.0 <= self.cue_route_share <= 1.0:
             raise ValueError(f"key 'cue_route_share': {self.cue_route_share} is not in [0, 1]")
         if self.grad_accum > self.batch_size:
@@ -553,7 +547,7 @@ class BackboneParams(TrainParams, ModelParams, SeedParams, CommonParams):
     """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
     warmup: bool = True
     """Stage 0: SFT of the freshly built tiny backbone on the cue-free ``warmup`` split."""
-    warmup_variant: str = "plain"
+    warmup_variant: WarmupVariant = "plain"
     """Stage 0's objective: ``plain`` (SFT: the format, not the task, at the tiny size) or
     ``focus_anchor`` (SFT + the anchoring loss on the cue-free split: a start model that perceives,
     as the paper's Instruct checkpoint does; docs/design.md §5.0)."""
@@ -565,9 +559,6 @@ class BackboneParams(TrainParams, ModelParams, SeedParams, CommonParams):
         """Value checks."""
         self.validate_model()
         self.validate_train()
-        if self.warmup_variant not in ("plain", "focus_anchor"):
-            raise ValueError(f"key 'warmup_variant': {self.warmup_variant!r} not in "
-                             f"['plain', 'focus_anchor']")
         check_at_least(self, 0, "lambda_attn")
 
 
@@ -579,7 +570,7 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
     The backbone comes from ``backbone_params_file`` (its ``model_name`` and the like are there).
     """
 
-    VARIANTS: typing.ClassVar[tuple[str, ...]] = ("plain", "text_perception", "focus_anchor")
+    VARIANTS: typing.ClassVar[tuple[str, ...]] = options(StageVariant)
     """The stage-1 variants (``variants``, ``python -m fmr1lib anchor --variants``)."""
 
     steps: int = 200
@@ -589,18 +580,18 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
     """Parameters of the dataset (built if ``runs/<profile>/data`` is missing)."""
     backbone_params_file: str = "params/tiny/02_backbone.yaml"
     """Parameters of the backbone (built if ``runs/<profile>/backbone`` is missing)."""
-    train_split: str = "train"
+    train_split: Split = "train"
     """Split trained on (the cue-laden ``train`` in the headline)."""
-    variants: list[str] = dataclasses.field(
+    variants: list[StageVariant] = dataclasses.field(
         default_factory=lambda: ["plain", "text_perception", "focus_anchor"])
     """Variants trained from the same backbone with the same data and steps."""
     lambda_attn: float = 1.0
     """Weight of the attention loss (``focus_anchor`` only)."""
-    attn_loss: str = "kl"
+    attn_loss: AttnLoss = "kl"
     """``kl``: KL(q || p); ``mass``: -log of the Focus mass inside the boxes."""
-    anchor_layers: str | list[int] = "last_half"
+    anchor_layers: LayerSelection | list[int] = "last_half"
     """Layers whose Focus attention is supervised: ``last_half``, ``all`` or indices."""
-    head_select: str | list[int] = "mean"
+    head_select: Literal["mean"] | list[int] = "mean"
     """Heads averaged for ``p``: ``mean`` (all heads) or a list of head indices."""
     smooth_sigma: float = 0.0
     """Gaussian smoothing of the target ``q`` in cells (0: none)."""
@@ -609,20 +600,12 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
 
     def validate(self) -> None:
         """Value checks."""
-        self.validate_load()
         self.validate_build()
         self.validate_adapter()
         self.validate_train()
-        check_variants("variants", self.variants, self.VARIANTS)
-        if self.train_split not in SPLITS:
-            raise ValueError(f"key 'train_split': {self.train_split!r} not in {list(SPLITS)}")
-        if self.attn_loss not in ("kl", "mass"):
-            raise ValueError(f"key 'attn_loss': {self.attn_loss!r} not in ['kl', 'mass']")
+        check_distinct("variants", self.variants)
         check_layers("anchor_layers", self.anchor_layers)
-        if isinstance(self.head_select, str):
-            if self.head_select != "mean":
-                raise ValueError(f"key 'head_select': {self.head_select!r}: use mean or indices")
-        else:
+        if not isinstance(self.head_select, str):
             check_distinct("head_select", self.head_select)
             if min(self.head_select) < 0:
                 raise ValueError(f"key 'head_select': head indices must be >= 0, got "
@@ -630,14 +613,131 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
         check_at_least(self, 0, "lambda_attn", "smooth_sigma", "n_show")
 
 
-CONCENTRATIONS = ("top_kappa", "weighted", "relative", "dependency")
-"""Which response tokens enter the faithful reward's concentration, and with what weight
-(``faithful.concentration``; docs/design.md §6.3, §6.6)."""
-FAITHFUL_ADVANTAGES = ("summed", "separate")
-"""How the faithful reward enters the GRPO advantage (``grpo.combine_advantages``): ``summed``
-adds it to the total reward before the group standardisation; ``separate`` adds it, centred
-among the group's correct trajectories and weighted, to the standardised advantage of the other
-rewards, so the group std cannot magnify it."""
+@dataclasses.dataclass
+class RolloutParams:
+    """Stage 2: how the rollouts are sampled (``grpo.rollout``, ``grpo.collect_groups``)."""
+
+    prompts_per_step: int = 4
+    """P: prompts per GRPO step."""
+    group_size: int = 8
+    """G: sampled completions per prompt."""
+    rollout_prompts: int = 0
+    """Prompts generated per ``generate`` call (0: all P at once); lower it when rollouts run out
+    of memory. The training and counterfactual forwards are split by ``grad_accum``."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (the loss and the reward divide the logits by it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts."""
+    top_k: int = 0
+    """Top-k sampling of rollouts (0: off). Nothing else is inherited from the checkpoint's
+    generation config (``modeling.decoding_kwargs``)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and refill from the data."""
+    max_refill: int = 3
+    """Refill rounds per step when dynamic sampling."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        if self.group_size < 2:
+            raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
+        check_at_least(self, 1, "prompts_per_step")
+        check_at_least(self, 0, "rollout_prompts", "top_k", "max_refill")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"key 'top_p': {self.top_p} is not in (0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"key 'temperature': must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass
+class PolicyLossParams:
+    """Stage 2: the clipped policy loss and its auxiliary terms (``grpo.clipped_policy_loss``)."""
+
+    num_iterations: int = 1
+    """Policy updates per rollout batch (ratios differ from 1 only when > 1)."""
+    clip_low: float = 0.2
+    """Lower clip of the importance ratio (1 - clip_low)."""
+    clip_high: float = 0.28
+    """Upper clip of the importance ratio (1 + clip_high), DAPO clip-higher."""
+    loss_agg: LossAgg = "token_mean"
+    """``token_mean`` over all completion tokens of the batch, or ``seq_mean`` per sequence."""
+    std_normalize: bool = True
+    """Divide group-centred rewards by the group std (off: Dr.GRPO)."""
+    beta: float = 0.0
+    """KL penalty to the reference policy (0: no reference pass)."""
+    lambda_attn_rl: float = 0.0
+    """Auxiliary anchoring loss during RL (ablation; 0 = off)."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        check_at_least(self, 1, "num_iterations")
+        check_at_least(self, 0, "beta", "lambda_attn_rl", "clip_high")
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"key 'clip_low': {self.clip_low} is not in [0, 1) (the ratio's lower "
+                             f"clip is 1 - clip_low)")
+
+
+@dataclasses.dataclass
+class RewardParams:
+    """Stage 2: the rewards, and how the faithful one is computed (``fmr1lib.faithful``,
+    ``grpo.combine_advantages``; docs/design.md §6.3)."""
+
+    w_acc: float = 1.0
+    """Weight of the accuracy reward."""
+    w_fmt: float = 0.5
+    """Weight of the format reward."""
+    w_faith: float = 1.0
+    """Weight of the faithful reward (faithful variants only)."""
+    faithful_form: FaithfulForm = "group_tanh"
+    """``raw``: concentration c; ``group_tanh``: 0.5 * tanh(z) of c within the group."""
+    faithful_std_floor: float = 0.1
+    """``group_tanh``: concentrations within this of each other count as equal (reward 0) and the
+    group std is floored at it (``faithful.faithful_from_concentration``), in the concentration's
+    units (nats for ``dependency``, where the deciding token's s_t is 3-7 nats; a share of
+    attention for the others)."""
+    kappa: int = 4
+    """``concentration: top_kappa``: the kappa response tokens with the largest visual
+    dependency s_t enter the concentration."""
+    concentration: Concentration = "dependency"
+    """Which tokens enter the concentration: ``top_kappa`` (the paper's literal reading),
+    ``weighted`` (every token weighted by its s_t) or ``relative`` (tokens with
+    s_t >= relative_rho * max s_t) or ``dependency`` (sum_t s_t share_t, in nats: the default,
+    the only candidate whose within-group correlation with ``reading`` was positive on every
+    seed of the study's plain-SFT start; docs/design.md §6.6)."""
+    relative_rho: float = 0.5
+    """``concentration: relative``: share of the largest s_t a token needs to count."""
+    min_dependency: float = 0.0
+    """Nats: a trajectory whose largest s_t is below this did not depend on the causal region,
+    so its concentration is 0 (0: off)."""
+    faithful_advantage: FaithfulAdvantage = "separate"
+    """How the faithful reward enters the advantage (``choices.FaithfulAdvantage``)."""
+    reading_diagnostic: bool = True
+    """Log, per step, the causal ``reading`` of the scored trajectories and the within-group rank
+    correlation of the faithful reward with it (``fmr1lib.reading``; records whose meta names a
+    shortcut region only). An instrument: it never enters the reward."""
+    faithful_focus_row: bool = False
+    """Whether the ``<Focus>`` row (it predicts the first response token; the same for every
+    trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
+    occlusion_cells: int = 2
+    """Cells kept as the causal region by the occlusion search."""
+    occlusion_search: OcclusionSearch = "coarse_to_fine"
+    """How the occlusion region is found (``fmr1lib.occlusion``): ``exhaustive`` (one occluded
+    forward per image cell), ``coarse_to_fine`` (quadtree beam; the default: the cheaper search
+    that agrees with ``exhaustive``), ``gradient`` (one backward, no occluded forward),
+    ``budgeted`` (the gradient's first ``occlusion_budget`` cells occluded exactly)."""
+    occlusion_budget: int = 2
+    """``budgeted``: cells occluded exactly per image (at least ``occlusion_cells`` are)."""
+    intervention: Intervention = "background"
+    """How the causal region is removed: mask, background, blur, noise."""
+    reward_layers: LayerSelection | list[int] = "last_half"
+    """Layers whose attention enters the concentration."""
+
+    def validate(self) -> None:
+        """Value checks."""
+        check_at_least(self, 1, "kappa", "occlusion_cells", "occlusion_budget")
+        check_at_least(self, 0, "faithful_std_floor", "min_dependency")
+        if not 0 < self.relative_rho <= 1:
+            raise ValueError(f"key 'relative_rho': {self.relative_rho} is not in (0, 1]")
+        check_layers("reward_layers", self.reward_layers)
 
 
 @dataclasses.dataclass
@@ -645,12 +745,14 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """Stage 2, Reinforcing (notebook 04): GRPO with the counterfactual faithful reward.
 
     The start models come from stage 1 (``anchor_params_file``) or its backbone; a step's batch
-    is ``prompts_per_step`` x ``group_size`` completions.
+    is ``prompts_per_step`` x ``group_size`` completions. The method's settings are three
+    sections, each handed whole to the code that uses it: ``rollout`` (``RolloutParams``),
+    ``loss`` (``PolicyLossParams``) and ``reward`` (``RewardParams``). A parameter file names
+    their keys flat (``temperature: 0.7``, not nested): every key belongs to one place
+    (``section_of``).
     """
 
-    VARIANTS: typing.ClassVar[tuple[str, ...]] = ("grpo_backbone", "grpo", "faithful",
-                                                  "faithful_occlusion", "grpo_plain",
-                                                  "faithful_plain")
+    VARIANTS: typing.ClassVar[tuple[str, ...]] = options(RLVariant)
     """The stage-2 variants (``variants``, ``efficiency_variants``, ``rl --variants``)."""
     START_VARIANTS: typing.ClassVar[dict[str, str | None]] = {
         "grpo_backbone": None, "grpo_plain": "plain", "faithful_plain": "plain"}
@@ -665,7 +767,7 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     lr: float = 5.0e-05
     """Learning rate (AdamW). Tiny: 5e-4 wrecked the anchored model within a few steps and 1e-4
     let the faithful variant's greedy format fall to 0.67 (seed 0); 5e-5 keeps both."""
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     """constant, linear or cosine decay after the warm-up."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
@@ -677,145 +779,34 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
     """Parameters of the dataset."""
     anchor_params_file: str = "params/tiny/03_anchoring.yaml"
     """Parameters of stage 1 (its ``focus_anchor`` model is the default start point)."""
-    train_split: str = "train"
+    train_split: Split = "train"
     """Split whose prompts RL samples (cue-laden ``train`` in the headline)."""
     n_prompts: int = 0
     """Use only the first this many prompts of the split (0: all); for data-efficiency curves."""
-    variants: list[str] = dataclasses.field(
+    variants: list[RLVariant] = dataclasses.field(
         default_factory=lambda: ["grpo_backbone", "grpo", "faithful", "faithful_occlusion"])
     """``grpo_backbone`` (accuracy+format from stage 0), ``grpo`` (from anchoring),
     ``faithful`` (+ faithful reward, boxes), ``faithful_occlusion`` (+ faithful reward, occlusion),
     ``grpo_plain`` / ``faithful_plain`` (GRPO / + faithful reward from stage-1 plain SFT, a start
     whose correct rollouts differ in which region they read; docs/design.md §12)."""
-    prompts_per_step: int = 4
-    """P: prompts per GRPO step."""
-    group_size: int = 8
-    """G: sampled completions per prompt."""
-    rollout_prompts: int = 0
-    """Prompts generated per ``generate`` call (0: all P at once); lower it when rollouts run out
-    of memory. The training and counterfactual forwards are split by ``grad_accum``."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts."""
-    top_p: float = 1.0
-    """Nucleus sampling of rollouts."""
-    top_k: int = 0
-    """Top-k sampling of rollouts (0: off). Nothing else is inherited from the checkpoint's
-    generation config (``modeling.decoding_kwargs``)."""
-    num_iterations: int = 1
-    """Policy updates per rollout batch (ratios differ from 1 only when > 1)."""
-    clip_low: float = 0.2
-    """Lower clip of the importance ratio (1 - clip_low)."""
-    clip_high: float = 0.28
-    """Upper clip of the importance ratio (1 + clip_high), DAPO clip-higher."""
-    loss_agg: str = "token_mean"
-    """``token_mean`` over all completion tokens of the batch, or ``seq_mean`` per sequence."""
-    std_normalize: bool = True
-    """Divide group-centred rewards by the group std (off: Dr.GRPO)."""
-    beta: float = 0.0
-    """KL penalty to the reference policy (0: no reference pass)."""
-    dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal and refill from the data."""
-    max_refill: int = 3
-    """Refill rounds per step when dynamic sampling."""
-    w_acc: float = 1.0
-    """Weight of the accuracy reward."""
-    w_fmt: float = 0.5
-    """Weight of the format reward."""
-    w_faith: float = 1.0
-    """Weight of the faithful reward (faithful variants only)."""
-    faithful_form: str = "group_tanh"
-    """``raw``: concentration c; ``group_tanh``: 0.5 * tanh(z) of c within the group."""
-    faithful_std_floor: float = 0.1
-    """``group_tanh``: concentrations within this of each other count as equal (reward 0) and the
-    group std is floored at it (``faithful.faithful_from_concentration``), in the concentration's
-    units (nats for ``dependency``, where the deciding token's s_t is 3-7 nats; a share of
-    attention for the others)."""
-    kappa: int = 4
-    """``concentration: top_kappa``: the kappa response tokens with the largest visual
-    dependency s_t enter the concentration."""
-    concentration: str = "dependency"
-    """Which tokens enter the concentration (``CONCENTRATIONS``): ``top_kappa`` (the paper's
-    literal reading), ``weighted`` (every token weighted by its s_t) or ``relative`` (tokens with
-    s_t >= relative_rho * max s_t) or ``dependency`` (sum_t s_t share_t, in nats: the default,
-    the only candidate whose within-group correlation with ``reading`` was positive on every
-    seed of the study's plain-SFT start; docs/design.md §6.6)."""
-    relative_rho: float = 0.5
-    """``concentration: relative``: share of the largest s_t a token needs to count."""
-    min_dependency: float = 0.0
-    """Nats: a trajectory whose largest s_t is below this did not depend on the causal region,
-    so its concentration is 0 (0: off)."""
-    faithful_advantage: str = "separate"
-    """How the faithful reward enters the advantage (``FAITHFUL_ADVANTAGES``)."""
-    reading_diagnostic: bool = True
-    """Log, per step, the causal ``reading`` of the scored trajectories and the within-group rank
-    correlation of the faithful reward with it (``fmr1lib.reading``; records whose meta names a
-    shortcut region only). An instrument: it never enters the reward."""
-    faithful_focus_row: bool = False
-    """Whether the ``<Focus>`` row (it predicts the first response token; the same for every
-    trajectory of a group) may be one of the top-kappa tokens (``faithful.candidate_mask``)."""
-    occlusion_cells: int = 2
-    """Cells kept as the causal region by the occlusion search."""
-    occlusion_search: str = "coarse_to_fine"
-    """How the occlusion region is found (``fmr1lib.occlusion``): ``exhaustive`` (one occluded
-    forward per image cell), ``coarse_to_fine`` (quadtree beam; the default: the cheaper search
-    that agrees with ``exhaustive``), ``gradient`` (one backward, no occluded forward),
-    ``budgeted`` (the gradient's first ``occlusion_budget`` cells occluded exactly)."""
-    occlusion_budget: int = 2
-    """``budgeted``: cells occluded exactly per image (at least ``occlusion_cells`` are)."""
-    intervention: str = "background"
-    """How the causal region is removed: mask, background, blur, noise."""
-    reward_layers: str | list[int] = "last_half"
-    """Layers whose attention enters the concentration."""
-    lambda_attn_rl: float = 0.0
-    """Auxiliary anchoring loss during RL (ablation; 0 = off)."""
+    rollout: RolloutParams = dataclasses.field(default_factory=RolloutParams)
+    """How rollouts are sampled."""
+    loss: PolicyLossParams = dataclasses.field(default_factory=PolicyLossParams)
+    """The policy loss."""
+    reward: RewardParams = dataclasses.field(default_factory=RewardParams)
+    """The rewards."""
     n_show: int = 4
     """Sample completions logged per logging step."""
 
     def validate(self) -> None:
-        """Value checks."""
-        self.validate_load()
+        """Value checks of the top-level keys (each section checks its own)."""
         self.validate_adapter()
         self.validate_optim()
-        check_variants("variants", self.variants, self.VARIANTS)
-        if self.train_split not in SPLITS:
-            raise ValueError(f"key 'train_split': {self.train_split!r} not in {list(SPLITS)}")
-        if self.loss_agg not in ("token_mean", "seq_mean"):
-            raise ValueError(f"key 'loss_agg': {self.loss_agg!r} not in token_mean/seq_mean")
-        if self.faithful_form not in ("raw", "group_tanh"):
-            raise ValueError(f"key 'faithful_form': {self.faithful_form!r} not in raw/group_tanh")
-        if self.group_size < 2:
-            raise ValueError("key 'group_size': GRPO needs at least 2 samples per prompt")
-        check_at_least(self, 1, "prompts_per_step", "num_iterations", "kappa", "occlusion_cells",
-                       "occlusion_budget")
-        if self.concentration not in CONCENTRATIONS:
-            raise ValueError(f"key 'concentration': {self.concentration!r} not in "
-                             f"{'/'.join(CONCENTRATIONS)}")
-        if self.faithful_advantage not in FAITHFUL_ADVANTAGES:
-            raise ValueError(f"key 'faithful_advantage': {self.faithful_advantage!r} not in "
-                             f"{'/'.join(FAITHFUL_ADVANTAGES)}")
-        if not 0 < self.relative_rho <= 1:
-            raise ValueError(f"key 'relative_rho': {self.relative_rho} is not in (0, 1]")
-        if self.occlusion_search not in ("exhaustive", "coarse_to_fine", "gradient", "budgeted"):
-            raise ValueError(f"key 'occlusion_search': {self.occlusion_search!r} not in "
-                             "exhaustive/coarse_to_fine/gradient/budgeted")
-        check_at_least(self, 0, "n_prompts", "rollout_prompts", "top_k", "max_refill", "beta",
-                       "faithful_std_floor", "lambda_attn_rl", "clip_high", "n_show",
-                       "min_dependency")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"key 'top_p': {self.top_p} is not in (0, 1]")
-        if not self.temperature > 0:
-            raise ValueError(f"key 'temperature': must be > 0, got {self.temperature}")
-        if not 0 <= self.clip_low < 1:
-            raise ValueError(f"key 'clip_low': {self.clip_low} is not in [0, 1) (the ratio's lower "
-                             f"clip is 1 - clip_low)")
-        if self.intervention not in ("mask", "background", "blur", "noise"):
-            raise ValueError(f"key 'intervention': {self.intervention!r} unknown")
-        check_layers("reward_layers", self.reward_layers)
+        check_distinct("variants", self.variants)
+        check_at_least(self, 0, "n_prompts", "n_show")
 
 
-ABLATION_ROWS = ("backbone", "plain_sft", "text_perception", "anchoring", "grpo_backbone",
-                 "anchoring_grpo", "faithful_mr1", "faithful_mr1_occlusion", "plain_grpo",
-                 "plain_faithful")
+ABLATION_ROWS = options(AblationRow)
 """Rows of the ablation table, in order (``fmr1lib.stages.ROWS`` says what trains each)."""
 ABLATION_ROW_LABELS: dict[str, str] = {
     "backbone": "stage-0 backbone",
@@ -849,17 +840,17 @@ class EvalParams(EvalSettings, CommonParams):
     """Stage-2 parameters; every seed trains with these (only ``seed`` changes)."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """Training seeds of stages 1-2 per ablation row (runs that exist with the same params are reused)."""
-    rows: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_ROWS[:8]))
+    rows: list[AblationRow] = dataclasses.field(default_factory=lambda: list(ABLATION_ROWS[:8]))
     """Ablation rows to build."""
-    splits: list[str] = dataclasses.field(default_factory=lambda: ["test_id", "test_ood"])
+    splits: list[TestSplit] = dataclasses.field(default_factory=lambda: list(options(TestSplit)))
     """Splits every row is evaluated on."""
-    eval_layers: str | list[int] = "last_half"
+    eval_layers: LayerSelection | list[int] = "last_half"
     """Decoder layers whose attention the Focus and answer-token metrics average."""
     n_boot: int = 1000
     """Bootstrap resamples for the 95% intervals."""
     efficiency_prompts: list[int] = dataclasses.field(default_factory=lambda: [8, 32])
     """Distinct RL training prompts for the data-efficiency curve (the full runs add the last point)."""
-    efficiency_variants: list[str] = dataclasses.field(default_factory=lambda: ["grpo", "faithful"])
+    efficiency_variants: list[RLVariant] = dataclasses.field(default_factory=lambda: ["grpo", "faithful"])
     """Stage-2 variants compared in the data-efficiency curve."""
     efficiency_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Seeds of the data-efficiency runs."""
@@ -872,14 +863,10 @@ class EvalParams(EvalSettings, CommonParams):
     def validate(self) -> None:
         """Value checks."""
         self.validate_eval()
-        bad = sorted(set(self.rows) - set(ABLATION_ROWS))
-        if bad:
-            raise ValueError(f"key 'rows': unknown {bad}; known {list(ABLATION_ROWS)}")
         check_distinct("rows", self.rows)
         check_distinct("seeds", self.seeds)
         check_distinct("splits", self.splits)
-        check_variants("efficiency_variants", self.efficiency_variants, RLParams.VARIANTS,
-                       allow_empty=True)
+        check_distinct("efficiency_variants", self.efficiency_variants, allow_empty=True)
         check_distinct("efficiency_prompts", self.efficiency_prompts, allow_empty=True)
         if any(k <= 0 for k in self.efficiency_prompts):
             raise ValueError("key 'efficiency_prompts': prompt counts must be positive")
@@ -1040,21 +1027,52 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def sections(cls: type) -> dict[str, type]:
+    """The sections of a params dataclass: its fields that hold a dataclass (``RLParams.reward``
+    holds a ``RewardParams``), by field name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[f.name])}
+
+
+def section_of(cls: type) -> dict[str, str | None]:
+    """Every key a parameter file of ``cls`` may set -> the section holding it (None: ``cls``
+    itself). Keys are flat: a section's fields are set by their own names, so no two places
+    of one stage may share a name (checked here)."""
+    out: dict[str, str | None] = {}
+    parts = sections(cls)
+    owners = [(None, cls), *parts.items()]
+    for name, owner in owners:
+        for f in dataclasses.fields(owner):
+            if name is None and f.name in parts:
+                continue
+            if f.name in out:
+                raise TypeError(f"{cls.__name__}: key {f.name!r} is defined twice")
+            out[f.name] = name
+    return out
+
+
 def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
-    """``cls(**values)`` after the key, type and value checks; errors start with ``origin``."""
+    """``cls`` from flat ``values`` after the key, type and value checks; errors start with
+    ``origin``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - fields)
+    where = section_of(cls)
+    unknown = sorted(set(values) - set(where))
     if unknown:
         raise ParamsError(
             f"{origin}: unknown key(s) {unknown} for {cls.__name__}; "
-            f"allowed keys: {sorted(fields)}"
+            f"allowed keys: {sorted(where)}"
         )
+    parts = sections(cls)
+    hints = {k: typing.get_type_hints(parts[sec] if sec else cls)[k] for k, sec in where.items()}
     checked = {k: _check(v, hints[k], f"{origin}: key {k!r}") for k, v in values.items()}
-    params = cls(**checked)
-    checks = [getattr(params, n, None) for n in ("validate_common", "validate")]
+    top = {k: v for k, v in checked.items() if where[k] is None}
+    for name, part in parts.items():
+        top[name] = part(**{k: v for k, v in checked.items() if where[k] == name})
+    params = cls(**top)
+    checks = [getattr(obj, n, None) for obj in (params, *(top[name] for name in parts))
+              for n in ("validate_common", "validate")]
     for validate in [*checks, lambda: check_ranges(params)]:
         if callable(validate):
             try:
@@ -1063,6 +1081,21 @@ def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
                 raise ParamsError(f"{origin}: {exc}") from exc
     _check_against_backbone(params, origin)
     return params
+
+
+def replace_values(params: T, **values: Any) -> T:
+    """``params`` with flat ``values`` changed (``dataclasses.replace`` through the sections);
+    no checks: what a script does to params already loaded."""
+    where = section_of(type(params))
+    unknown = sorted(set(values) - set(where))
+    if unknown:
+        raise ParamsError(f"unknown key(s) {unknown} for {type(params).__name__}")
+    top = {k: v for k, v in values.items() if where[k] is None}
+    for name in sections(type(params)):
+        mine = {k: v for k, v in values.items() if where[k] == name}
+        if mine:
+            top[name] = dataclasses.replace(getattr(params, name), **mine)
+    return dataclasses.replace(params, **top)
 
 
 def load_params(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
@@ -1219,8 +1252,9 @@ def check_indices(p: Any, n_layers: int, n_heads: int, source: str, origin: str)
     """Every explicit layer index of ``p`` (``LAYER_KEYS``) is one of the ``n_layers`` decoder
     layers (negative: from the end, each layer once) and every ``head_select`` index one of the
     ``n_heads`` heads; ParamsError starting with ``origin`` and naming the key otherwise."""
+    values = params_to_dict(p)
     for key in LAYER_KEYS:
-        spec = getattr(p, key, None)
+        spec = values.get(key)
         if not isinstance(spec, list):
             continue
         bad = [i for i in spec if not -n_layers <= i < n_layers]
@@ -1260,7 +1294,8 @@ def _upstream_backbone(p: Any) -> tuple[Any, str] | None:
 def _check_against_backbone(p: Any, origin: str) -> None:
     """``check_indices`` of ``p`` against the backbone its pointers name, where its shape is
     known without loading it (``backbone_shape``)."""
-    explicit = [k for k in (*LAYER_KEYS, "head_select") if isinstance(getattr(p, k, None), list)]
+    values = params_to_dict(p)
+    explicit = [k for k in (*LAYER_KEYS, "head_select") if isinstance(values.get(k), list)]
     if not explicit:
         return
     found = _upstream_backbone(p)
@@ -1319,7 +1354,7 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *
     if params.profile != profile:
         raise ParamsError(f"{path}: key 'profile' is {params.profile!r}, but the file is in the "
                           f"{profile!r} profile folder")
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "profile"]
+    fields = [k for k in section_of(cls) if k != "profile"]
     set_here = {k: namespace[k] for k in fields if namespace.get(k) is not None}
     set_here.update(overrides)
     if not set_here:
@@ -1328,8 +1363,9 @@ def notebook_params(notebook: str, namespace: Mapping[str, Any] | None = None, *
 
 
 def params_to_dict(params: Any) -> dict[str, Any]:
-    """The resolved parameters as a plain dict (for printing and storing with artifacts)."""
-    return dataclasses.asdict(params)
+    """The resolved parameters as a flat dict, as a parameter file names them (for printing,
+    hashing and storing with artifacts; ``repro.params_dict``)."""
+    return repro.params_dict(params)
 
 
 def format_params(params: Any) -> str:

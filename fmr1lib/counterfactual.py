@@ -31,12 +31,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fmr1lib.choices import Intervention, options
+
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 """``(x0, y0, x1, y1)`` in original-pixel coordinates, ``x1 > x0`` and ``y1 > y0``."""
 
-METHODS = ("mask", "background", "blur", "noise")
+METHODS = options(Intervention)
 
 DEFAULT_MASK_FILL = (127, 127, 127)
 

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fmr1lib import counterfactual, progress, records, repro
+from fmr1lib.choices import Split, options
 from fmr1lib.config import DataParams
 from fmr1lib.repro import atomic_write_json, run_dir, saved_params_equal
 
@@ -58,7 +59,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BLOB_COLOR = (128, 128, 128)
 SHAPE_CUE_COLOR = (20, 20, 20)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SPLITS = ("train", "warmup", "test_id", "test_ood")
+SPLITS = options(Split)
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 # Families whose answer set has a natural visual cue (a colour patch, a shape glyph).
 CUED_FAMILIES = {"color": "color_patch", "shape": "shape_glyph"}

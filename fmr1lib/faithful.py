@@ -6,7 +6,7 @@ For an answer-correct trajectory ``y`` of a prompt with image ``I``:
    cells whose occlusion most lowers the reference answer's log-probability (``occlusion``,
    ``occlusion_region``; four searches, ``fmr1lib.occlusion``).
 2. **Counterfactual image** ``I'``: ``I`` with ``C`` removed (``counterfactual_pixels``, one of
-   ``counterfactual.METHODS``).
+   ``choices.Intervention``).
 3. **Visual dependency** of each response token, from one teacher-forced forward on ``I'``:
    ``s_t = KL(pi(.|I, y<t) || pi(.|I', y<t))`` (``visual_dependency``).
 4. **Concentration** ``c``: the mean, over the top-``kappa`` tokens by ``s_t``, of the share of
@@ -33,12 +33,9 @@ import numpy as np
 import torch
 
 from fmr1lib import attention, batching, counterfactual, modeling, occlusion, rewards
-from fmr1lib.config import CONCENTRATIONS, FAITHFUL_ADVANTAGES  # noqa: F401 (re-exported)
+from fmr1lib.choices import Concentration, FaithfulForm, Region, options
+from fmr1lib.config import RewardParams
 
-REGIONS = ("boxes", "occlusion")
-"""Where the causal region ``C`` comes from."""
-FAITHFUL_FORMS = ("raw", "group_tanh")
-"""How a group's concentrations become rewards (``faithful_from_concentration``)."""
 REGION_EPS = 1e-6
 """Cells whose box-overlap weight is below this count as outside the region (float slivers)."""
 INTERVENTION_PAD = 0
@@ -126,7 +123,7 @@ def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int =
                   how: str = "top_kappa", rho: float = 0.5, min_dependency: float = 0.0) -> float:
     """How much of the trajectory's visually dependent attention lies inside the causal region.
 
-    ``how`` (``CONCENTRATIONS``) picks which tokens count, and how much:
+    ``how`` (``choices.Concentration``) picks which tokens count, and how much:
 
     - ``top_kappa``: the mean share over the ``kappa`` valid tokens with the largest ``s_t``
       (ties: the earlier token), the paper's literal reading. When one token carries the
@@ -166,8 +163,8 @@ def concentration(s_t: Any, share_in_region: Any, mask: Any = None, kappa: int =
     >>> concentration([1e-4, 2e-4], [0.9, 0.9], min_dependency=0.01)
     0.0
     """
-    if how not in CONCENTRATIONS:
-        raise ValueError(f"unknown concentration {how!r}; use one of {CONCENTRATIONS}")
+    if how not in options(Concentration):
+        raise ValueError(f"unknown concentration {how!r}; use one of {options(Concentration)}")
     if kappa < 1:
         raise ValueError(f"kappa must be >= 1, got {kappa}")
     s = _as_array(s_t)
@@ -217,8 +214,8 @@ def faithful_from_concentration(c: Sequence[float], correct: Sequence[bool],
     >>> faithful_from_concentration([0.50000, 0.50007], [True, True])
     [0.0, 0.0]
     """
-    if form not in FAITHFUL_FORMS:
-        raise ValueError(f"unknown faithful form {form!r}; use one of {FAITHFUL_FORMS}")
+    if form not in options(FaithfulForm):
+        raise ValueError(f"unknown faithful form {form!r}; use one of {options(FaithfulForm)}")
     if len(c) != len(correct):
         raise ValueError(f"{len(c)} concentrations but {len(correct)} correctness flags")
     if not std_floor >= 0:
@@ -244,21 +241,24 @@ cell_boxes = occlusion.cell_boxes
 intervention_kwargs = occlusion.intervention_kwargs
 
 
-def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
-                     method: str = "background", chunk_size: int = 64, search: str = "coarse_to_fine",
-                     budget: int = 2) -> list[list[list[float]]]:
+def occlusion_region(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
+                     reward: RewardParams, chunk_size: int = 64) -> list[list[list[float]]]:
     """Annotation-free causal regions: the cells whose occlusion most lowers the answer.
 
-    ``search`` picks how they are found (``occlusion.SEARCHES``): ``exhaustive`` occludes every
-    merged 28-px cell in turn and teacher-forces the reference response on each copy;
-    ``coarse_to_fine``, ``gradient`` and ``budgeted`` are cheaper (``fmr1lib.occlusion``).
+    ``reward.occlusion_search`` picks how they are found (``choices.OcclusionSearch``):
+    ``exhaustive`` occludes every merged 28-px cell in turn and teacher-forces the reference
+    response on each copy; ``coarse_to_fine``, ``gradient`` and ``budgeted`` are cheaper
+    (``fmr1lib.occlusion``). ``reward.occlusion_cells`` cells are kept, removed by
+    ``reward.intervention``.
 
     Returns:
-        Per prompt, ``n_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels, most
-        damaging cell first.
+        Per prompt, ``occlusion_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels,
+        most damaging cell first.
     """
-    return occlusion.search(model, processor, rows, n_cells, method, search, budget,
-                            chunk_size=chunk_size)
+    how = occlusion.Search(n_cells=reward.occlusion_cells, method=reward.intervention,
+                           how=reward.occlusion_search, budget=reward.occlusion_budget,
+                           chunk_size=chunk_size)
+    return occlusion.search(model, processor, rows, how)
 
 
 def region_token_mask(input_ids: torch.Tensor, grid_thw: torch.Tensor,
@@ -309,16 +309,14 @@ def counterfactual_pixels(rows: Sequence[dict[str, Any]], regions: Sequence[Sequ
     return enc["pixel_values"], enc["image_grid_thw"]
 
 
-def causal_regions(model: Any, processor: Any, rows: Sequence[dict[str, Any]], region: str,
-                   occlusion_cells: int = 2, method: str = "background",
-                   search: str = "coarse_to_fine", budget: int = 2) -> list[list[list[float]]]:
+def causal_regions(model: Any, processor: Any, rows: Sequence[dict[str, Any]], region: Region,
+                   reward: RewardParams) -> list[list[list[float]]]:
     """The causal region ``C`` of each record: its evidence boxes, or the occlusion search's cells
-    (``search``, ``budget``: ``occlusion_region``)."""
-    if region not in REGIONS:
-        raise ValueError(f"unknown causal region {region!r}; use one of {REGIONS}")
+    (``occlusion_region``)."""
+    if region not in options(Region):
+        raise ValueError(f"unknown causal region {region!r}; use one of {options(Region)}")
     if region == "occlusion":
-        return occlusion_region(model, processor, rows, occlusion_cells, method, search=search,
-                                budget=budget)
+        return occlusion_region(model, processor, rows, reward)
     return [[list(b) for b in r["evidence_boxes"]] for r in rows]
 
 
@@ -400,16 +398,15 @@ def candidate_mask(completion_mask: torch.Tensor, focus_row: bool = False) -> to
 
 def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatch,
                         rows: Sequence[dict[str, Any]], distinct: Sequence[Sequence[Sequence[int]]],
-                        region: str = "boxes", occlusion_cells: int = 2,
-                        method: str = "background", temperature: float = 1.0,
-                        layers: Sequence[int] | None = None, search: str = "coarse_to_fine",
-                        budget: int = 2) -> CounterfactualView | None:
+                        reward: RewardParams, region: Region = "boxes",
+                        temperature: float = 1.0) -> CounterfactualView | None:
     """Regions, counterfactual images and the teacher-forced forward on ``I'`` (eval, no grad).
 
     ``s_t`` compares the policy on ``I`` with the policy on ``I'`` in the same mode: the ``I'``
     forward runs in eval mode, so when the model has an active dropout (``has_active_dropout``;
     LoRA with ``lora_dropout`` > 0) the ``I`` side of the selected trajectories is recomputed in
-    eval mode too (``view.logits``, and ``view.attn`` captured at ``layers``), instead of taking
+    eval mode too (``view.logits``, and ``view.attn`` captured at ``reward.reward_layers``),
+    instead of taking
     the training forward's logits, which carry dropout noise. Without dropout the two modes give
     the same numbers and the training forward is reused.
 
@@ -420,13 +417,10 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
         rows: the groups' records.
         distinct: per group, its distinct correct trajectories (``distinct_correct``); empty for
             a group that is not to be scored.
+        reward: the region's search and intervention, and the reward's layers (``view.attn``
+            is captured at them for models with dropout).
         region: ``boxes`` or ``occlusion``.
-        occlusion_cells: cells of an occlusion region.
-        method: intervention (``counterfactual.METHODS``).
         temperature: the sampling temperature (the logits are divided by it, as in the loss).
-        layers: the reward's layers (needed to capture ``view.attn`` for models with dropout).
-        search: how the occlusion region is found (``occlusion.SEARCHES``).
-        budget: cells the ``budgeted`` search occludes exactly.
 
     Returns:
         The view, or None when no group is scored.
@@ -435,9 +429,9 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
     if not eligible:
         return None
     g_size = batch.group_size
-    regions = causal_regions(model, processor, [rows[i] for i in eligible], region,
-                             occlusion_cells, method, search, budget)
-    pv_cf, thw_cf = counterfactual_pixels([rows[i] for i in eligible], regions, processor, method)
+    regions = causal_regions(model, processor, [rows[i] for i in eligible], region, reward)
+    pv_cf, thw_cf = counterfactual_pixels([rows[i] for i in eligible], regions, processor,
+                                          reward.intervention)
     ids = batch.inputs["input_ids"]
     sel, copies, image_of_sel, reg_per_sel = [], [], [], []
     grid_per_sel, size_per_sel = [], []
@@ -458,6 +452,7 @@ def counterfactual_view(model: Any, processor: Any, batch: batching.SequenceBatc
                                                temperature)
     logits_i = attn_i = None
     if has_active_dropout(model):
+        layers = attention.resolve_layers(reward.reward_layers, attention.num_text_layers(model))
         logits_i, attn_i = _eval_forward_on_original(model, batch, selected, layers, temperature)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     sel_ids = cf_inputs["input_ids"]
@@ -490,30 +485,6 @@ def _eval_forward_on_original(model: Any, batch: batching.SequenceBatch, selecte
     return logits, (cap.attentions if layers is not None else None)
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How a trajectory's concentration and its group's rewards are computed (``RLParams``'
-    ``kappa``, ``concentration``, ``relative_rho``, ``min_dependency``, ``faithful_form``,
-    ``faithful_std_floor``, ``faithful_focus_row``; docs/design.md §6.3)."""
-
-    kappa: int = 4
-    concentration: str = "top_kappa"
-    rho: float = 0.5
-    min_dependency: float = 0.0
-    form: str = "group_tanh"
-    std_floor: float = 0.01
-    focus_row: bool = False
-    # The defaults are the paper's literal reading (top-kappa, the old floor); the stage's
-    # defaults (``RLParams``) are those the validity measure chose.
-
-    @classmethod
-    def of(cls, params: Any) -> Scoring:
-        """The scoring of stage-2 parameters (``config.RLParams``)."""
-        return cls(kappa=params.kappa, concentration=params.concentration, rho=params.relative_rho,
-                   min_dependency=params.min_dependency, form=params.faithful_form,
-                   std_floor=params.faithful_std_floor, focus_row=params.faithful_focus_row)
-
-
 @dataclass
 class Scored:
     """The reward's ingredients for the selected trajectories of a ``CounterfactualView``."""
@@ -525,7 +496,7 @@ class Scored:
 
 
 def score_selected(view: CounterfactualView, batch: batching.SequenceBatch, logits: torch.Tensor,
-                   attn: torch.Tensor, scoring: Scoring) -> Scored:
+                   attn: torch.Tensor, reward: RewardParams) -> Scored:
     """``s_t``, attention shares and the concentration of every trajectory the view selected.
 
     Args:
@@ -533,24 +504,35 @@ def score_selected(view: CounterfactualView, batch: batching.SequenceBatch, logi
         batch: the sequences.
         logits: ``[N, T, V]`` the forward's completion logits on ``I`` (all sequences).
         attn: ``[N, n_layers, T, seq]`` its captured attention rows.
-        scoring: the concentration's settings.
+        reward: the concentration's settings (``concentration``, ``kappa``, ``relative_rho``,
+            ``min_dependency``, ``faithful_focus_row``).
     """
     sel = view.selected
-    mask = candidate_mask(batch.completion_mask.index_select(0, sel), scoring.focus_row)
+    mask = candidate_mask(batch.completion_mask.index_select(0, sel), reward.faithful_focus_row)
     # Both sides of s_t in eval mode (``counterfactual_view``).
     on_i = view.on_original(logits)
     rows_i = view.attn if view.attn is not None else attn.detach().index_select(0, sel)
     s_t = visual_dependency(on_i, view.logits_cf, mask)
     share = region_share(rows_i, view.region_mask, view.image_mask)
-    conc = [concentration(s_t[j], share[j], mask[j], scoring.kappa, scoring.concentration,
-                          scoring.rho, scoring.min_dependency) for j in range(len(sel))]
+    conc = [concentration(s_t[j], share[j], mask[j], reward.kappa, reward.concentration,
+                          reward.relative_rho, reward.min_dependency) for j in range(len(sel))]
     return Scored(s_t=s_t, share=share, mask=mask, concentration=conc)
+
+
+@dataclass
+class FaithfulScores:
+    """The faithful reward of a batch, and what it was made of (the step logs these)."""
+
+    rewards: list[float]        # per trajectory of the batch (0 where not scored)
+    concentration: list[float]  # per scored trajectory
+    s_t: list[float]            # per scored trajectory: mean s_t over its candidate rows
+    share: list[float]          # per scored trajectory: mean share inside C over them
+    distinct: int = 0           # distinct sequences scored
 
 
 def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBatch,
                      logits: torch.Tensor, attn: torch.Tensor | None,
-                     scoring: Scoring | None = None,
-                     stats: dict[str, list[float]] | None = None) -> list[float]:
+                     reward: RewardParams) -> FaithfulScores:
     """Faithful reward of every trajectory of ``batch`` (0 where not scored).
 
     Args:
@@ -558,38 +540,34 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
         batch: the sequences (groups of ``batch.group_size``).
         logits: ``[N, T, V]`` the training forward's completion logits on ``I``.
         attn: ``[N, n_layers, T, seq]`` the sampled tokens' captured attention rows.
-        scoring: concentration and group form (default ``Scoring()``). Its ``focus_row``: whether
-            the first candidate row, the ``<Focus>`` position (it predicts the first response
-            token), enters the selection. It belongs to the prompt, so its ``s_t`` and attention
-            are the same for every trajectory of a group: it cannot prefer one over another, only
-            take a slot from a reasoning token. Off by default.
-        stats: optional lists to append ``concentration``, ``s_t``, ``share`` (per scored
-            trajectory) and ``distinct`` (per distinct sequence) to.
+        reward: concentration and group form. Its ``faithful_focus_row``: whether the first
+            candidate row, the ``<Focus>`` position (it predicts the first response token),
+            enters the selection. It belongs to the prompt, so its ``s_t`` and attention are the
+            same for every trajectory of a group: it cannot prefer one over another, only take a
+            slot from a reasoning token. Off by default.
 
     Returns:
-        ``N`` rewards.
+        The ``N`` rewards with the scored trajectories' ingredients.
     """
-    scoring = scoring or Scoring()
     g_size = batch.group_size
     n = batch.completion_ids.shape[0]
     conc = [0.0] * n
     scored = [False] * n
+    out = FaithfulScores(rewards=[], concentration=[], s_t=[], share=[])
     if view is not None and attn is not None:
-        got = score_selected(view, batch, logits, attn, scoring)
+        got = score_selected(view, batch, logits, attn, reward)
         for j, same in enumerate(view.copies):
             m = got.mask[j].bool()
             for i in same:
                 conc[i], scored[i] = got.concentration[j], True
-                if stats is not None:
-                    stats["concentration"].append(got.concentration[j])
-                    stats["s_t"].append(float(got.s_t[j][m].mean()) if m.any() else 0.0)
-                    stats["share"].append(float(got.share[j][m].mean()) if m.any() else 0.0)
-            if stats is not None:
-                stats["distinct"].append(1.0)
-    out: list[float] = []
+                out.concentration.append(got.concentration[j])
+                out.s_t.append(float(got.s_t[j][m].mean()) if m.any() else 0.0)
+                out.share.append(float(got.share[j][m].mean()) if m.any() else 0.0)
+            out.distinct += 1
     for start in range(0, n, g_size):
         sl = slice(start, start + g_size)
-        out += faithful_from_concentration(conc[sl], scored[sl], scoring.form, scoring.std_floor)
+        out.rewards += faithful_from_concentration(conc[sl], scored[sl], reward.faithful_form,
+                                                   reward.faithful_std_floor)
     return out
 
 
@@ -600,21 +578,18 @@ def faithful_rewards(view: CounterfactualView | None, batch: batching.SequenceBa
 
 @torch.no_grad()
 def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], completions: Sequence[str],
-                         region: str = "boxes", method: str = "background",
-                         layers: Any = "last_half", scoring: Scoring | None = None,
-                         temperature: float = 1.0, occlusion_cells: int = 2,
-                         search: str = "coarse_to_fine") -> list[dict[str, Any]]:
+                         reward: RewardParams, region: Region = "boxes",
+                         temperature: float = 1.0) -> list[dict[str, Any]]:
     """The faithful reward's ingredients for hand-picked completions of one prompt.
 
     The completions are teacher-forced as one group and scored by the training reward's own
     calls (``counterfactual_view``, ``score_selected``): the same ``I'`` (no padding, the
-    record's intervention seed), temperature, layers and concentration. Every completion is
-    explained, correct or not.
+    record's intervention seed), temperature, layers and concentration (``reward``). Every
+    completion is explained, correct or not.
 
     Returns:
         One dict per completion: ``tokens``, ``s_t``, ``share``, ``concentration``, ``correct``.
     """
-    scoring = scoring or Scoring()
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     token_lists = [tok(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
@@ -622,15 +597,15 @@ def explain_trajectories(model: Any, processor: Any, row: dict[str, Any], comple
     acc_r = rewards.accuracy_reward(list(completions), [row["answer"]] * n,
                                     [row.get("answer_type") or "word"] * n, [row.get("choices")] * n)
     batch = batching.build_sequences([row], [token_lists], processor)
-    idx = attention.resolve_layers(layers, attention.num_text_layers(model))
+    idx = attention.resolve_layers(reward.reward_layers, attention.num_text_layers(model))
     with batching.eval_mode(model), attention.AttentionCapture(model, batch.query_positions, idx) as cap:
         logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1],
                                             temperature)
-    view = counterfactual_view(model, processor, batch, [row], [[[k] for k in range(n)]], region,
-                               occlusion_cells, method, temperature, idx, search)
+    view = counterfactual_view(model, processor, batch, [row], [[[k] for k in range(n)]], reward,
+                               region, temperature)
     if view is None:
         raise ValueError(f"record {row.get('id', '')!r}: no causal region to explain")
-    got = score_selected(view, batch, logits, cap.attentions, scoring)
+    got = score_selected(view, batch, logits, cap.attentions, reward)
     out = []
     for j, toks in enumerate(token_lists):
         k = len(toks)

@@ -50,12 +50,14 @@ from fmr1lib import (
     train,
 )
 from fmr1lib.batching import SequenceBatch, completion_logits, token_logprobs
+from fmr1lib.choices import LossAgg, options
+from fmr1lib.config import PolicyLossParams
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = config.RLParams.VARIANTS
 FAITHFUL_VARIANTS = config.RLParams.FAITHFUL_VARIANTS
-LOSS_AGGS = ("token_mean", "seq_mean")
+LOSS_AGGS = options(LossAgg)
 REFILL_SEED_STRIDE = 7919
 """Refill round ``r`` of dynamic sampling draws prompts with seed ``seed + r * stride``."""
 
@@ -132,9 +134,8 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> to
 
 
 def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
-                        loss_agg: str = "token_mean", logp_ref: torch.Tensor | None = None,
-                        beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                        mask: torch.Tensor, settings: PolicyLossParams | None = None,
+                        logp_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO / PPO clipped surrogate with asymmetric clipping and an optional k3 KL term.
 
     Per valid token: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * k3`` with
@@ -145,12 +146,11 @@ def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantag
         logp_old: ``[N, T]`` the same under the sampling policy (detached).
         advantages: ``[N]`` one advantage per sequence.
         mask: ``[N, T]`` valid completion tokens.
-        clip_low: ``r`` is clipped below at ``1 - clip_low``.
-        clip_high: ``r`` is clipped above at ``1 + clip_high``.
-        loss_agg: ``token_mean`` (sum over the batch's valid tokens / their number) or
-            ``seq_mean`` (mean over each sequence's valid tokens, then over sequences).
+        settings: ``clip_low`` (``r`` is clipped below at ``1 - clip_low``), ``clip_high``
+            (above at ``1 + clip_high``), ``loss_agg`` (``token_mean``: sum over the batch's
+            valid tokens / their number; ``seq_mean``: mean over each sequence's valid tokens,
+            then over sequences) and ``beta`` (the KL term's weight).
         logp_ref: ``[N, T]`` log-probs under the reference policy (needed when ``beta > 0``).
-        beta: weight of the KL term.
 
     Returns:
         ``(loss, stats)``; stats: ``clip_frac`` (valid tokens whose clipped term is the active
@@ -162,6 +162,9 @@ def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantag
     >>> float(loss), st["ratio_mean"], st["clip_frac"]
     (-2.0, 1.0, 0.0)
     """
+    settings = settings or PolicyLossParams()
+    clip_low, clip_high = settings.clip_low, settings.clip_high
+    loss_agg, beta = settings.loss_agg, settings.beta
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}; use one of {LOSS_AGGS}")
     m = mask.to(logp_new.dtype)
@@ -246,7 +249,7 @@ class GRPOContext:
     @property
     def faithful(self) -> bool:
         """Whether the faithful reward is on."""
-        return self.variant in FAITHFUL_VARIANTS and self.params.w_faith != 0
+        return self.variant in FAITHFUL_VARIANTS and self.params.reward.w_faith != 0
 
     @property
     def region(self) -> str:
@@ -278,22 +281,20 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown RL variant {variant!r}; use one of {VARIANTS}")
-    if params.loss_agg not in LOSS_AGGS:
-        raise ValueError(f"key 'loss_agg': {params.loss_agg!r} not in {LOSS_AGGS}")
     acc = accelerator or train.make_accelerator(params)
     ref_model = None
-    if params.beta > 0 and not _is_peft(model):
+    if params.loss.beta > 0 and not _is_peft(model):
         # Copied before any checkpoint is loaded: the reference is the starting policy.
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     state = train.setup_training(
         model, params, out_dir, acc,
-        micro_batch=params.prompts_per_step * params.group_size // max(1, params.grad_accum))
+        micro_batch=params.rollout.prompts_per_step * params.rollout.group_size // max(1, params.grad_accum))
     if ref_model is not None:
         ref_model = ref_model.to(acc.device)
     tok = processor.tokenizer
     ids = {"eos": tok.convert_tokens_to_ids("<|im_end|>"),
            "image": tok.convert_tokens_to_ids("<|image_pad|>")}
-    layers = attention.resolve_layers(params.reward_layers, attention.num_text_layers(model))
+    layers = attention.resolve_layers(params.reward.reward_layers, attention.num_text_layers(model))
     return GRPOContext(state=state, processor=processor, params=params, variant=variant,
                        layers=layers, ref_model=ref_model, extra_reward=extra_reward,
                        token_ids=ids)
@@ -305,7 +306,7 @@ def rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     A completion that samples a vision token or is malformed scores 0; nothing raises.
     With ``rollout_prompts`` > 0 the prompts are generated that many at a time (memory).
     """
-    k = ctx.params.rollout_prompts or len(rows)
+    k = ctx.params.rollout.rollout_prompts or len(rows)
     return [g for start in range(0, len(rows), k) for g in _rollout(ctx, rows[start:start + k])]
 
 
@@ -317,11 +318,11 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     with batching.eval_mode(gen_model):
         completion_ids, texts = modeling.generate(
             gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, do_sample=True,
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            num_return_sequences=p.group_size, share_prefill=ctx.share_images)
+            temperature=p.rollout.temperature, top_p=p.rollout.top_p, top_k=p.rollout.top_k,
+            num_return_sequences=p.rollout.group_size, share_prefill=ctx.share_images)
     tokens, ok = batching.completion_tokens(completion_ids.cpu(), ctx.token_ids["eos"],
                                             modeling.vision_token_ids(ctx.processor))
-    g = p.group_size
+    g = p.rollout.group_size
     groups = []
     for i, row in enumerate(rows):
         sl = slice(i * g, (i + 1) * g)
@@ -346,13 +347,13 @@ def _distinct_scored(ctx: GRPOContext, g: Group) -> list[list[int]]:
     if not ctx.faithful:
         return []
     distinct = g.distinct_correct()
-    ok = faithful.faithful_eligible(g.row, distinct, ctx.region, ctx.params.faithful_form)
+    ok = faithful.faithful_eligible(g.row, distinct, ctx.region, ctx.params.reward.faithful_form)
     return distinct if ok else []
 
 
 def _group_rewards(ctx: GRPOContext, g: Group, faith: Sequence[float] | None = None) -> list[float]:
     p = ctx.params
-    return rewards.combine_rewards(g.accuracy, g.format, faith, p.w_acc, p.w_fmt, p.w_faith,
+    return rewards.combine_rewards(g.accuracy, g.format, faith, p.reward.w_acc, p.reward.w_fmt, p.reward.w_faith,
                                    extra=g.extra)["overall"]
 
 
@@ -400,17 +401,17 @@ def collect_groups(ctx: GRPOContext, dataset: Any, step: int) -> tuple[list[Grou
     n = min(len(dataset), p.n_prompts) if p.n_prompts > 0 else len(dataset)
 
     def draw(seed: int, k: int) -> list[Group]:
-        idx = batching.batch_indices(n, p.prompts_per_step, step, seed, acc.process_index,
+        idx = batching.batch_indices(n, p.rollout.prompts_per_step, step, seed, acc.process_index,
                                      acc.num_processes)
         return rollout(ctx, [dataset[i] for i in idx[:k]])
 
     with _process_sampling_rng(acc, p.seed, step):
-        first = draw(p.seed, p.prompts_per_step)
-        if not p.dynamic_sampling:
+        first = draw(p.seed, p.rollout.prompts_per_step)
+        if not p.rollout.dynamic_sampling:
             return first, 0
         kept = [g for g in first if _group_may_vary(ctx, g)]
         rounds = 0
-        while len(kept) < len(first) and rounds < p.max_refill:
+        while len(kept) < len(first) and rounds < p.rollout.max_refill:
             rounds += 1
             more = draw(p.seed + REFILL_SEED_STRIDE * rounds, len(first) - len(kept))
             kept += [g for g in more if _group_may_vary(ctx, g)]
@@ -453,26 +454,21 @@ class _StepLog:
 
 
 def _chunks(ctx: GRPOContext, groups: list[Group]) -> list[_Chunk]:
-    """Split the groups into ``grad_accum`` chunks, each weighted by its share of the loss."""
-    p, acc = ctx.params, ctx.accelerator
+    """Split the groups into ``grad_accum`` chunks, each weighted by its share of the loss
+    (``train.loss_shares``: the loss is the mean over the global batch)."""
+    p = ctx.params
     n_chunks = max(1, min(p.grad_accum, len(groups)))
     parts = [list(map(int, c)) for c in np.array_split(np.arange(len(groups)), n_chunks)]
     counts = []
     for part in parts:
         toks = [len(c) for i in part for c in groups[i].tokens]
-        counts.append(sum(toks) if p.loss_agg == "token_mean" else sum(t > 0 for t in toks))
-    total = max(1, sum(counts))
-    if acc.num_processes > 1:
-        # DDP averages the processes' gradients: dividing by the mean count per process makes the
-        # loss the mean over every token (or sequence) of the global batch, as in one process.
-        n_all = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
-        total = max(1.0, float(n_all) / acc.num_processes)
+        counts.append(sum(toks) if p.loss.loss_agg == "token_mean" else sum(t > 0 for t in toks))
     out = []
-    for part, c in zip(parts, counts, strict=True):
+    for part, w in zip(parts, train.loss_shares(ctx.accelerator, counts), strict=True):
         gs = [groups[i] for i in part]
         batch = batching.build_sequences([g.row for g in gs], [g.tokens for g in gs], ctx.processor,
                                          share_images=ctx.share_images)
-        out.append(_Chunk(groups=gs, batch=batch.to(acc.device), weight=c / total))
+        out.append(_Chunk(groups=gs, batch=batch.to(ctx.accelerator.device), weight=w))
     return out
 
 
@@ -480,41 +476,62 @@ def _reference_logprobs(ctx: GRPOContext, batch: SequenceBatch) -> torch.Tensor:
     t = batch.completion_ids.shape[1]
     if ctx.ref_model is not None:
         with batching.eval_mode(ctx.ref_model):
-            logits = completion_logits(ctx.ref_model, batch.inputs, t, ctx.params.temperature)
+            logits = completion_logits(ctx.ref_model, batch.inputs, t, ctx.params.rollout.temperature)
     else:
         model = ctx.accelerator.unwrap_model(ctx.model)
         with batching.eval_mode(model), model.disable_adapter():
-            logits = completion_logits(model, batch.inputs, t, ctx.params.temperature)
+            logits = completion_logits(model, batch.inputs, t, ctx.params.rollout.temperature)
     return token_logprobs(logits, batch.completion_ids, batch.completion_mask)
 
 
-def _score_chunk(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualView | None,
-                 logits: torch.Tensor, logp: torch.Tensor, attn: torch.Tensor | None,
-                 log: _StepLog) -> None:
-    """First iteration: entropy, the rewards (combined in ``rewards.combine_rewards``) and the
-    group advantages of the chunk (``combine_advantages``), and the sampling policy's log-probs."""
-    p, batch = ctx.params, chunk.batch
-    t0 = time.perf_counter()
+def _counterfactual(ctx: GRPOContext, chunk: _Chunk) -> faithful.CounterfactualView | None:
+    """The chunk's counterfactual view ``I'`` (faithful variants; no gradient)."""
+    if not ctx.faithful:
+        return None
+    return faithful.counterfactual_view(
+        ctx.accelerator.unwrap_model(ctx.model), ctx.processor, chunk.batch,
+        [g.row for g in chunk.groups], [_distinct_scored(ctx, g) for g in chunk.groups],
+        ctx.params.reward, ctx.region, ctx.params.rollout.temperature)
+
+
+@dataclass
+class _Scores:
+    """What scoring a chunk gives: the rewards of its trajectories and what they are made of."""
+
+    faithful: list[float]
+    overall: list[float]
+    entropy: float
+    details: faithful.FaithfulScores | None
+
+
+def _score(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualView | None,
+           logits: torch.Tensor, attn: torch.Tensor | None) -> _Scores:
+    """The chunk's rewards (combined in ``rewards.combine_rewards``) and its policy's entropy,
+    from the training forward's logits and attention rows."""
+    batch = chunk.batch
     with torch.no_grad():
         ent = token_entropy(logits.detach(), batch.completion_mask)
-        log.lists["entropy"].append(float(ent.sum() / batch.completion_mask.sum().clamp_min(1)))
-        faith = (faithful.faithful_rewards(view, batch, logits, attn, faithful.Scoring.of(p),
-                                           log.lists) if ctx.faithful else None)
-    if ctx.faithful:
-        log.faithful_s += time.perf_counter() - t0
+        entropy = float(ent.sum() / batch.completion_mask.sum().clamp_min(1))
+        details = (faithful.faithful_rewards(view, batch, logits, attn, ctx.params.reward)
+                   if ctx.faithful else None)
     g_size = batch.group_size
-    chunk.faithful = faith or [0.0] * (len(chunk.groups) * g_size)
-    chunk.overall = [r for gi, g in enumerate(chunk.groups)
-                     for r in _group_rewards(ctx, g, chunk.faithful[gi * g_size:(gi + 1) * g_size])]
-    if ctx.faithful and p.faithful_advantage == "separate":
+    faith = details.rewards if details is not None else [0.0] * (len(chunk.groups) * g_size)
+    overall = [r for gi, g in enumerate(chunk.groups)
+               for r in _group_rewards(ctx, g, faith[gi * g_size:(gi + 1) * g_size])]
+    return _Scores(faithful=faith, overall=overall, entropy=entropy, details=details)
+
+
+def _advantages(ctx: GRPOContext, chunk: _Chunk, scores: _Scores) -> torch.Tensor:
+    """Group advantages of the chunk's rewards (``faithful_advantage``: ``combine_advantages``)."""
+    p, g_size = ctx.params, chunk.batch.group_size
+    if ctx.faithful and p.reward.faithful_advantage == "separate":
         base = [r for g in chunk.groups for r in _group_rewards(ctx, g)]
         correct = [ok for g in chunk.groups for ok in g.correct]
-        chunk.advantages = combine_advantages(base, chunk.faithful, correct, g_size, p.w_faith,
-                                              p.std_normalize).to(ctx.accelerator.device)
+        adv = combine_advantages(base, scores.faithful, correct, g_size, p.reward.w_faith,
+                                 p.loss.std_normalize)
     else:
-        chunk.advantages = group_advantages(torch.tensor(chunk.overall), g_size,
-                                            p.std_normalize).to(ctx.accelerator.device)
-    chunk.logp_old = logp.detach()
+        adv = group_advantages(torch.tensor(scores.overall), g_size, p.loss.std_normalize)
+    return adv.to(ctx.accelerator.device)
 
 
 def combine_advantages(base: Sequence[float], faith: Sequence[float], correct: Sequence[bool],
@@ -522,7 +539,7 @@ def combine_advantages(base: Sequence[float], faith: Sequence[float], correct: S
                        std_normalize: bool = True) -> torch.Tensor:
     """``separate`` advantages: the group advantage of the other rewards, plus the faithful
     reward centred among the group's correct trajectories and weighted, never divided by a
-    group std (``faithful.FAITHFUL_ADVANTAGES``).
+    group std (``choices.FaithfulAdvantage``).
 
     In a group whose answers are all correct the other rewards give 0, and a faithful spread of
     0.01 stays 0.01 instead of becoming a full-sized advantage.
@@ -541,6 +558,16 @@ def combine_advantages(base: Sequence[float], faith: Sequence[float], correct: S
     return adv + w_faith * centred.reshape(-1)
 
 
+def _log_scores(log: _StepLog, scores: _Scores) -> None:
+    log.lists["entropy"].append(scores.entropy)
+    if scores.details is not None:
+        d = scores.details
+        log.lists["concentration"] += d.concentration
+        log.lists["s_t"] += d.s_t
+        log.lists["share"] += d.share
+        log.lists["distinct"] += [1.0] * d.distinct
+
+
 def _log_reading(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualView,
                  logits: torch.Tensor, log: _StepLog) -> None:
     """The reward-validity diagnostic (``fmr1lib.reading``): ``reading`` of each scored distinct
@@ -552,8 +579,9 @@ def _log_reading(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualV
     g_size = batch.group_size
     rows = [g.row for g in chunk.groups]
     answers = [rows[int(i) // g_size]["answer"] for i in sel.tolist()]
-    values = reading.reading_scores(model, ctx.processor, batch, rows, sel, on_i, answers,
-                                    p.intervention, p.temperature)
+    values = reading.reading_scores(model, ctx.processor, batch, rows,
+                                    reading.Trajectories(sel, on_i, answers),
+                                    p.reward.intervention, p.rollout.temperature)
     scores = [chunk.faithful[c[0]] for c in view.copies]
     group_of = [int(i) // g_size for i in sel.tolist()]
     log.lists["reading"] += [v for v in values if math.isfinite(v)]
@@ -572,21 +600,21 @@ def _focus_anchor_loss(ctx: GRPOContext, batch: SequenceBatch,
     return loss
 
 
-def _chunk_update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: int,
-                  log: _StepLog) -> None:
-    """Forward and backward of one chunk; the first iteration also scores it."""
+def _update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: int,
+            log: _StepLog) -> None:
+    """One chunk of one policy update, in phases: (first iteration: reference log-probs and
+    the counterfactual view), the fused forward (log-probs and the attention rows the reward
+    and the auxiliary loss read), (first iteration: score, advantages), policy loss, auxiliary
+    loss, backward."""
     p, acc, model, batch = ctx.params, ctx.accelerator, ctx.model, chunk.batch
     view = None
-    if first and p.beta > 0:
-        chunk.logp_ref = _reference_logprobs(ctx, batch)
-    if first and ctx.faithful:
+    if first:
+        if p.loss.beta > 0:
+            chunk.logp_ref = _reference_logprobs(ctx, batch)
         t0 = time.perf_counter()
-        view = faithful.counterfactual_view(
-            acc.unwrap_model(model), ctx.processor, batch, [g.row for g in chunk.groups],
-            [_distinct_scored(ctx, g) for g in chunk.groups], ctx.region, p.occlusion_cells,
-            p.intervention, p.temperature, ctx.layers, p.occlusion_search, p.occlusion_budget)
+        view = _counterfactual(ctx, chunk)
         log.faithful_s += time.perf_counter() - t0
-    capture = (first and view is not None) or p.lambda_attn_rl > 0
+    capture = (first and view is not None) or p.loss.lambda_attn_rl > 0
     cap_ctx = (attention.AttentionCapture(model, batch.query_positions.to(acc.device),
                                           layers=ctx.layers)
                if capture else contextlib.nullcontext())
@@ -594,32 +622,41 @@ def _chunk_update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_gr
     # With gradient checkpointing the backward recomputes the captured layers, so it runs
     # inside the capture block.
     with sync, cap_ctx as cap:
-        logits = completion_logits(model, batch.inputs, batch.completion_ids.shape[1], p.temperature)
+        logits = completion_logits(model, batch.inputs, batch.completion_ids.shape[1],
+                                   p.rollout.temperature)
         logp = token_logprobs(logits, batch.completion_ids, batch.completion_mask)
         attn = cap.attentions if capture else None
         if first:
-            _score_chunk(ctx, chunk, view, logits, logp, attn, log)
+            t0 = time.perf_counter()
+            scores = _score(ctx, chunk, view, logits, attn)
+            if ctx.faithful:
+                log.faithful_s += time.perf_counter() - t0
+            _log_scores(log, scores)
+            chunk.faithful, chunk.overall = scores.faithful, scores.overall
+            chunk.advantages = _advantages(ctx, chunk, scores)
+            chunk.logp_old = logp.detach()
         loss, st = clipped_policy_loss(logp, chunk.logp_old, chunk.advantages,
-                                       batch.completion_mask, p.clip_low, p.clip_high, p.loss_agg,
-                                       chunk.logp_ref, p.beta)
+                                       batch.completion_mask, p.loss, chunk.logp_ref)
         log.add(st)
         # The policy term is weighted by the chunk's share of tokens (or sequences), the
         # anchoring term by its share of prompts, so chunking leaves both means unchanged.
         loss = loss * chunk.weight
-        if p.lambda_attn_rl > 0 and attn is not None:
+        if p.loss.lambda_attn_rl > 0 and attn is not None:
             aux = _focus_anchor_loss(ctx, batch, attn)
             if aux is not None:
-                loss = loss + p.lambda_attn_rl * aux * len(chunk.groups) / n_groups
+                loss = loss + p.loss.lambda_attn_rl * aux * len(chunk.groups) / n_groups
                 log.lists["attn_rl"].append(float(aux.detach()))
         ctx.state.backward(loss, f"GRPO loss ({ctx.variant})")
         log.lists["loss"].append(float(loss.detach()))
-    if view is not None and p.reading_diagnostic:
+    if view is not None and p.reward.reading_diagnostic:
         # Outside the capture block: the instrument's forwards are not the step's.
         _log_reading(ctx, chunk, view, logits, log)
 
 
 def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One GRPO step: rollouts, rewards, ``num_iterations`` clipped updates, one schedule step.
+    """One GRPO step: roll out, then ``num_iterations`` policy updates (``_update``: score and
+    advantages on the first, policy and auxiliary loss on each), one optimiser step each, one
+    schedule step.
 
     Args:
         ctx: from ``setup_grpo``.
@@ -641,9 +678,9 @@ def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any]
     chunks = _chunks(ctx, groups)
     log = _StepLog()
     grad_norm = None
-    for it in range(p.num_iterations):
+    for it in range(p.loss.num_iterations):
         for ci, chunk in enumerate(chunks):
-            _chunk_update(ctx, chunk, it == 0, ci == len(chunks) - 1, len(groups), log)
+            _update(ctx, chunk, it == 0, ci == len(chunks) - 1, len(groups), log)
         grad_norm = ctx.state.clip_and_step(p.grad_clip)
     lr = ctx.scheduler.get_last_lr()[0]
     ctx.scheduler.step()
@@ -686,7 +723,7 @@ def _route_shares(texts: Sequence[str]) -> dict[str, float | None]:
 
 def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
                 log: _StepLog) -> dict[str, Any]:
-    g_size = ctx.params.group_size
+    g_size = ctx.params.rollout.group_size
     overall = [r for c in chunks for r in c.overall or []]
     faith = [r for c in chunks for r in c.faithful or []]
     acc_r = [r for g in groups for r in g.accuracy]
@@ -710,7 +747,7 @@ def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
         "n_faithful_scored": len(ls["concentration"]), "n_faithful_distinct": len(ls["distinct"]),
         **{k: _mean(ls[k]) for k in ("clip_frac", "clip_high_frac", "clip_low_frac",
                                      "ratio_mean", "kl", "entropy")},
-        "loss": sum(ls["loss"]) / max(1, ctx.params.num_iterations),
+        "loss": sum(ls["loss"]) / max(1, ctx.params.loss.num_iterations),
         "attn_rl_loss": _mean(ls["attn_rl"]),
         # The reward-validity diagnostic (fmr1lib.reading): mean reading of the scored distinct
         # trajectories, the share of them that are cue-dependent, and the within-group rank
@@ -747,9 +784,8 @@ def _train_step(state: train.TrainState, step: int, *, ctx: GRPOContext,
 
 
 def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: str | Path,
-               variant: str = "grpo", accelerator: Any = None, stop_after: int | None = None,
-               fail_at_step: int | None = None,
-               extra_reward: ExtraReward | None = None) -> train.TrainResult:
+               variant: str = "grpo", accelerator: Any = None,
+               hooks: train.Hooks | None = None) -> train.TrainResult:
     """Stage 2: GRPO (``grpo``, ``grpo_backbone``) or GRPO + faithful reward, with resume.
 
     Every step appends to ``out_dir/metrics.jsonl`` the reward components (mean and std), the
@@ -769,9 +805,7 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
         out_dir: run folder.
         variant: ``grpo``, ``grpo_backbone``, ``faithful`` or ``faithful_occlusion``.
         accelerator: optional ``accelerate.Accelerator``.
-        stop_after: test hook: return after this many steps, as if the run were killed.
-        fail_at_step: test hook: make the loss NaN at this step.
-        extra_reward: optional reward added to the total (tests, custom tasks).
+        hooks: an extra reward added to the total (tests, custom tasks), test hooks.
 
     Returns:
         ``train.TrainResult`` (out_dir, logged metrics, wall time, steps done).
@@ -779,10 +813,11 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
     Raises:
         train.NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays.
     """
-    ctx = setup_grpo(model, processor, params, variant, accelerator, extra_reward, out_dir)
+    hooks = hooks or train.Hooks()
+    ctx = setup_grpo(model, processor, params, variant, accelerator, hooks.extra_reward, out_dir)
     step_fn = functools.partial(_train_step, ctx=ctx, dataset=dataset)
-    return train.fit(ctx.state, params, out_dir, step_fn, f"{variant} GRPO",
-                     logs=("metrics", "samples"), checkpoint_extra={"variant": variant},
-                     stop_after=stop_after, fail_at_step=fail_at_step,
-                     postfix=lambda s: {"reward": f"{s['reward_mean']:.3f}",
-                                        "acc": f"{s['accuracy']:.2f}"})
+    loop = train.Loop(f"{variant} GRPO", logs=("metrics", "samples"),
+                      checkpoint_extra={"variant": variant},
+                      postfix=lambda s: {"reward": f"{s['reward_mean']:.3f}",
+                                         "acc": f"{s['accuracy']:.2f}"})
+    return train.fit(ctx.state, params, out_dir, step_fn, loop, hooks)

@@ -3,7 +3,7 @@
 The region ``C`` of the faithful reward without evidence boxes is the ``n_cells`` merged 28-px
 cells whose removal most lowers the log-probability of the reference answer (``<think>`` from
 the question, the ground-truth answer, ``<|im_end|>``; the answer tokens are scored). Four
-searches find them (``SEARCHES``, ``RLParams.occlusion_search``):
+searches find them (``choices.OcclusionSearch``, ``RewardParams.occlusion_search``):
 
 * ``exhaustive``: every cell is occluded in turn and the occluded copy teacher-forced; one
   forward per cell, so its cost grows as (cells) x (cost of a forward);
@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from fmr1lib import attention, batching, counterfactual, modeling, prompting, records
+from fmr1lib.choices import Intervention, OcclusionSearch, options
 
-SEARCHES = ("exhaustive", "coarse_to_fine", "gradient", "budgeted")
-"""Values of ``RLParams.occlusion_search``."""
+SEARCHES = options(OcclusionSearch)
+"""The searches, in the order of the module docstring."""
 PAD = 0
 """Pixels grown around an occluded cell: none, so that only the cell's own pixels change."""
 
@@ -284,26 +286,41 @@ def gradient_scores(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
     return [d.tolist() for d in torch.split(delta.cpu(), split)]
 
 
-def search(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cells: int = 2,
-           method: str = "background", how: str = "coarse_to_fine", budget: int = 2, beam: int = 2,
-           chunk_size: int = 64) -> list[list[list[float]]]:
+@dataclass(frozen=True)
+class Search:
+    """How ``search`` finds a region."""
+
+    n_cells: int = 2
+    """Cells kept per record."""
+    method: Intervention = "background"
+    """How a cell is removed (``choices.Intervention``)."""
+    how: OcclusionSearch = "coarse_to_fine"
+    """Which search (the module docstring)."""
+    budget: int = 2
+    """``budgeted``: cells occluded exactly (at least ``n_cells``)."""
+    beam: int = 2
+    """``coarse_to_fine``: blocks refined per level (at least ``n_cells``)."""
+    chunk_size: int = 64
+    """Occluded copies per forward."""
+
+
+def search(model: Any, processor: Any, rows: Sequence[dict[str, Any]],
+           settings: Search | None = None) -> list[list[list[float]]]:
     """The annotation-free causal region of each record (the module docstring's searches).
 
     Args:
         model: the policy (run in eval mode; its parameters get no gradient).
         processor: its processor.
         rows: records with image, question, answer (and meta for the intervention seed/fill).
-        n_cells: cells kept per record.
-        method: intervention method (``counterfactual.METHODS``).
-        how: one of ``SEARCHES``.
-        budget: ``budgeted``: cells occluded exactly (at least ``n_cells``).
-        beam: ``coarse_to_fine``: blocks refined per level (at least ``n_cells``).
-        chunk_size: occluded copies per forward.
+        settings: which search, how many cells, how they are removed.
 
     Returns:
-        Per record, ``n_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels, most
-        damaging cell first.
+        Per record, ``settings.n_cells`` boxes ``[x0, y0, x1, y1]`` in original-image pixels,
+        most damaging cell first.
     """
+    settings = settings or Search()
+    n_cells, method, how = settings.n_cells, settings.method, settings.how
+    budget, beam, chunk_size = settings.budget, settings.beam, settings.chunk_size
     if how not in SEARCHES:
         raise ValueError(f"unknown occlusion search {how!r}; use one of {SEARCHES}")
     if not rows:
@@ -344,7 +361,8 @@ def agreement(model: Any, processor: Any, rows: Sequence[dict[str, Any]], n_cell
     out = {}
     for how in searches:
         t0 = time.perf_counter()
-        regions = search(model, processor, rows, n_cells, method, how, budget)
+        regions = search(model, processor, rows,
+                         Search(n_cells=n_cells, method=method, how=how, budget=budget))
         dt = time.perf_counter() - t0
         chosen = [chosen_cells(b, im.size, g) for b, im, g in zip(regions, images, grids, strict=True)]
         out[how] = {

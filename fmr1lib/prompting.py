@@ -15,6 +15,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+from fmr1lib.choices import Reasoning, Route, options
+
 FOCUS = "<Focus>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -81,12 +83,12 @@ def think_variant(record_id: str) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % len(THINK_VERBS)
 
 
-REASONINGS = ("look", "two_route")
+REASONINGS = options(Reasoning)
 """Reasoning templates of the supervised stages (``TrainParams.reasoning``): ``look`` names what to
 look at (``think_text``); ``two_route`` says where the answer was read, from the evidence or from
 the shortcut cue (``route_think``), so the two routes are different token sequences."""
 
-ROUTES = ("evidence", "cue")
+ROUTES = options(Route)
 """The two reasoning routes of ``two_route`` responses (``response_route`` tells them apart)."""
 
 CUE_NAMES = {"color_patch": "the corner patch", "shape_glyph": "the corner glyph"}

@@ -27,15 +27,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from fmr1lib import batching, faithful, records
+from fmr1lib.choices import Reading, options
 
-READINGS = ("logprob", "kl")
+READINGS = options(Reading)
 """How the dependence of the answer tokens on a region is measured (``reading_scores``)."""
+
+
+class Trajectories(NamedTuple):
+    """Trajectories of a batch that ``reading_scores`` reads."""
+
+    selected: torch.Tensor
+    """``[n_sel]`` sequence indices in the batch."""
+    logits: torch.Tensor
+    """``[n_sel, T, V]`` their eval-mode logits on ``I``."""
+    answers: Sequence[str]
+    """The answer each gave."""
 
 
 def shortcut_boxes(row: dict[str, Any]) -> list[list[float]]:
@@ -84,9 +96,9 @@ def answer_positions(pieces: Sequence[str], answer: str) -> list[int]:
 
 @torch.no_grad()
 def reading_scores(model: Any, processor: Any, batch: batching.SequenceBatch,
-                   rows: Sequence[dict[str, Any]], selected: torch.Tensor, logits_i: torch.Tensor,
-                   answers: Sequence[str], method: str = "background",
-                   temperature: float = 1.0, how: str = "logprob") -> list[float]:
+                   rows: Sequence[dict[str, Any]], chosen: Trajectories,
+                   method: str = "background", temperature: float = 1.0,
+                   how: Reading = "logprob") -> list[float]:
     """``reading`` of the ``selected`` trajectories of ``batch`` (NaN where it is undefined:
     no evidence boxes, no shortcut region, or the answer not spelled in the trajectory).
 
@@ -95,16 +107,15 @@ def reading_scores(model: Any, processor: Any, batch: batching.SequenceBatch,
         processor: its processor.
         batch: the sequences (groups of ``batch.group_size``; group ``g`` is ``rows[g]``).
         rows: one record per group.
-        selected: ``[n_sel]`` sequence indices.
-        logits_i: ``[n_sel, T, V]`` the selected sequences' eval-mode logits on ``I``.
-        answers: per selected trajectory, the answer it gave.
-        method: the intervention (the reward's, ``RLParams.intervention``).
+        chosen: the selected trajectories, their eval-mode logits on ``I`` and answers.
+        method: the intervention (the reward's, ``RewardParams.intervention``).
         temperature: the logits' temperature (as in ``logits_i``).
         how: ``logprob`` (the answer tokens' log-probability lost when the region is removed)
             or ``kl`` (the KL of the policy at those tokens; ``READINGS``).
     """
     if how not in READINGS:
         raise ValueError(f"unknown reading {how!r}; use one of {READINGS}")
+    selected, logits_i, answers = chosen
     g_size = batch.group_size
     groups = [int(i) // g_size for i in selected.tolist()]
     used = sorted(set(groups))

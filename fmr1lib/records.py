@@ -46,14 +46,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from PIL import Image
 
+from fmr1lib.choices import AnswerType, OnBadRecord, options
+
 if TYPE_CHECKING:  # datasets is imported lazily: the CLI and loaders do not need it
     import datasets
 
 logger = logging.getLogger(__name__)
 
-ANSWER_TYPES = ("word", "number", "yesno", "choice")
+ANSWER_TYPES = options(AnswerType)
 REQUIRED_FIELDS = ("id", "image", "question", "answer", "answer_type", "evidence_boxes")
-ON_BAD_RECORD = ("error", "skip")
+ON_BAD_RECORD = options(OnBadRecord)
 BOX_TOLERANCE = 0.5
 """Pixels a box may stick out of the image: float rounding in converted annotations."""
 

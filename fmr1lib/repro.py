@@ -439,23 +439,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
-def save_params(params: Any, folder: str | Path, name: str = "params.json") -> Path:
-    """Store the resolved parameters next to the artifacts they made."""
+def params_dict(params: Any) -> dict[str, Any]:
+    """The fields of a params dataclass as a flat dict of copies: a field that holds a dataclass
+    (a section, e.g. ``RLParams.reward``) contributes its own fields in its place."""
+    import copy
     import dataclasses
 
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(params_dict(value))
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
+
+
+def save_params(params: Any, folder: str | Path, name: str = "params.json") -> Path:
+    """Store the resolved parameters (flat, ``params_dict``) next to the artifacts they made."""
     return atomic_write_json(Path(folder) / name, {
-        "class": type(params).__name__, "params": dataclasses.asdict(params)})
+        "class": type(params).__name__, "params": params_dict(params)})
 
 
 def saved_params_equal(folder: str | Path, params: Any, name: str = "params.json") -> bool:
     """Whether ``folder/name`` (written by ``save_params``) holds exactly ``params``."""
-    import dataclasses
-
     stored = Path(folder) / name
     if not stored.exists():
         return False
     saved = json.loads(stored.read_text()).get("params")
-    return saved == json.loads(json.dumps(_to_jsonable(dataclasses.asdict(params))))
+    return saved == json.loads(json.dumps(_to_jsonable(params_dict(params))))
 
 
 class Recorder:

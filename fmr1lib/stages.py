@@ -44,10 +44,11 @@ from fmr1lib import (
     runlock,
     train,
 )
+from fmr1lib.choices import Stage, options
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("backbone", "anchor", "rl")
+STAGES = options(Stage)
 """Stages that train a model (the data stage builds the dataset)."""
 
 ROWS: dict[str, tuple[str, str | None]] = {

@@ -75,10 +75,9 @@ parameter (``lr``, ``steps``, ``batch_size``, ``grad_accum``, ``seed``, the sche
 
 def trajectory_params(params: Any) -> dict[str, Any]:
     """The parameters a checkpoint must share with the run that resumes it, JSON-normalised."""
-    import dataclasses
     import json
 
-    values = {k: v for k, v in dataclasses.asdict(params).items()
+    values = {k: v for k, v in repro.params_dict(params).items()
               if k not in RESUMABLE_KEYS and not k.startswith("eval_")}
     return json.loads(json.dumps(values, default=str))
 
@@ -323,6 +322,49 @@ class TrainState:
         return norm
 
 
+def loss_shares(acc: Any, counts: Sequence[float]) -> list[float]:
+    """The weight of each micro-batch's mean loss that makes their sum, over the micro-batches
+    and the processes, the mean over every unit (token or sequence) of the global batch.
+
+    ``counts``: the units of this process's micro-batches. DDP averages the processes'
+    gradients, so each weight is ``count / (N / world)`` with ``N`` the units of all processes;
+    on one process ``count / N``.
+    """
+    total = max(1, sum(counts))
+    if acc.num_processes > 1:
+        n_all = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
+        total = max(1.0, float(n_all) / acc.num_processes)
+    return [c / total for c in counts]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller plugs into a training run besides its params: test hooks, and stage 2's
+    extra reward."""
+
+    stop_after: int | None = None
+    """Return after this many steps, as if the run were killed (tests)."""
+    fail_at_step: int | None = None
+    """Make the loss of the step with this 0-based index NaN (tests; the error and the logs
+    call it step ``fail_at_step + 1``)."""
+    extra_reward: Callable[..., Sequence[float]] | None = None
+    """Stage 2: a reward added to the total (``grpo.ExtraReward``; tests, custom tasks)."""
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How ``fit`` shows and stores a run."""
+
+    desc: str
+    """Progress-bar label."""
+    logs: Sequence[str] = ("metrics",)
+    """JSONL logs of the run; the first is the metrics log returned."""
+    checkpoint_extra: dict[str, Any] | None = None
+    """Metadata stored with every checkpoint."""
+    postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    """The progress bar's postfix from a stats row."""
+
+
 def setup_training(model: Any, params: Any, out_dir: str | Path | None, accelerator: Any,
                    micro_batch: int) -> TrainState:
     """Optimiser, schedule, resume and accelerate wrapping for one training run.
@@ -490,11 +532,10 @@ def tracker_scalars(row: dict[str, Any]) -> dict[str, float]:
 
 def _tracker_config(params: Any) -> dict[str, Any]:
     """The run's parameters as tracker hyper-parameters (scalars; anything else as JSON text)."""
-    import dataclasses
     import json
 
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
-            for k, v in dataclasses.asdict(params).items()}
+            for k, v in repro.params_dict(params).items()}
 
 
 def start_trackers(acc: Any, params: Any, out_dir: str | Path) -> bool:
@@ -587,10 +628,8 @@ class ProgressLines:
                     f"(step {done}/{self.total})")
 
 
-def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, desc: str,
-        logs: Sequence[str] = ("metrics",), checkpoint_extra: dict[str, Any] | None = None,
-        stop_after: int | None = None, fail_at_step: int | None = None,
-        postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> TrainResult:
+def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, loop: Loop,
+        hooks: Hooks | None = None) -> TrainResult:
     """Run ``step_fn`` from ``state.start_step`` to ``params.steps``, with logs and checkpoints.
 
     Every step's ``stats`` row goes to ``metrics.jsonl`` with ``time_s`` (seconds since this
@@ -604,13 +643,8 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
         params: stage parameters (``steps``, ``checkpoint_every``).
         out_dir: run folder.
         step_fn: the stage's step (see the module docstring).
-        desc: progress-bar label.
-        logs: JSONL logs of the run; the first is the metrics log returned.
-        checkpoint_extra: metadata stored with every checkpoint.
-        stop_after: test hook: return after this many steps, as if the run were killed.
-        fail_at_step: test hook: make the loss of the step with this 0-based index NaN (the
-            error and the logs call it step ``fail_at_step + 1``).
-        postfix: the progress bar's postfix from a stats row.
+        loop: the progress label, the logs, checkpoint metadata.
+        hooks: test hooks (``stop_after``, ``fail_at_step``).
 
     Returns:
         ``TrainResult``; the model (``state.model`` unwrapped) is left in eval mode. Its
@@ -623,8 +657,10 @@ def fit(state: TrainState, params: Any, out_dir: str | Path, step_fn: StepFn, de
     """
     out_dir = Path(out_dir)
     acc = state.accelerator
-    state.fail_at_step = fail_at_step
-    extra = checkpoint_extra or {}
+    hooks = hooks or Hooks()
+    desc, logs, postfix, stop_after = loop.desc, loop.logs, loop.postfix, hooks.stop_after
+    state.fail_at_step = hooks.fail_at_step
+    extra = loop.checkpoint_extra or {}
     if state.resumed_from is not None:  # before the logs are truncated to the checkpoint
         _check_extra(state.resumed_from, extra)
     open_logs = _open_logs(state, out_dir, logs)

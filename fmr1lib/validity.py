@@ -3,7 +3,7 @@
 ``measure`` samples ``G`` rollouts per prompt from a model along the stage-2 code path
 (``grpo.rollout``, the teacher-forced forward with attention capture, ``faithful.counterfactual_view``),
 computes the causal ``reading`` of every distinct correct trajectory (``fmr1lib.reading``), and
-for each reward candidate (a ``faithful.Scoring``) the within-group rank correlation of its
+for each reward candidate (a ``config.RewardParams``) the within-group rank correlation of its
 reward with ``reading``. A candidate measures faithful use when that correlation is positive on
 models whose correct rollouts differ in what they read (``reading_spread``: the share of them that
 are cue-dependent). ``scripts/reward_validity.py`` runs it over the study's models.
@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fmr1lib import attention, batching, faithful, grpo, prompting, reading, records, scoring
+from fmr1lib.config import RewardParams
 
 
 @torch.no_grad()
 def measure(model: Any, processor: Any, rows: Sequence[dict[str, Any]], params: Any,
-            candidates: Mapping[str, faithful.Scoring], seed: int = 0,
+            candidates: Mapping[str, RewardParams], seed: int = 0,
             prompts_per_batch: int = 4, how: str = "logprob") -> dict[str, Any]:
     """Reward validity of each candidate on rollouts of ``model``.
 
@@ -32,7 +33,7 @@ def measure(model: Any, processor: Any, rows: Sequence[dict[str, Any]], params: 
         processor: its processor.
         rows: prompts (records whose meta names a shortcut region, with evidence boxes).
         params: ``RLParams`` (group size, temperature, intervention, reward layers).
-        candidates: name -> scoring.
+        candidates: name -> the reward's settings.
         seed: torch seed of the rollouts.
         prompts_per_batch: prompts sampled per ``generate`` call.
         how: the reading (``reading.READINGS``).
@@ -57,21 +58,22 @@ def measure(model: Any, processor: Any, rows: Sequence[dict[str, Any]], params: 
         with batching.eval_mode(model), attention.AttentionCapture(
                 model, batch.query_positions, ctx.layers) as cap:
             logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1],
-                                                params.temperature)
-        view = faithful.counterfactual_view(model, processor, batch, chunk, distinct, "boxes",
-                                            method=params.intervention,
-                                            temperature=params.temperature, layers=ctx.layers)
+                                                params.rollout.temperature)
+        view = faithful.counterfactual_view(model, processor, batch, chunk, distinct, params.reward,
+                                            "boxes", params.rollout.temperature)
         if view is None:
             continue
         sel = view.selected
         g_size = batch.group_size
         group_of = [start + int(i) // g_size for i in sel.tolist()]
         answers = [chunk[int(i) // g_size]["answer"] for i in sel.tolist()]
-        r = reading.reading_scores(model, processor, batch, chunk, sel, logits.index_select(0, sel),
-                                   answers, params.intervention, params.temperature, how)
+        r = reading.reading_scores(
+            model, processor, batch, chunk,
+            reading.Trajectories(sel, logits.index_select(0, sel), answers),
+            params.reward.intervention, params.rollout.temperature, how)
         values += r
         for name, settings in candidates.items():
-            rewards = faithful.faithful_rewards(view, batch, logits, cap.attentions, settings)
+            rewards = faithful.faithful_rewards(view, batch, logits, cap.attentions, settings).rewards
             scores = [rewards[c[0]] for c in view.copies]
             per_group[name] += reading.within_group_spearman(scores, r, group_of)
     finite = [v for v in values if np.isfinite(v)]
@@ -205,9 +207,11 @@ def _readings(model: Any, processor: Any, batch: batching.SequenceBatch,
     sel = torch.tensor(list(picked))
     with batching.eval_mode(model):
         logits = batching.completion_logits(model, batching.select_sequences(batch.inputs, sel),
-                                            batch.completion_ids.shape[1], params.temperature)
-    return reading.reading_scores(model, processor, batch, rows, sel, logits, answers,
-                                  params.intervention, params.temperature, how)
+                                            batch.completion_ids.shape[1],
+                                            params.rollout.temperature)
+    return reading.reading_scores(model, processor, batch, rows,
+                                  reading.Trajectories(sel, logits, answers),
+                                  params.reward.intervention, params.rollout.temperature, how)
 
 
 def reading_spread(groups: Sequence[Sequence[float]], threshold: float = 0.2) -> dict[str, Any]:

@@ -17,19 +17,25 @@ import time
 import numpy as np
 import torch
 
-from fmr1lib import config, faithful, reading, records, repro, stages, validity
+from fmr1lib import config, reading, records, repro, stages, validity
+
+
+def _paper(**kw: object) -> config.RewardParams:
+    """A candidate: the paper's literal reading (``top_kappa``, std floor 0.01) but for ``kw``."""
+    return config.RewardParams(**{"concentration": "top_kappa", "faithful_std_floor": 0.01, **kw})
+
 
 CANDIDATES = {
-    "top_kappa (kappa 4)": faithful.Scoring(kappa=4),
-    "top_kappa (kappa 1)": faithful.Scoring(kappa=1),
-    "weighted": faithful.Scoring(concentration="weighted"),
-    "relative (rho 0.5)": faithful.Scoring(concentration="relative", rho=0.5),
-    "dependency": faithful.Scoring(concentration="dependency"),
-    "top_kappa (kappa 8)": faithful.Scoring(kappa=8),
-    "top_kappa (kappa 4) + floor": faithful.Scoring(kappa=4, min_dependency=0.1),
-    "top_kappa (kappa 4) + floor 0.5": faithful.Scoring(kappa=4, min_dependency=0.5),
-    "weighted + floor": faithful.Scoring(concentration="weighted", min_dependency=0.1),
-    "relative (rho 0.5) + floor": faithful.Scoring(concentration="relative", min_dependency=0.1),
+    "top_kappa (kappa 4)": _paper(kappa=4),
+    "top_kappa (kappa 1)": _paper(kappa=1),
+    "weighted": _paper(concentration="weighted"),
+    "relative (rho 0.5)": _paper(concentration="relative", relative_rho=0.5),
+    "dependency": _paper(concentration="dependency"),
+    "top_kappa (kappa 8)": _paper(kappa=8),
+    "top_kappa (kappa 4) + floor": _paper(kappa=4, min_dependency=0.1),
+    "top_kappa (kappa 4) + floor 0.5": _paper(kappa=4, min_dependency=0.5),
+    "weighted + floor": _paper(concentration="weighted", min_dependency=0.1),
+    "relative (rho 0.5) + floor": _paper(concentration="relative", min_dependency=0.1),
 }
 """The candidates (``floor``: ``min_dependency`` 0.1 nats)."""
 

@@ -64,7 +64,7 @@ def run(name: str, out: Path, args: argparse.Namespace) -> None:
     ap = anchor_params(args.steps, acc.num_processes, resume=name == "resume")
     res = anchoring.train_supervised(model, processor, rows, ap, folder, variant="focus_anchor",
                                      accelerator=acc,
-                                     stop_after=args.stop_after if name == "part" else None)
+                                     hooks=train.Hooks(stop_after=args.stop_after if name == "part" else None))
     if name == "part":
         assert res.steps == args.stop_after
         return

@@ -154,7 +154,8 @@ def test_resume_matches_uninterrupted_run(tiny, rows, tmp_path):
                                           "focus_anchor")
     part = copy.deepcopy(model0)
     repro.seed_everything(0)
-    anchoring.train_supervised(part, processor, train, p, tmp_path / "part", "focus_anchor", stop_after=3)
+    anchoring.train_supervised(part, processor, train, p, tmp_path / "part", "focus_anchor",
+                               hooks=fmr1_train.Hooks(stop_after=3))
     resumed = copy.deepcopy(model0)  # a fresh process would rebuild the start model
     p_resume = config.load_params(config.AnchorParams, {**p.__dict__, "resume": True})
     res_resumed = anchoring.train_supervised(resumed, processor, train, p_resume, tmp_path / "part",
@@ -177,7 +178,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, rows, tmp_path):
     p2 = config.load_params(config.AnchorParams, {**p.__dict__, "checkpoint_every": 2})
     # fail_at_step is the 0-based index: the fifth step, logged as step 5, after checkpoint 4.
     with pytest.raises(fmr1_train.NonFiniteLossError, match="step 5;.*step_0000004"):
-        anchoring.train_supervised(model, processor, train, p2, tmp_path, "plain", fail_at_step=4)
+        anchoring.train_supervised(model, processor, train, p2, tmp_path, "plain",
+                                   hooks=fmr1_train.Hooks(fail_at_step=4))
     last = checkpoints.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name == "step_0000004"
     state = repro.read_records(last / "state.json")

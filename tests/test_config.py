@@ -134,7 +134,7 @@ def test_params_summary_is_short_and_names_file_and_overrides(tmp_path):
                                root=tmp_path)
     lines = config.params_summary(p, f).splitlines()
     assert str(f) in lines[0] and "RLParams" in lines[0]
-    assert f"{len(dataclasses.fields(config.RLParams))} parameters, 2 differ" in lines[0]
+    assert f"{len(config.section_of(config.RLParams))} parameters, 2 differ" in lines[0]
     assert sorted(lines[1:]) == ["  kappa: 2", "  steps: 3  # override; the file gives 24"]
     # The notebooks' default: the profile's own file, one line when nothing differs.
     assert len(config.params_summary(config.load_params(config.RLParams)).splitlines()) == 1

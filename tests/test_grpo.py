@@ -59,7 +59,7 @@ def _loss_inputs(ratios, adv, mask=None):
 
 def test_clip_positive_advantage_above_high_has_no_gradient():
     lp, lo, adv, m = _loss_inputs([[1.5, 1.1, 0.5]], [1.0])
-    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, clip_low=0.2, clip_high=0.28)
+    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(clip_low=0.2, clip_high=0.28))
     loss.backward()
     g = lp.grad[0]
     assert g[0] == 0.0  # r = 1.5 > 1 + 0.28 with A > 0: clipped
@@ -71,7 +71,7 @@ def test_clip_positive_advantage_above_high_has_no_gradient():
 
 def test_clip_negative_advantage_below_low_has_no_gradient():
     lp, lo, adv, m = _loss_inputs([[0.5, 0.9, 1.5]], [-1.0])
-    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, clip_low=0.2, clip_high=0.28)
+    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(clip_low=0.2, clip_high=0.28))
     loss.backward()
     g = lp.grad[0]
     assert g[0] == 0.0  # r = 0.5 < 1 - 0.2 with A < 0: clipped
@@ -82,7 +82,7 @@ def test_clip_negative_advantage_below_low_has_no_gradient():
 
 def test_clipped_loss_hand_value_and_gradient():
     lp, lo, adv, m = _loss_inputs([[1.5, 0.9], [0.5, 1.1]], [1.0, -1.0])
-    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, 0.2, 0.28, "token_mean")
+    loss, stats = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(loss_agg="token_mean"))
     # per token: -min(rA, clip(r)A) = [-1.28, -0.9] and [0.8, 1.1]; token mean over 4
     assert float(loss.detach()) == pytest.approx((-1.28 - 0.9 + 0.8 + 1.1) / 4)
     loss.backward()
@@ -104,32 +104,33 @@ def test_token_mean_and_seq_mean_differ_on_unequal_lengths():
     ratios = [[1.0, 1.1, 1.2], [0.9, 1.0, 1.0]]
     mask = [[1, 1, 1], [1, 0, 0]]
     lp, lo, adv, m = _loss_inputs(ratios, [-1.0, -1.0], mask)
-    tok, _ = grpo.clipped_policy_loss(lp, lo, adv, m, 0.2, 0.28, "token_mean")
-    seq, _ = grpo.clipped_policy_loss(lp, lo, adv, m, 0.2, 0.28, "seq_mean")
+    tok, _ = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(loss_agg="token_mean"))
+    seq, _ = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(loss_agg="seq_mean"))
     assert float(tok.detach()) == pytest.approx((1.0 + 1.1 + 1.2 + 0.9) / 4)  # 1.05
     assert float(seq.detach()) == pytest.approx(((1.0 + 1.1 + 1.2) / 3 + 0.9) / 2)  # 1.0
     with pytest.raises(ValueError):
-        grpo.clipped_policy_loss(lp, lo, adv, m, loss_agg="sum")
+        grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(loss_agg="sum"))
 
 
 def test_seq_mean_ignores_empty_sequences():
     lp, lo, adv, m = _loss_inputs([[1.1, 1.0], [1.0, 1.0]], [-1.0, -1.0], [[1, 0], [0, 0]])
-    loss, _ = grpo.clipped_policy_loss(lp, lo, adv, m, loss_agg="seq_mean")
+    loss, _ = grpo.clipped_policy_loss(lp, lo, adv, m, config.PolicyLossParams(loss_agg="seq_mean"))
     assert float(loss.detach()) == pytest.approx(1.1)
 
 
 def test_k3_kl_to_reference():
     lp = torch.zeros(1, 2, requires_grad=True)
     mask = torch.ones(1, 2)
-    same, st = grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, logp_ref=lp.detach(),
-                                        beta=0.5)
+    half = config.PolicyLossParams(beta=0.5)
+    same, st = grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, half,
+                                        logp_ref=lp.detach())
     assert st["kl"] == pytest.approx(0.0) and float(same.detach()) == pytest.approx(0.0)
     ref = torch.full((1, 2), math.log(2.0))
-    loss, st = grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, logp_ref=ref, beta=0.5)
+    loss, st = grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, half, logp_ref=ref)
     k3 = 2.0 - math.log(2.0) - 1.0
     assert st["kl"] == pytest.approx(k3) and float(loss.detach()) == pytest.approx(0.5 * k3)
     with pytest.raises(ValueError):
-        grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, beta=0.1)
+        grpo.clipped_policy_loss(lp, lp.detach(), torch.zeros(1), mask, config.PolicyLossParams(beta=0.1))
 
 
 def test_token_logprobs_and_entropy():
@@ -331,8 +332,9 @@ def test_occlusion_region_matches_a_direct_search(tiny, rows):
     model, processor = tiny
     row = dict(rows[0], image=rows[0]["image"].resize((100, 100)),
                evidence_boxes=[[b * 100 / 112 for b in rows[0]["evidence_boxes"][0]]])
-    regions = faithful.occlusion_region(model, processor, [row, rows[1]], n_cells=3, chunk_size=7,
-                                       search="exhaustive")
+    regions = faithful.occlusion_region(
+        model, processor, [row, rows[1]],
+        config.RewardParams(occlusion_cells=3, occlusion_search="exhaustive"), chunk_size=7)
     assert [len(r) for r in regions] == [3, 3]
     cells = faithful.cell_boxes((100, 100), (1, 8, 8))
     assert all(box in cells for box in regions[0])
@@ -375,7 +377,7 @@ def test_grpo_run_changes_parameters_and_raises_reward(backbone_params, rows, tm
     p = _rl(steps=12, group_size=8, max_new_tokens=8, lr=1e-2, w_acc=0.0, w_fmt=0.0, log_every=4)
     repro.seed_everything(0)
     res = grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo",
-                          extra_reward=_low_ids(len(processor.tokenizer)))
+                          hooks=train.Hooks(extra_reward=_low_ids(len(processor.tokenizer))))
     assert res.steps == 12 and len(res.metrics) == 12
     changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
     assert "lm_head.weight" in changed or "model.language_model.embed_tokens.weight" in changed
@@ -488,7 +490,7 @@ def test_resume_matches_an_uninterrupted_run(backbone_params, sft_state, rows, t
 
     model_b, processor = _fresh(backbone_params, sft_state)
     repro.seed_everything(0)
-    part = grpo.train_grpo(model_b, processor, rows, p, tmp_path / "split", "faithful", stop_after=2)
+    part = grpo.train_grpo(model_b, processor, rows, p, tmp_path / "split", "faithful", hooks=train.Hooks(stop_after=2))
     assert part.steps == 2
     model_c, processor = _fresh(backbone_params, sft_state)
     p_resume = _rl(steps=4, checkpoint_every=2, faithful_form="raw", resume=True)
@@ -507,7 +509,7 @@ def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(backbone_params, r
     p = _rl(steps=4, checkpoint_every=1, max_new_tokens=6)
     # fail_at_step is the 0-based index: the third step (step 3 in the logs) fails.
     with pytest.raises(train.NonFiniteLossError, match="step 3;.*step_0000002"):
-        grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo", fail_at_step=2)
+        grpo.train_grpo(model, processor, rows, p, tmp_path, "grpo", hooks=train.Hooks(fail_at_step=2))
     last = checkpoints.latest_checkpoint(tmp_path / "checkpoints")
     assert last is not None and last.name.endswith("0000002")
     assert len(repro.read_jsonl(tmp_path / "metrics.jsonl")) == 2
@@ -522,7 +524,7 @@ def test_dynamic_sampling_drops_degenerate_groups(backbone_params, rows, tmp_pat
     assert res.metrics[0]["refill_rounds"] == 2 and res.metrics[0]["n_groups"] == 2
     repro.seed_everything(0)
     res = grpo.train_grpo(model, processor, rows, p, tmp_path / "varied", "grpo",
-                          extra_reward=_low_ids(len(processor.tokenizer)))
+                          hooks=train.Hooks(extra_reward=_low_ids(len(processor.tokenizer))))
     assert res.metrics[0]["refill_rounds"] == 0 and res.metrics[0]["n_groups"] == 2
 
 
@@ -531,7 +533,7 @@ def test_kl_to_frozen_reference_and_lora_reference(backbone_params, rows, tmp_pa
     p = _rl(steps=3, max_new_tokens=8, beta=0.1, lr=1e-2, w_acc=0.0, w_fmt=0.0)
     repro.seed_everything(0)
     res = grpo.train_grpo(model, processor, rows, p, tmp_path / "full", "grpo",
-                          extra_reward=_low_ids(len(processor.tokenizer)))
+                          hooks=train.Hooks(extra_reward=_low_ids(len(processor.tokenizer))))
     kls = [m["kl"] for m in res.metrics]
     assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[-1] > 1e-6
 
@@ -539,7 +541,7 @@ def test_kl_to_frozen_reference_and_lora_reference(backbone_params, rows, tmp_pa
     peft_model = modeling.wrap_lora(_fresh(backbone_params)[0], lora_p, processor)
     repro.seed_everything(0)
     res = grpo.train_grpo(peft_model, processor, rows, lora_p, tmp_path / "lora", "grpo",
-                          extra_reward=_low_ids(len(processor.tokenizer)))
+                          hooks=train.Hooks(extra_reward=_low_ids(len(processor.tokenizer))))
     assert res.metrics[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert all(math.isfinite(m["kl"]) for m in res.metrics)
 
@@ -584,7 +586,7 @@ def test_rollouts_in_micro_batches_keep_groups_and_prompts(tiny, rows):
         groups = grpo.rollout(ctx, rows[:3])
     assert calls == [1, 1, 1]  # one generate call per prompt
     assert [g.row["id"] for g in groups] == [r["id"] for r in rows[:3]]
-    assert all(len(g.tokens) == ctx.params.group_size for g in groups)
+    assert all(len(g.tokens) == ctx.params.rollout.group_size for g in groups)
     ctx_all = grpo.setup_grpo(model, processor, _rl(lr=NO_LR), "grpo")
     with unittest.mock.patch.object(grpo, "_rollout", counting):
         grpo.rollout(ctx_all, rows[:3])
@@ -641,10 +643,11 @@ def test_focus_row_is_a_choice(tiny, rows):
     model, processor = tiny
     row = rows[0]
     comps = [f"<think>look at the circle</think><answer>{row['answer']}</answer>"]
-    kw = {"scoring": faithful.Scoring(kappa=100), "layers": [-1]}
+    top = {"concentration": "top_kappa", "kappa": 100, "reward_layers": [-1]}
+    kw = {"reward": config.RewardParams(**top)}
     off = faithful.explain_trajectories(model, processor, row, comps, **kw)[0]
-    on = faithful.explain_trajectories(model, processor, row, comps, layers=[-1],
-                                       scoring=faithful.Scoring(kappa=100, focus_row=True))[0]
+    on = faithful.explain_trajectories(
+        model, processor, row, comps, config.RewardParams(**top, faithful_focus_row=True))[0]
     share = on["share"]
     n = len(share)
     assert off["concentration"] == pytest.approx(sum(share[1:]) / (n - 1), abs=1e-6)
@@ -676,9 +679,8 @@ def test_worked_example_scores_as_the_training_reward(backbone_params, sft_state
             concentration="weighted", reward_layers=[-1])
     ctx = grpo.setup_grpo(model, processor, p, "faithful")
     _, samples = grpo.grpo_step(ctx, [row], 0)
-    explained = faithful.explain_trajectories(model, processor, row, texts, layers=[-1],
-                                              scoring=faithful.Scoring.of(p), temperature=0.7,
-                                              method=p.intervention)
+    explained = faithful.explain_trajectories(model, processor, row, texts, p.reward,
+                                              temperature=0.7)
     trained = [s["faithful"] for s in samples]
     assert len(set(round(t, 6) for t in trained)) > 1  # the completions do differ
     assert [e["concentration"] for e in explained] == pytest.approx(trained, abs=1e-6)

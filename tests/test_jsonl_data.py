@@ -285,7 +285,7 @@ def test_stages_train_and_evaluate_on_jsonl(tmp_path, monkeypatch):
     assert all(s["faithful"] == 0.0 for s in samples if not boxed[s["id"]])
     assert any(s["faithful"] > 0.0 for s in samples if boxed[s["id"]])
     n_boxed = sum(boxed[i] for i in firsts)
-    assert all(0 < m["n_faithful_scored"] <= n_boxed * rp.group_size for m in res2.metrics)
+    assert all(0 < m["n_faithful_scored"] <= n_boxed * rp.rollout.group_size for m in res2.metrics)
     monkeypatch.undo()
 
     # The evaluation: accuracy over every example; box-based metrics over the annotated ones.

@@ -20,6 +20,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 # layer only what SAME_LAYER lists. ``__init__`` runs before any submodule: it imports none.
 LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
+    # The vocabulary: every choice set, imported by any module; it imports nothing.
+    "L-1 vocabulary": ("choices",),
     "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
                       "rewards", "data", "modeling", "attention", "batching", "runlock", "progress",
                       "checkpoints", "owndata"),
@@ -35,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 # Imports allowed inside one layer (importer -> modules of its own layer it may import).
 SAME_LAYER: dict[str, set[str]] = {
+    "config": {"repro"},
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
@@ -52,7 +55,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 
-_BASE = set(LAYERS["package"]) | set(LAYERS["L0 primitives"])
+_BASE = set(LAYERS["package"]) | set(LAYERS["L-1 vocabulary"]) | set(LAYERS["L0 primitives"])
 
 # Modules whose imports are narrower than their layer allows: they may import only these.
 # Evaluation needs models and data, never the trainers: no grpo, train or stages.

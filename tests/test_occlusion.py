@@ -60,7 +60,7 @@ def test_exhaustive_search_is_the_lowest_scores(tiny, rows):
     model, processor = tiny
     scores = occlusion.exhaustive_scores(model, processor, rows)
     assert min(max(s) - min(s) for s in scores) > 1e-3  # the cells matter, far above float noise
-    regions = occlusion.search(model, processor, rows, 3, how="exhaustive", chunk_size=5)
+    regions = occlusion.search(model, processor, rows, occlusion.Search(n_cells=3, how="exhaustive", chunk_size=5))
     for cells, s in zip(_cells_of(regions, rows, processor), scores, strict=False):
         assert cells == sorted(range(len(s)), key=lambda k: (s[k], k))[:3]
 
@@ -70,8 +70,8 @@ def test_cheaper_searches_equal_exhaustive_when_given_every_cell(tiny, rows, how
     """A budget of every cell re-ranks all of them exactly; a beam of 4 on a 4x4 grid keeps
     every quadrant, so both reduce to the exhaustive search."""
     model, processor = tiny
-    exhaustive = occlusion.search(model, processor, rows, 2, how="exhaustive")
-    assert occlusion.search(model, processor, rows, 2, how=how, **kw) == exhaustive
+    exhaustive = occlusion.search(model, processor, rows, occlusion.Search(how="exhaustive"))
+    assert occlusion.search(model, processor, rows, occlusion.Search(how=how, **kw)) == exhaustive
 
 
 def test_gradient_scores_are_the_first_order_change(tiny, rows):
@@ -123,12 +123,12 @@ def test_gradient_scores_are_the_first_order_change(tiny, rows):
 
 def test_search_rejects_an_unknown_name(tiny, rows):
     with pytest.raises(ValueError, match="occlusion search 'nope'"):
-        occlusion.search(*tiny, rows, how="nope")
+        occlusion.search(*tiny, rows, occlusion.Search(how="nope"))
 
 
 def test_every_search_returns_distinct_cells_of_the_image(tiny, rows):
     model, processor = tiny
     for how in occlusion.SEARCHES:
-        regions = occlusion.search(model, processor, rows, 2, how=how)
+        regions = occlusion.search(model, processor, rows, occlusion.Search(how=how))
         for cells in _cells_of(regions, rows, processor):
             assert len(cells) == 2 and len(set(cells)) == 2 and all(0 <= c < 16 for c in cells)

@@ -77,6 +77,7 @@ def test_shared_images_give_the_same_logprobs_rows_and_gradients(tiny, rows):
 
 def test_faithful_rewards_unchanged_by_shared_images(tiny, rows):
     model, processor = tiny
+    reward = config.RewardParams(concentration="top_kappa", faithful_form="raw", reward_layers=[-1])
     res = {}
     for share in (True, False):
         batch = _sequences(rows, processor, share)
@@ -84,8 +85,8 @@ def test_faithful_rewards_unchanged_by_shared_images(tiny, rows):
         with batching.eval_mode(model), attention.AttentionCapture(
                 model, batch.query_positions, layers=[-1]) as cap:
             logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
-        view = faithful.counterfactual_view(model, processor, batch, rows, distinct, "boxes", layers=[-1])
-        res[share] = faithful.faithful_rewards(view, batch, logits, cap.attentions, faithful.Scoring(form="raw"))
+        view = faithful.counterfactual_view(model, processor, batch, rows, distinct, reward)
+        res[share] = faithful.faithful_rewards(view, batch, logits, cap.attentions, reward).rewards
     assert sum(r > 0 for r in res[True]) == 2 * len(rows)
     assert res[True] == pytest.approx(res[False], abs=1e-6)
 

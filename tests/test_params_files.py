@@ -86,7 +86,7 @@ def test_yaml_holds_only_what_differs_from_the_defaults(path):
 def test_parameters_cell_holds_profile_and_knobs_set_to_none(nb_path):
     """(c) The cell names the profile and a few knobs of the notebook's dataclass, all None."""
     cls = config.PARAMS_BY_NOTEBOOK[nb_path.stem]
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(config.section_of(cls))
     ns = _parameters_cell(nb_path)
     assert ns.get("profile") == "tiny"
     knobs = {k: v for k, v in ns.items() if k != "profile"}

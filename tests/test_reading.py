@@ -47,7 +47,8 @@ def _reading(model, processor, row, text):
     sel = torch.tensor([0])
     with batching.eval_mode(model):
         logits = batching.completion_logits(model, batch.inputs, batch.completion_ids.shape[1])
-    return reading.reading_scores(model, processor, batch, [row], sel, logits, [row["answer"]])[0]
+    return reading.reading_scores(model, processor, batch, [row],
+                                  reading.Trajectories(sel, logits, [row["answer"]]))[0]
 
 
 def test_reading_is_evidence_minus_cue_dependence(tiny):

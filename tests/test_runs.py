@@ -66,7 +66,7 @@ def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch
     real = anchoring.train_supervised
 
     def killed(*a, **kw):
-        real(*a, **kw, stop_after=1)
+        real(*a, **kw, hooks=train.Hooks(stop_after=1))
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(anchoring, "train_supervised", killed)
@@ -79,7 +79,8 @@ def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch
     assert not (folder / runlock.LOCK_NAME).exists()  # released on the exception
 
     # A run that returns early (stopped, not killed) saves its model but is not complete.
-    monkeypatch.setattr(anchoring, "train_supervised", lambda *a, **kw: real(*a, **kw, stop_after=1))
+    monkeypatch.setattr(anchoring, "train_supervised",
+                        lambda *a, **kw: real(*a, **kw, hooks=train.Hooks(stop_after=1)))
     stages.anchor_stage(new, "plain", dsd)
     assert json.loads((folder / "info.json").read_text())["steps"] == 1
     assert not is_complete(new)
@@ -92,7 +93,7 @@ def test_resume_refuses_changed_trajectory_params_and_allows_logging_ones(tiny, 
     model0, processor, rows = tiny
     p = _params(steps=3)
     anchoring.train_supervised(copy.deepcopy(model0), processor, rows, p, tmp_path, "plain",
-                               stop_after=1)
+                               hooks=train.Hooks(stop_after=1))
     ck = tmp_path / "checkpoints" / "step_0000001"
     before = (ck / "state.json").read_text()
 
@@ -155,7 +156,7 @@ def test_resumed_run_reports_the_time_of_every_segment(tiny, tmp_path, monkeypat
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     p = _params(steps=3, checkpoint_every=2)
     anchoring.train_supervised(copy.deepcopy(model0), processor, rows, p, tmp_path, "plain",
-                               stop_after=2)
+                               hooks=train.Hooks(stop_after=2))
     first = checkpoints.read_checkpoint_meta(tmp_path / "checkpoints" / "step_0000002")
     assert first["extra"]["elapsed_s"] >= 1000
     monkeypatch.setattr(train, "time", time)
