@@ -29,7 +29,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "L2.5 evaluation": ("evaluation", "benchmark", "validity"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
-    "L5 experiments": ("ablation", "claims", "plotting"),
+    "L5 experiments": ("ablation", "claims", "plotting", "study_plots"),
     "L6 entry points": ("cli", "__main__"),
 }
 
@@ -49,6 +49,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "grpo": {"anchoring", "faithful", "reading"},
     "benchmark": {"evaluation"},
     "ablation": {"claims", "plotting"},
+    "study_plots": {"plotting"},
     "__main__": {"cli"},
 }
 
