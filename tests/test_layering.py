@@ -20,9 +20,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 # layer only what SAME_LAYER lists. ``__init__`` runs before any submodule: it imports none.
 LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
-    "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
-                      "rewards", "data", "modeling", "attention", "batching", "runlock", "progress",
-                      "checkpoints", "owndata"),
+    "L0 primitives": ("config", "repro", "records", "converters", "counterfactual", "prompting",
+                      "scoring", "rewards", "data", "modeling", "attention", "batching", "runlock",
+                      "progress", "checkpoints", "owndata"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
@@ -38,6 +38,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
+    "converters": {"records", "repro"},
     "owndata": {"config", "records"},
     "runlock": {"repro"},
     "checkpoints": {"repro"},
