@@ -523,7 +523,7 @@ def paired_difference(long: Sequence[dict[str, Any]], row_a: str, row_b: str, sp
 
 def metric_bars(long: Sequence[dict[str, Any]], rows: Sequence[str], splits: Sequence[str],
                 metric: str) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, dict[str, list[float]]]]:
-    """``(values, points)`` for ``plotting.fig_bars_with_errors``: per row label and split,
+    """``(values, points)`` for ``study_plots.fig_bars_with_errors``: per row label and split,
     ``(mean, std)`` over seeds and the per-seed means."""
     index = {(e["row"], e["split"]): e for e in long if e["metric"] == metric}
     values = {ROW_LABELS[r]: {s: (index[(r, s)]["mean"], index[(r, s)]["std"]) for s in splits}

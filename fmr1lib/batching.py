@@ -31,38 +31,6 @@ STAGE_VARIANTS = options(StageVariant)
 
 
 # --------------------------------------------------------------------------------------
-# The text-perception response (the baseline of stage 1)
-# --------------------------------------------------------------------------------------
-
-_POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left",
-              (1, 1): "center", (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom",
-              (2, 2): "bottom right"}
-
-
-def position_words(box: Sequence[float], image_size: tuple[int, int]) -> str:
-    """Coarse position of a box in a 3x3 split of the image.
-
-    >>> position_words([0, 0, 10, 10], (112, 112))
-    'top left'
-    """
-    w, h = image_size
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return _POSITIONS[(min(2, int(3 * cy / h)), min(2, int(3 * cx / w)))]
-
-
-def perception_text(meta: dict[str, Any], image_size: tuple[int, int]) -> str:
-    """Words for the evidence of a FocusShapes record ("the red triangle, top left")."""
-    objs = [meta["objects"][i] for i in meta.get("evidence_objects", [])]
-    if not objs:
-        return "nothing"
-    parts = []
-    for o in objs:
-        color = o["color"] or "grey"
-        parts.append(f"the {color} {o['shape']}, {position_words(o['box'], image_size)}")
-    return " and ".join(parts)
-
-
-# --------------------------------------------------------------------------------------
 # Records -> inputs
 # --------------------------------------------------------------------------------------
 
@@ -112,7 +80,7 @@ def _reference_response(row: dict[str, Any], image: Any, variant: str, reasoning
                         cue_route_share: float) -> str:
     perception = None
     if variant == "text_perception":
-        perception = perception_text(records.decode_meta(row["meta"]), image.size)
+        perception = prompting.perception_text(records.decode_meta(row["meta"]), image.size)
     think = reference_think(row, reasoning, cue_route_share)
     return prompting.response_text(row["answer"], think, perception) + "<|im_end|>"
 

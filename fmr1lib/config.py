@@ -215,7 +215,7 @@ class DataParams(SeedParams, CommonParams):
     file, line, record id and field); ``skip`` leaves bad records out, logging each and the count."""
     allow_outside_root: bool = False
     """``source: jsonl``: allow image paths that lead outside the image root (absolute paths,
-    ``..``, a symlinked image folder), as ``records check --allow-outside-root`` does."""
+    ``..``, a symlinked image folder), as ``converters check --allow-outside-root`` does."""
     image_size: int = 112
     """Side of the square scene in pixels; a multiple of 28 (one merged image token per 28 px cell)."""
     n_train: int = 3000

@@ -182,6 +182,34 @@ def route_choice(record_id: str, share: float) -> bool:
     return zlib.crc32(("route:" + record_id).encode("utf-8")) / 2**32 < share
 
 
+_POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left",
+              (1, 1): "center", (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom",
+              (2, 2): "bottom right"}
+
+
+def position_words(box: Sequence[float], image_size: tuple[int, int]) -> str:
+    """Coarse position of a box in a 3x3 split of the image.
+
+    >>> position_words([0, 0, 10, 10], (112, 112))
+    'top left'
+    """
+    w, h = image_size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return _POSITIONS[(min(2, int(3 * cy / h)), min(2, int(3 * cx / w)))]
+
+
+def perception_text(meta: dict[str, Any], image_size: tuple[int, int]) -> str:
+    """Words for the evidence of a FocusShapes record ("the red triangle, top left")."""
+    objs = [meta["objects"][i] for i in meta.get("evidence_objects", [])]
+    if not objs:
+        return "nothing"
+    parts = []
+    for o in objs:
+        color = o["color"] or "grey"
+        parts.append(f"the {color} {o['shape']}, {position_words(o['box'], image_size)}")
+    return " and ".join(parts)
+
+
 def response_text(answer: str, think: str | None = None, perception: str | None = None) -> str:
     """The target response that follows the forced ``<Focus>``.
 

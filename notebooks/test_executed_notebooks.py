@@ -2,9 +2,9 @@
 
 * ``test_headless_notebook_reads_as_a_narrative`` executes notebook 01 as ``make reproduce``
   does (``cli.run_notebook``: papermill, ``MPLBACKEND=Agg`` from ``make test``) and reads the
-  executed file: one ``image/png`` output per ``plotting.fig_*`` call, no stderr output, no
-  progress bar (frozen or not), no stray ``Out`` value, and the HTML page written beside it with
-  every figure embedded.
+  executed file: one ``image/png`` output per ``plotting.fig_*`` or ``study_plots.fig_*`` call,
+  no stderr output, no progress bar (frozen or not), no stray ``Out`` value, and the HTML page
+  written beside it with every figure embedded.
 * ``test_every_figure_displays_in_an_interactive_kernel`` runs a kernel as JupyterLab does (no
   ``MPLBACKEND``: the inline backend) and draws three figures in a row, then a plain
   ``plt.subplots()`` figure: each must display.
@@ -31,12 +31,16 @@ HEADLESS_NOTEBOOK = "01_data_construction"  # the cheapest notebook with figures
 # A tqdm bar's text: "desc:  40%|####      | 2/5 [...]".
 BAR = re.compile(r"(\d+)%\|")
 
+FIGURE_MODULES = ("plotting", "study_plots")
+"""The modules whose ``fig_*`` functions draw a figure."""
+
 
 def figure_calls(source: str) -> int:
-    """How many ``plotting.fig_*(...)`` calls a cell's source makes."""
+    """How many ``plotting.fig_*(...)`` and ``study_plots.fig_*(...)`` calls a cell's source
+    makes."""
     return sum(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                and n.func.attr.startswith("fig_") and isinstance(n.func.value, ast.Name)
-               and n.func.value.id == "plotting" for n in ast.walk(ast.parse(source)))
+               and n.func.value.id in FIGURE_MODULES for n in ast.walk(ast.parse(source)))
 
 
 def output_text(out: dict) -> str:
@@ -83,10 +87,10 @@ def test_every_figure_displays_in_an_interactive_kernel(tmp_path):
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in (
-        "import matplotlib.pyplot as plt\nfrom fmr1lib import plotting",
-        "plotting.fig_claims({'seeds': [0, 1], 'claims': []});",
+        "import matplotlib.pyplot as plt\nfrom fmr1lib import plotting, study_plots",
+        "study_plots.fig_claims({'seeds': [0, 1], 'claims': []});",
         "plotting.fig_training_curves({'plain': [{'step': 1, 'ce': 2.0}, {'step': 2, 'ce': 1.0}]}, ['ce']);",
-        "plotting.fig_data_efficiency([{'variant': 'grpo', 'prompts': 8, 'accuracy': 0.5}]);",
+        "study_plots.fig_data_efficiency([{'variant': 'grpo', 'prompts': 8, 'accuracy': 0.5}]);",
         "fig, ax = plt.subplots()\nax.plot([0, 1], [1, 0]);",
     )]
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # as JupyterLab starts it

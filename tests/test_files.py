@@ -22,7 +22,17 @@ import pytest
 import torch
 from PIL import Image
 
-from fmr1lib import benchmark, checkpoints, config, data, evaluation, modeling, records, repro
+from fmr1lib import (
+    benchmark,
+    checkpoints,
+    config,
+    converters,
+    data,
+    evaluation,
+    modeling,
+    records,
+    repro,
+)
 from fmr1lib.records import DataError
 
 BENCH = Path(__file__).parent / "data" / "benchmark_sample"
@@ -275,7 +285,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask_022):
     assert _mode(folder) == 0o755 and _mode(folder / "train") == 0o755
     assert {_mode(f) for f in folder.rglob("*") if f.is_file()} == {0o644}
     out = tmp_path / "conv.jsonl"
-    with records._atomic_text_writer(out) as fh:
+    with converters._atomic_text_writer(out) as fh:
         fh.write("\n")
     assert _mode(out) == 0o644
     assert repro.current_umask() == 0o022
@@ -341,8 +351,8 @@ def test_outside_paths_load_when_explicitly_allowed(escape_root, monkeypatch, ca
     assert benchmark.main(["--model", "unused", "--file", str(bench)]) == 2
     assert benchmark.main(["--model", "unused", "--file", str(bench),
                            "--allow-absolute-images"]) == 0
-    assert records.main(["check", str(path), "--allow-outside-root"]) == 0
-    assert records.main(["check", str(path)]) == 1
+    assert converters.main(["check", str(path), "--allow-outside-root"]) == 0
+    assert converters.main(["check", str(path)]) == 1
     assert "outside the image root" in capsys.readouterr().err
 
 
@@ -355,7 +365,7 @@ def test_empty_records_file_is_an_error_in_loader_and_check(tmp_path, capsys):
     with pytest.raises(DataError, match="no records in the file") as err:
         records.load_jsonl(path)
     assert err.value.path == str(path)
-    assert records.main(["check", str(path)]) == 1
+    assert converters.main(["check", str(path)]) == 1
     assert capsys.readouterr().err == f"DataError: {path}: no records in the file\n"
     with pytest.raises(DataError, match="no records"):
         benchmark.load_benchmark(path)
@@ -367,7 +377,7 @@ def test_empty_records_file_is_an_error_in_loader_and_check(tmp_path, capsys):
 
 def test_records_check_on_a_missing_file_is_a_clean_error(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
-    assert records.main(["check", str(missing)]) == 1
+    assert converters.main(["check", str(missing)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
 

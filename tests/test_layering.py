@@ -22,16 +22,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     # The vocabulary: every choice set, imported by any module; it imports nothing.
     "L-1 vocabulary": ("choices",),
-    "L0 primitives": ("config", "repro", "records", "counterfactual", "prompting", "scoring",
-                      "rewards", "data", "modeling", "attention", "batching", "runlock", "progress",
-                      "checkpoints", "owndata"),
+    "L0 primitives": ("config", "repro", "records", "converters", "counterfactual", "prompting",
+                      "scoring", "rewards", "data", "modeling", "attention", "batching", "runlock",
+                      "progress", "checkpoints", "owndata"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
     "L2.5 evaluation": ("evaluation", "benchmark", "validity"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
-    "L5 experiments": ("ablation", "claims", "plotting"),
+    "L5 experiments": ("ablation", "claims", "plotting", "study_plots"),
     "L6 entry points": ("cli", "__main__"),
 }
 
@@ -41,6 +41,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},
+    "converters": {"records", "repro"},
     "owndata": {"config", "records"},
     "runlock": {"repro"},
     "checkpoints": {"repro"},
@@ -52,6 +53,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "grpo": {"anchoring", "faithful", "reading"},
     "benchmark": {"evaluation"},
     "ablation": {"claims", "plotting"},
+    "study_plots": {"plotting"},
     "__main__": {"cli"},
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmr1lib import cli, config, data, owndata, records
+from fmr1lib import cli, config, converters, data, owndata, records
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "tests" / "data" / "jsonl_study"
@@ -54,11 +54,11 @@ def test_symlinked_image_folder_is_allowed_by_a_data_key_as_records_check_allows
     refused = config.load_params(config.DataParams, _data_values(folder))
     with pytest.raises(records.DataError, match="allow_outside_root"):
         data.load_jsonl_split(refused, "train")
-    # The params key lifts it, as `records check --allow-outside-root` does for the same file.
+    # The params key lifts it, as `converters check --allow-outside-root` does for the same file.
     allowed = config.load_params(config.DataParams, _data_values(folder, allow_outside_root=True))
     ds, skipped = data.load_jsonl_split(allowed, "train")
     assert (len(ds), skipped) == (24, 0)
-    assert records.main(["check", str(folder / "train.jsonl"), "--allow-outside-root"]) == 0
+    assert converters.main(["check", str(folder / "train.jsonl"), "--allow-outside-root"]) == 0
     # From the command line too, and refused for FocusShapes (it reads no image files).
     f = _write(tmp_path / "01.yaml", _data_values(folder))
     assert cli.main(["data", "--params", f, "--set", "allow_outside_root=true", "--dry-run"]) == 0

@@ -1,4 +1,5 @@
-"""Figures (``fmr1lib.plotting``) outside a kernel, and notebook 05's generated closing section.
+"""Figures (``fmr1lib.plotting``, ``fmr1lib.study_plots``) outside a kernel, and notebook 05's
+generated closing section.
 
 Inline display inside a Jupyter kernel is checked by ``notebooks/test_executed_notebooks.py``.
 """
@@ -11,7 +12,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from fmr1lib import claims, plotting  # noqa: E402
+from fmr1lib import claims, plotting, study_plots  # noqa: E402
 
 
 def test_every_saved_figure_has_a_pdf_beside_the_png_and_is_not_shown_outside_a_kernel(tmp_path):
@@ -44,7 +45,7 @@ def test_long_curves_are_smoothed_short_ones_are_not():
 def test_data_efficiency_axis_is_ticked_at_the_prompt_counts():
     points = [{"variant": v, "prompts": k, "accuracy": 0.5} for v in ("grpo", "faithful")
               for k in (8, 32, 160)]
-    ax = plotting.fig_data_efficiency(points).axes[0]
+    ax = study_plots.fig_data_efficiency(points).axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "32", "160"]
 
 

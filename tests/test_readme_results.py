@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fmr1lib import ablation, claims, config, plotting, repro
+from fmr1lib import ablation, claims, config, repro, study_plots
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
@@ -68,7 +68,7 @@ def test_committed_results_were_made_with_the_current_study_params():
 
 def test_committed_claims_recompute_from_the_committed_table():
     doc = _doc()
-    long = plotting.read_ablation_csv(FIGURES / "ablation.csv")
+    long = study_plots.read_ablation_csv(FIGURES / "ablation.csv")
     again = claims.json_safe(claims.evaluate_claims(long, ablation.study_claims(_study_params()),
                                                     doc["seeds"]))
     assert [c["claim"] for c in again] == [c["claim"] for c in doc["claims"]]

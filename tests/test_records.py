@@ -1,4 +1,5 @@
-"""Tests for fmr1lib.records: schema validation, the JSONL adapter, the Visual CoT converter."""
+"""Tests for fmr1lib.records (schema validation, the JSONL adapter) and fmr1lib.converters (the
+Visual CoT converter, the command line)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fmr1lib import records
+from fmr1lib import converters, records
+from fmr1lib.converters import convert_visual_cot
 from fmr1lib.records import (
     DataError,
-    convert_visual_cot,
     decode_meta,
     load_jsonl,
     records_to_dataset,
@@ -64,8 +65,9 @@ def good_record(rid: str, image: str = "images/scene0.png") -> dict:
     }
 
 
-def test_doctests() -> None:
-    result = doctest.testmod(records)
+@pytest.mark.parametrize("module", [records, converters], ids=lambda m: m.__name__)
+def test_doctests(module) -> None:
+    result = doctest.testmod(module)
     assert result.attempted > 0
     assert result.failed == 0
 
@@ -407,7 +409,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
-        [sys.executable, "-m", "fmr1lib.records", *args],
+        [sys.executable, "-m", "fmr1lib.converters", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
