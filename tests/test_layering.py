@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "package": ("__init__",),
     # The vocabulary: every choice set, imported by any module; it imports nothing.
     "L-1 vocabulary": ("choices",),
-    "L0 primitives": ("config", "repro", "records", "converters", "counterfactual", "prompting",
+    "L0 primitives": ("config", "params_common", "stage_params", "repro", "records", "converters", "counterfactual", "prompting",
                       "scoring", "rewards", "data", "modeling", "attention", "batching", "runlock",
                       "progress", "checkpoints", "owndata"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
@@ -37,7 +37,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 # Imports allowed inside one layer (importer -> modules of its own layer it may import).
 SAME_LAYER: dict[str, set[str]] = {
-    "config": {"repro"},
+    "config": {"repro", "params_common", "stage_params"},
+    "params_common": {"repro"},
+    "stage_params": {"params_common"},
     "data": {"config", "repro", "records", "counterfactual", "progress"},
     "modeling": {"config", "prompting", "repro"},
     "records": {"repro"},

@@ -7,7 +7,6 @@ the other stages' files); the notebooks' ``parameters`` cells name a few knobs s
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import nbformat
