@@ -462,18 +462,15 @@ def _run_variants(args: argparse.Namespace, cls: type, stage_name: str) -> int:
         lines += [f"train {stage} {v} -> {stages.run_folder(p, stage, v, create=False)}"
                   for v in variants]
         return _dry_run(lines)
-    before = getattr(stages, "BUILD_MISSING", True)
-    stages.BUILD_MISSING = args.build_missing
-    try:
-        check = getattr(stages, "check_prerequisites", None)  # every variant's, before any trains
-        if check is not None:
-            check(p, stage, variants)
-        run = getattr(stages, stage_name)
-        for variant in variants:
-            _, _, res = run(p, variant)
-            print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
-    finally:
-        stages.BUILD_MISSING = before
+    # Every variant's start models, before any variant trains: built here (one line each) with
+    # --build-missing, else a missing one stops the command with the commands that make it.
+    prepare = getattr(stages, "ensure_prerequisites", None)
+    if prepare is not None:
+        prepare(p, stage, variants, build=args.build_missing)
+    run = getattr(stages, stage_name)
+    for variant in variants:
+        _, _, res = run(p, variant)
+        print(f"{variant}: {res.steps} steps in {res.wall_time_s:.1f} s -> {res.out_dir}")
     return 0
 
 

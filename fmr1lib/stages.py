@@ -1,4 +1,4 @@
-"""The stage layer: where each stage's run lives, how its params chain, build-if-missing.
+"""The stage layer: where each stage's run lives, how its params chain, what a stage starts from.
 
 The pipeline (docs/design.md §2):
 
@@ -10,6 +10,12 @@ trained ``model/``. A stage's params name the params files of the stages before 
 (``data_params_file``, ``backbone_params_file``, ``anchor_params_file``); ``upstream_params``
 follows those pointers, so a stage-2 run of seed ``k`` starts from stage 1 of seed ``k``. Only
 this module names run folders: the notebooks, the CLI and the ablation call it.
+
+A stage never trains the run it starts from unasked: a missing start model stops it with
+``MissingPrerequisiteError``, naming the commands that make it, unless the caller passes
+``build=True`` (the CLI's ``--build-missing``, the notebooks' cells that say so, the ablation).
+Then ``build_stage``, the one place that trains a run on the way to another, prints one line
+saying what it builds and why, before the stage touches its own run folder.
 
 A stage holds the folder's ``runlock.RunLock`` while it writes (one writer per folder), and
 checks everything first: a resume's params and inputs, the dataset, the start model; a refusal
@@ -352,7 +358,7 @@ def _writing(folder: Path, acc: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# Inputs of a stage: data and start models, built if missing
+# Inputs of a stage: data (built if missing) and start models (built only when asked)
 # --------------------------------------------------------------------------------------
 
 
@@ -374,39 +380,22 @@ def load_model(folder: Path, p: Any, made_by: str) -> tuple[Any, Any]:
     return modeling.load_saved_backbone(folder, p)
 
 
-BUILD_MISSING = True
-"""Whether ``ensure_backbone`` and ``start_model`` build a missing start model (the backbone,
-the stage-1 model) before the stage that needs it. True for the library and the notebooks (and
-so ``make reproduce``, which runs them in order); the CLI's stage commands set it False unless
-``--build-missing`` is given, so that a missing prerequisite stops them with the command that
-makes it (``MissingPrerequisiteError``). The ablation (``ensure_trained``) trains what it needs
-in order either way."""
-
-
 class MissingPrerequisiteError(RuntimeError):
-    """A stage's start model is missing and building it was not asked for (``BUILD_MISSING``)."""
+    """A stage's start model is missing and building it was not asked for (``build=False``,
+    the default; ``--build-missing`` on the command line)."""
 
 
-@contextlib.contextmanager
-def build_missing(enabled: bool) -> Any:
-    """Set ``BUILD_MISSING`` for the duration of a block."""
-    global BUILD_MISSING
-    before, BUILD_MISSING = BUILD_MISSING, bool(enabled)
-    try:
-        yield
-    finally:
-        BUILD_MISSING = before
-
-
-def _make_command(stage: str, p: Any, file: str, variant: str | None = None) -> str:
+def _make_command(stage: str, p: Any, file: str | None, variant: str | None = None) -> str:
     """``python -m fmr1lib <stage> --params <file>`` that makes the run ``p`` describes: with
     ``--variants`` and a ``--set`` for every value the chain gave ``p`` that differs from the
-    file's (e.g. the seed of a stage-2 run)."""
+    file's (e.g. the seed of a stage-2 run). ``file`` None: the file is not known here."""
     import shlex
 
-    cmd = f"python -m fmr1lib {stage} --params {file}"
+    cmd = f"python -m fmr1lib {stage} --params {file or '...'}"
     if variant is not None:
         cmd += f" --variants {variant}"
+    if file is None:
+        return cmd
     plain = config.load_params(type(p), repro.resolve_path(file))
     for key, value in config.params_to_dict(p).items():
         if value != getattr(plain, key):
@@ -415,95 +404,157 @@ def _make_command(stage: str, p: Any, file: str, variant: str | None = None) -> 
     return cmd
 
 
-def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> list[tuple[str, str]]:
+_MADE_IN = {"backbone": "02_backbone", "anchor": "03_anchoring", "rl": "04_counterfactual_rl"}
+
+
+def _run_name(stage: str, variant: str | None) -> str:
+    """``the stage-0 backbone``, ``the stage-1 plain model``, ``the stage-2 faithful run``."""
+    if stage == "backbone":
+        return "the stage-0 backbone"
+    return f"the stage-1 {variant} model" if stage == "anchor" else f"the stage-2 {variant} run"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prerequisite:
+    """A run that no finished run folder holds for the inputs it would be made from now: what
+    ``build_stage`` trains, or what ``MissingPrerequisiteError`` names."""
+
+    params: Any
+    stage: str
+    variant: str | None
+    status: RunStatus
+    """Its ``run_status`` (``reason`` says why it is not finished)."""
+    command: str = ""
+    """The command that makes it (``python -m fmr1lib ...``)."""
+
+    def describe(self) -> str:
+        """What it is, where, why it is not finished and which notebook makes it."""
+        return (f"{_run_name(self.stage, self.variant)} ({self.status.folder}, "
+                f"{self.status.reason}; notebooks/{_MADE_IN[self.stage]}.ipynb)")
+
+
+def _missing_backbone(p: Any) -> list[Prerequisite]:
+    """The stage-0 backbone of ``p``'s chain (``p`` itself for ``BackboneParams``), if no run
+    holds it finished."""
+    bp = p if isinstance(p, config.BackboneParams) else upstream_params(p, "backbone")
+    status = run_status(bp, "backbone")
+    if status:
+        return []
+    if isinstance(p, config.BackboneParams):
+        file = None
+    else:
+        file = getattr(p, "backbone_params_file", None) or upstream_params(
+            p, "anchor").backbone_params_file
+    return [Prerequisite(bp, "backbone", None, status, _make_command("backbone", bp, file))]
+
+
+def _missing_runs(p: Any, stage: str, variant: str | None = None) -> list[Prerequisite]:
     """The start models the ``stage`` run of ``p`` (``anchor``, ``rl``; its ``variant``) needs
-    and that no run holds finished (``run_status``), in the order to make them: ``(what,
-    command)`` pairs; ``what`` says why (``not finished: <input> changed``)."""
+    and that no run holds finished (``run_status``), in the order to make them."""
     if stage == "rl":
         ap = upstream_params(p, "anchor")
         start = start_variant(variant or "grpo")
         if start is None:
-            return missing_prerequisites(ap, "anchor")
+            return _missing_backbone(ap)
         status = run_status(ap, "anchor", start)
         if status:
             return []
-        return [*missing_prerequisites(ap, "anchor"),
-                (f"the stage-1 {start} model ({status.folder}, {status.reason}; "
-                 f"notebooks/03_anchoring.ipynb)",
-                 _make_command("anchor", ap, p.anchor_params_file, start))]
+        return [*_missing_backbone(ap), Prerequisite(
+            ap, "anchor", start, status, _make_command("anchor", ap, p.anchor_params_file, start))]
     if stage == "anchor":
-        bp = upstream_params(p, "backbone")
-        status = run_status(bp, "backbone")
-        if status:
-            return []
-        backbone_file = getattr(p, "backbone_params_file", None) or upstream_params(
-            p, "anchor").backbone_params_file
-        return [(f"the stage-0 backbone ({status.folder}, {status.reason}; "
-                 f"notebooks/02_backbone.ipynb)",
-                 _make_command("backbone", bp, backbone_file))]
+        return _missing_backbone(p)
     return []
 
 
-def check_prerequisites(p: Any, stage: str, variants: list[str] | None = None,
-                        build: bool | None = None) -> None:
-    """Stop before any work when a start model of the ``stage`` run(s) is missing and is not to
-    be built (``build``, default ``BUILD_MISSING``).
+def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> list[tuple[str, str]]:
+    """The start models the ``stage`` run of ``p`` (``anchor``, ``rl``; its ``variant``) needs
+    and that no run holds finished (``run_status``), in the order to make them: ``(what,
+    command)`` pairs; ``what`` says why (``not finished: <input> changed``)."""
+    return [(m.describe(), m.command) for m in _missing_runs(p, stage, variant)]
+
+
+def build_stage(run: Prerequisite, needed_for: str, dsd: Any = None) -> None:
+    """Train ``run`` (a missing backbone, stage-1 model or stage-2 run) because ``needed_for``
+    needs it: the one place where a run is trained on the way to another one. It prints one
+    line first, saying what it builds and why (``building the stage-0 backbone, needed for the
+    stage-1 plain model (not finished: no finished run in runs/tiny/backbone)``); what ``run``
+    itself starts from is built first the same way."""
+    print(f"building {_run_name(run.stage, run.variant)}, needed for {needed_for} "
+          f"({run.status.reason})", flush=True)
+    if run.stage == "backbone":
+        backbone_stage(run.params, dsd)
+    elif run.stage == "anchor":
+        anchor_stage(run.params, run.variant, dsd, build=True)
+    else:
+        rl_stage(run.params, run.variant, dsd, build=True)
+
+
+def _build_or_stop(missing: list[Prerequisite], needed_for: str, build: bool, dsd: Any) -> None:
+    """Build every run of ``missing`` in order (``build_stage``) when ``build``, else raise
+    ``MissingPrerequisiteError`` naming each and the commands that make them."""
+    if not missing:
+        return
+    if build:
+        for run in missing:
+            build_stage(run, needed_for, dsd)
+        return
+    names = " and ".join(m.describe() for m in missing)
+    cmds = "\n".join(f"  {m.command}" for m in missing)
+    it = "them, in this order" if len(missing) > 1 else "it"
+    raise MissingPrerequisiteError(
+        f"{needed_for} needs {names}; no finished run holds {it.split(',')[0]}. Make {it}:\n"
+        f"{cmds}\nor rerun with --build-missing to build {it.split(',')[0]} first "
+        f"(build=True from Python).")
+
+
+def ensure_prerequisites(p: Any, stage: str, variants: list[str] | None = None,
+                         build: bool = False, dsd: Any = None) -> None:
+    """Before any work: every start model of the ``stage`` run(s) of ``p`` (``anchor``, ``rl``;
+    its ``variants``) is finished, or is built now, in order, by ``build_stage`` when ``build``
+    is True (one printed line each). The default stops instead: nothing trains unasked.
 
     Raises:
-        MissingPrerequisiteError: naming each missing model and the commands that make them.
+        MissingPrerequisiteError: ``build`` is False and a start model is missing; the message
+            names each one and the commands that make them.
     """
-    if (BUILD_MISSING if build is None else build) or stage not in ("anchor", "rl"):
-        return
-    missing: dict[str, str] = {}
+    missing: dict[Path, Prerequisite] = {}
     for variant in variants or [None]:
-        for what, cmd in missing_prerequisites(p, stage, variant):
-            missing.setdefault(what, cmd)
-    if missing:
-        names = " and ".join(missing)
-        cmds = "\n".join(f"  {c}" for c in missing.values())
-        it = "them, in this order" if len(missing) > 1 else "it"
-        raise MissingPrerequisiteError(
-            f"{stage} needs {names}; no finished run holds {it.split(',')[0]}. Make {it}:\n"
-            f"{cmds}\nor rerun with --build-missing to build {it.split(',')[0]} first "
-            f"(stages.build_missing(True) from Python).")
+        for run in _missing_runs(p, stage, variant):
+            missing.setdefault(run.status.folder, run)
+    needed_for = (f"stage {STAGES.index(stage)}" if not variants else
+                  " and ".join(_run_name(stage, v) for v in variants))
+    _build_or_stop(list(missing.values()), needed_for, build, dsd)
 
 
-def ensure_backbone(p: Any, build: bool | None = None) -> tuple[Any, Any]:
-    """The profile's saved stage-0 backbone; if it is missing, built (notebook 02's step) when
-    ``build`` (default ``BUILD_MISSING``), else ``MissingPrerequisiteError``."""
-    bp = p if isinstance(p, config.BackboneParams) else upstream_params(p, "backbone")
-    status = run_status(bp, "backbone")
-    folder = status.folder / "model"
-    if not status:
-        if not (BUILD_MISSING if build is None else build) and isinstance(p, config.BackboneParams):
-            raise MissingPrerequisiteError(f"backbone {status.reason}: make it with "
-                                           f"`python -m fmr1lib backbone --params ...` "
-                                           f"(notebooks/02_backbone.ipynb)")
-        if not isinstance(p, config.BackboneParams):
-            check_prerequisites(p, "anchor", build=build)
-        logger.info("backbone %s: building it (notebook 02)", status.reason)
-        backbone_stage(bp)
-    return modeling.load_saved_backbone(folder, p)
+def ensure_backbone(p: Any, build: bool = False) -> tuple[Any, Any]:
+    """The profile's saved stage-0 backbone (of ``p``'s chain), loaded. A missing one is built
+    first (notebook 02's step, ``build_stage``) when ``build``, else ``MissingPrerequisiteError``
+    names the command that makes it."""
+    needed_for = "loading it" if isinstance(p, config.BackboneParams) else "stage 1"
+    _build_or_stop(_missing_backbone(p), needed_for, build, None)
+    return _load_start(p, "anchor")
 
 
-def start_model(p: Any, variant: str, build: bool | None = None) -> tuple[Any, Any]:
-    """The start policy of a stage-2 variant (``config.RLParams.START_VARIANTS``): the stage-0
-    backbone for ``grpo_backbone``, the same seed's stage-1 ``plain`` model for ``*_plain``, else
-    its ``focus_anchor`` model. A missing one is built by its notebook's step when ``build``
-    (default ``BUILD_MISSING``), else ``MissingPrerequisiteError`` names the command that makes
-    it."""
-    ap = upstream_params(p, "anchor")
-    start = start_variant(variant)
-    if start is None:
-        return ensure_backbone(ap, build)
-    status = run_status(ap, "anchor", start)
-    folder = status.folder / "model"
-    if not status:
-        check_prerequisites(p, "rl", [variant], build=build)
-        logger.info("stage-1 model %s: training it (notebook 03)", status.reason)
-        with build_missing(True):  # and the backbone, if that is missing too
-            anchor_stage(ap, start)
-    return modeling.load_saved_backbone(folder, p)
+def start_model(p: Any, variant: str, build: bool = False) -> tuple[Any, Any]:
+    """The start policy of a stage-2 variant (``config.RLParams.START_VARIANTS``), loaded: the
+    stage-0 backbone for ``grpo_backbone``, the same seed's stage-1 ``plain`` model for
+    ``*_plain``, else its ``focus_anchor`` model. A missing one (and the backbone it starts
+    from) is built first by ``build_stage`` when ``build``, else ``MissingPrerequisiteError``
+    names the commands that make it."""
+    ensure_prerequisites(p, "rl", [variant], build=build)
+    return _load_start(p, "rl", variant)
+
+
+def _load_start(p: Any, stage: str, variant: str | None = None) -> tuple[Any, Any]:
+    """The start model of the ``stage`` run of ``p`` (``anchor``: the backbone; ``rl``: that of
+    ``variant``), loaded from its run folder as it is: the caller made sure it is finished
+    (``ensure_prerequisites``), so it is checked (hashed) once."""
+    start = start_variant(variant) if stage == "rl" else None
+    if start is not None:
+        return modeling.load_saved_backbone(model_folder(p, "anchor", start), p)
+    if stage == "rl":  # grpo_backbone: the backbone, loaded with the stage-1 params (dtype, kernel)
+        p = upstream_params(p, "anchor")
+    return modeling.load_saved_backbone(model_folder(p, "backbone"), p)
 
 
 def start_variant(variant: str) -> str | None:
@@ -630,8 +681,9 @@ def _check_inputs(p: Any, stage: str, variant: str, out: Path, acc: Any,
                   dsd: Any) -> tuple[Any, Any, Any, dict[str, str]]:
     """Every check of a stage-1/2 run before its folder is touched (under its lock): a resume's
     params and inputs (``check_resume_inputs``), the dataset (built if missing) and its
-    ``train_split``, the start model (loaded; built if missing and allowed). The seed is set
-    right before the start model loads, where the run's random numbers begin.
+    ``train_split``, the start model (loaded: the stage checked it, and built it if it was
+    missing and ``build`` was given, before taking the lock). The seed is set right before the
+    start model loads, where the run's random numbers begin.
 
     Returns:
         ``(dsd, model, processor, inputs)``: the start model as loaded, the run's inputs.
@@ -643,25 +695,26 @@ def _check_inputs(p: Any, stage: str, variant: str, out: Path, acc: Any,
         raise config.ParamsError(f"key 'train_split': the dataset has no split "
                                  f"{p.train_split!r} (it has {sorted(dsd)})")
     repro.seed_everything(p.seed)
-    model, processor = ensure_backbone(p) if stage == "anchor" else start_model(p, variant)
-    if inputs.get("start model") == UNFINISHED:  # built just now
-        inputs = run_inputs(p, stage, variant)
+    model, processor = _load_start(p, stage, variant)
     return dsd, model, processor, inputs
 
 
-def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
+def anchor_stage(p: Any, variant: str, dsd: Any = None,
+                 build: bool = False) -> tuple[Any, Any, train.TrainResult]:
     """Stage 1: train one variant from the saved backbone and save it under ``run_folder``.
 
     Args:
         p: ``AnchorParams``.
         variant: ``plain``, ``text_perception`` or ``focus_anchor``.
         dsd: the FocusShapes ``DatasetDict`` (loaded from the profile when None).
+        build: build the backbone first if no finished run holds it (``build_stage``, one
+            printed line); False (the default) raises ``MissingPrerequisiteError`` instead.
 
     Returns:
         ``(model, processor, result)``; the model is saved under ``run_folder(p, "anchor",
         variant)/model`` (merged weights when LoRA was used, so later stages load one folder).
     """
-    check_prerequisites(p, "anchor", [variant])  # before the run folder is touched
+    ensure_prerequisites(p, "anchor", [variant], build, dsd)  # before the run folder is touched
     acc = train.make_accelerator(p, gradient_accumulation_steps=p.grad_accum)
     out = run_folder(p, "anchor", variant)
     with _writing(out, acc):
@@ -674,9 +727,11 @@ def anchor_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train
     return model, processor, result
 
 
-def rl_stage(p: Any, variant: str, dsd: Any = None) -> tuple[Any, Any, train.TrainResult]:
-    """Stage 2: train one variant from its start point and save it under ``run_folder``."""
-    check_prerequisites(p, "rl", [variant])  # before the run folder is touched
+def rl_stage(p: Any, variant: str, dsd: Any = None,
+             build: bool = False) -> tuple[Any, Any, train.TrainResult]:
+    """Stage 2: train one variant from its start point (``start_model``) and save it under
+    ``run_folder``; ``build`` as in ``anchor_stage`` (the start model and the backbone)."""
+    ensure_prerequisites(p, "rl", [variant], build, dsd)  # before the run folder is touched
     acc = train.make_accelerator(p)
     out = run_folder(p, "rl", variant)
     with _writing(out, acc):
@@ -727,6 +782,8 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
                    n_prompts: int = 0) -> Path:
     """Train ``row`` for ``seed`` unless its run is finished for the inputs it would be made
     from now (``run_status``): a changed upstream params file, dataset or start model retrains it.
+    The ablation asks for what it needs, so it builds: its start model first (the same seed's
+    stage-1 model, the backbone), each run it trains announced by ``build_stage``'s line.
 
     Returns:
         The folder of the trained model.
@@ -735,15 +792,14 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
     bp, ap, rp = seed_params(ep, seed, n_prompts)
     params = {"backbone": bp, "anchor": ap, "rl": rp}[stage]
     folder = run_folder(params, stage, variant, create=False)
+    needed_for = f"the ablation row {row}, seed {seed}" + (f", {n_prompts} prompts" if n_prompts else "")
     if stage == "backbone":
-        ensure_backbone(ap)
+        _build_or_stop(_missing_backbone(ap), needed_for, True, None)
         return folder / "model"
     start = start_variant(variant) if stage == "rl" else None
     if start is not None:  # the start point, same seed
         ensure_trained(ep, next(r for r, sv in ROWS.items() if sv == ("anchor", start)), seed, dsd)
     status = run_status(params, stage, variant)
     if not status:
-        logger.info("training %s (seed %d%s): %s", row, seed,
-                    f", {n_prompts} prompts" if n_prompts else "", status.reason)
-        (anchor_stage if stage == "anchor" else rl_stage)(params, variant, dsd)
+        build_stage(Prerequisite(params, stage, variant, status), needed_for, dsd)
     return folder / "model"

@@ -87,18 +87,18 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
     monkeypatch.setattr(stages, "_start_run_of", lambda *a: None)  # no backbone run here
     trained = []
 
-    def fake_anchor_stage(p, variant, dsd=None):
+    def fake_anchor_stage(p, variant, dsd=None, build=False):
         out = stages.run_folder(p, "anchor", variant)
         repro.save_params(p, out)
         (out / "model").mkdir(parents=True, exist_ok=True)
         (out / "model" / "config.json").write_text("{}")
         (out / "info.json").write_text("{}")
         stages.mark_complete(out, p)  # written last by a run that finished
-        trained.append((variant, p.seed))
+        trained.append((variant, p.seed, build))
 
     monkeypatch.setattr(stages, "anchor_stage", fake_anchor_stage)
     folder = stages.ensure_trained(ep, "anchoring", 1, dsd=None)
-    assert trained == [("focus_anchor", 1)] and folder.name == "model"
+    assert trained == [("focus_anchor", 1, True)] and folder.name == "model"  # the ablation asks
     stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert len(trained) == 1  # complete and same params: reused
     # The params file's content changed (here: other steps): the run is stale and trains again.
@@ -107,7 +107,7 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
     assert stages.run_status(ap, "anchor", "focus_anchor").reason.startswith(
         "not finished: its own params")
     stages.ensure_trained(ep, "anchoring", 1, dsd=None)
-    assert trained == [("focus_anchor", 1)] * 2
+    assert trained == [("focus_anchor", 1, True)] * 2
 
 
 def test_eval_params_validation_and_smoke():

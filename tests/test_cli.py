@@ -106,24 +106,86 @@ def test_rl_without_stage1_model_stops_with_the_command(at_root, tmp_path, monke
         stages.start_model(cli.load_stage_params(config.RLParams, RL, [f"run_root={runs}"]),
                            "faithful", build=False)
 
-    # --build-missing trains the stage-1 model first (the stages themselves stand in here).
-    made = []
-
-    def anchor_stage(p, variant, dsd=None):
-        made.append((variant, p.seed, stages.BUILD_MISSING))
+    # --build-missing builds the backbone, then the stage-1 model, before stage 2 (the stages
+    # themselves stand in here: each marks its run finished), one printed line each.
+    capsys.readouterr()
+    made = _fake_upstream_stages(monkeypatch)
 
     def rl_stage_body(model, processor, ds, p, out, variant, accelerator=None):
         return types.SimpleNamespace(steps=p.steps, wall_time_s=0.0, out_dir=out)
 
-    monkeypatch.setattr(stages, "anchor_stage", anchor_stage)
     monkeypatch.setattr(stages, "stage_data", lambda p, acc=None, dsd=None: {p.train_split: None})
     monkeypatch.setattr(stages.modeling, "load_saved_backbone", lambda folder, p: (None, None))
     monkeypatch.setattr(stages, "prepare_trainable", lambda model, processor, p: model)
     monkeypatch.setattr(stages.grpo, "train_grpo", rl_stage_body)
     monkeypatch.setattr(stages, "save_stage", lambda model, *a: model)
     assert cli.main([*argv, "--build-missing"]) == 0
-    assert made == [("focus_anchor", 1, True)]
-    assert stages.BUILD_MISSING is True  # the library default is back
+    assert made == [("backbone", None, 0), ("focus_anchor", 1, True)]
+    out = capsys.readouterr().out
+    assert ("building the stage-0 backbone, needed for the stage-2 faithful run (not finished: "
+            f"no finished run in {runs / 'tiny' / 'backbone'})") in out
+    assert "building the stage-1 focus_anchor model, needed for the stage-2 faithful run" in out
+
+
+def _fake_upstream_stages(monkeypatch) -> list:
+    """Stand-ins for ``backbone_stage`` and ``anchor_stage`` that record ``(variant, seed,
+    build)`` and mark their run finished (``run_status``) without training."""
+    from fmr1lib import stages
+
+    made, finished = [], set()
+    real_status = stages.run_status
+
+    def backbone_stage(p, dsd=None):
+        made.append(("backbone", None, p.seed))
+        finished.add(stages.run_folder(p, "backbone", create=False))
+
+    def anchor_stage(p, variant, dsd=None, build=False):
+        made.append((variant, p.seed, build))
+        finished.add(stages.run_folder(p, "anchor", variant, create=False))
+
+    def run_status(p, stage, variant=None):
+        folder = stages.run_folder(p, stage, variant, create=False)
+        if folder in finished:
+            return stages.RunStatus(folder, True, "", "sha")
+        return real_status(p, stage, variant)
+
+    monkeypatch.setattr(stages, "backbone_stage", backbone_stage)
+    monkeypatch.setattr(stages, "anchor_stage", anchor_stage)
+    monkeypatch.setattr(stages, "run_status", run_status)
+    return made
+
+
+def test_library_builds_a_missing_start_model_only_when_asked(at_root, tmp_path, monkeypatch,
+                                                              capsys):
+    """The library's default is to stop: a stage, ``start_model`` or ``ensure_backbone`` whose
+    start model is missing raises ``MissingPrerequisiteError`` and trains nothing; with
+    ``build=True`` the missing runs are built, in order, each announced by one line."""
+    from fmr1lib import stages
+
+    for name in ("backbone_stage", "stage_data"):
+        monkeypatch.setattr(stages, name, _fail)
+    monkeypatch.setattr(stages.grpo, "train_grpo", _fail)
+    monkeypatch.setattr(stages.anchoring, "train_supervised", _fail)
+    runs = tmp_path / "runs"
+    rp = cli.load_stage_params(config.RLParams, RL, [f"run_root={runs}"])
+    ap = stages.upstream_params(rp, "anchor")
+    for call in (lambda: stages.anchor_stage(ap, "plain"), lambda: stages.ensure_backbone(ap)):
+        with pytest.raises(stages.MissingPrerequisiteError, match="fmr1lib backbone --params"):
+            call()
+    for call in (lambda: stages.rl_stage(rp, "faithful"), lambda: stages.start_model(rp, "grpo")):
+        with pytest.raises(stages.MissingPrerequisiteError, match="fmr1lib anchor --params"):
+            call()
+    assert not runs.exists()  # stopped before any run folder
+    assert "building" not in capsys.readouterr().out
+
+    made = _fake_upstream_stages(monkeypatch)
+    monkeypatch.setattr(stages.modeling, "load_saved_backbone", lambda folder, p: (folder, p))
+    folder, _ = stages.start_model(rp, "faithful_plain", build=True)
+    assert made == [("backbone", None, 0), ("plain", 0, True)]
+    assert folder == stages.model_folder(rp, "anchor", "plain")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("building ")]
+    assert [ln.split(",")[0] for ln in lines] == ["building the stage-0 backbone",
+                                                 "building the stage-1 plain model"]
 
 
 def test_benchmark_names_the_command_of_a_missing_model(tmp_path):

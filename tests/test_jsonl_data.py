@@ -265,7 +265,7 @@ def test_stages_train_and_evaluate_on_jsonl(tmp_path, monkeypatch):
 
     # Stage 1: the attention loss is over the samples with a box target (NaN never enters it).
     repro.seed_everything(0)
-    _, _, res1 = stages.anchor_stage(ap, "focus_anchor")
+    _, _, res1 = stages.anchor_stage(ap, "focus_anchor", build=True)  # the backbone first
     assert res1.steps == 4
     assert all(math.isfinite(m["attn_loss"]) and m["attn_loss"] > 0 for m in res1.metrics)
     assert all(0.0 <= m["focus_mass"] <= 1.0 for m in res1.metrics)

@@ -154,9 +154,8 @@ def test_changed_upstream_makes_downstream_unfinished_and_ablation_retrains_exac
 def test_missing_prerequisite_names_the_input_that_changed(chain, trained):
     chain.append("02_backbone", "lr: 0.0019\n")
     _, _, rp = chain.params()
-    with stages.build_missing(False), pytest.raises(stages.MissingPrerequisiteError,
-                                                     match="backbone params .* changed"):
-        stages.start_model(rp, "grpo")
+    with pytest.raises(stages.MissingPrerequisiteError, match="backbone params .* changed"):
+        stages.start_model(rp, "grpo")  # build=False, the default: nothing trains unasked
     assert trained == []
 
 
@@ -178,10 +177,15 @@ def test_refused_resume_or_validation_leaves_a_finished_run_byte_identical(chain
     assert _snapshot(folder) == before
 
     # A resume after an upstream params file changed (the data: the dataset would be rebuilt).
+    # The backbone, made from the old data, is no longer finished: the stage stops for it first
+    # (it is not asked to build it), and the resume itself would be refused for the data too.
     chain.append("01_data_construction", "seed: 7\n")
     resumed = config.load_params(config.AnchorParams, chain.file["03_anchoring"], resume=True)
-    with pytest.raises(train.ResumeMismatchError, match="data params .* changed"):
+    with pytest.raises(stages.MissingPrerequisiteError, match="backbone .* data params .* changed"):
         stages.anchor_stage(resumed, "focus_anchor")
+    with pytest.raises(train.ResumeMismatchError, match="data params .* changed"):
+        stages.check_resume_inputs(resumed, "anchor", "focus_anchor", folder / "checkpoints",
+                                   stages.run_inputs(resumed, "anchor", "focus_anchor"))
     chain.restore()
     assert _snapshot(folder) == before
 

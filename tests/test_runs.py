@@ -49,8 +49,9 @@ def _params(**kw):
 
 def test_killed_or_stopped_restart_is_never_complete(tiny, tmp_path, monkeypatch):
     model0, processor, rows = tiny
-    monkeypatch.setattr(stages, "ensure_backbone", lambda p: (copy.deepcopy(model0), processor))
+    monkeypatch.setattr(stages, "_load_start", lambda *a: (copy.deepcopy(model0), processor))
     monkeypatch.setattr(stages, "_start_run_of", lambda *a: None)  # no backbone run here
+    monkeypatch.setattr(stages, "ensure_prerequisites", lambda *a, **kw: None)  # nor to build
     dsd = {"train": rows}
     old = _params(run_root=str(tmp_path))
     stages.anchor_stage(old, "plain", dsd)
@@ -203,7 +204,8 @@ def test_stale_lock_is_taken_over_and_foreign_host_refused(tmp_path, caplog):
 
 
 def test_stage_refuses_a_locked_run_folder_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(stages, "ensure_backbone", lambda p: pytest.fail("loaded a model"))
+    monkeypatch.setattr(stages, "_load_start", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(stages, "ensure_prerequisites", lambda *a, **kw: None)  # no backbone here
     p = _params(run_root=str(tmp_path))
     folder = stages.run_folder(p, "anchor", "plain")
     with runlock.RunLock(folder), pytest.raises(runlock.RunLockedError, match=f"pid {os.getpid()}"):
