@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fmr1lib import claims, config, evaluation, repro, stages, validity
+from fmr1lib.choices import TestSplit, options
 from fmr1lib.stages import ROWS
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ TABLE_METRICS: tuple[str, ...] = (
 
 
 def evaluate_folder(p: Any, folder: str | Path, name: str, dsd: Any,
-                    splits: Sequence[str] = ("test_id", "test_ood"), layers: Any = "last_half",
+                    splits: Sequence[str] = options(TestSplit), layers: Any = "last_half",
                     n_boot: int = 1000, model_params: Any = None) -> dict[str, Any]:
     """Evaluate (or reuse the cached evaluation of) the saved model in ``folder``.
 

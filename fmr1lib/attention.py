@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fmr1lib.choices import HeadSelection, options
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ It must not contain "sdpa": transformers would then run its SDPA dispatch checks
 # calls and decoder layers that were not requested go straight to SDPA.
 _FLAG = "_fmr1_attention_capture"
 
-Heads = Literal["mean", "all"] | Sequence[int]
+Heads = HeadSelection | Sequence[int]
 
 
 def _capture_attention_forward(
@@ -232,7 +234,7 @@ class AttentionCapture:
         n_heads = self._base.config.get_text_config().num_attention_heads
         self._head_index: torch.Tensor | None = None
         if isinstance(heads, str):
-            if heads not in ("mean", "all"):
+            if heads not in options(HeadSelection):
                 raise ValueError(f'heads must be "mean", "all" or a list of ints, got {heads!r}')
         else:
             index = [int(h) for h in heads]

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fmr1lib import counterfactual, progress, records, repro
-from fmr1lib.choices import Split, options
+from fmr1lib.choices import Split, TestSplit, options
 from fmr1lib.config import DataParams
 from fmr1lib.repro import atomic_write_json, run_dir, saved_params_equal
 
@@ -595,7 +595,7 @@ def make_jsonl_dataset(p: DataParams) -> tuple[datasets.DatasetDict, dict[str, i
     for split in progress.bar(SPLITS, desc="JSONL splits"):
         out[split], skipped[split] = load_jsonl_split(p, split)
     train_ids = set(out["train"]["id"])
-    for split in ("test_id", "test_ood"):
+    for split in options(TestSplit):
         shared = len(train_ids & set(out[split]["id"]))
         if shared:
             logger.warning("%d record id(s) of %s are also in train", shared, split)

@@ -43,8 +43,8 @@ from fmr1lib import (
     batching,
     config,
     faithful,
+    grpo_stats,
     modeling,
-    prompting,
     reading,
     rewards,
     train,
@@ -437,22 +437,6 @@ class _Chunk:
     overall: list[float] | None = None
 
 
-@dataclass
-class _StepLog:
-    """Per-step lists of the quantities ``_step_stats`` averages, and the timings."""
-
-    lists: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in (
-        "concentration", "s_t", "share", "clip_frac", "clip_low_frac", "clip_high_frac",
-        "ratio_mean", "kl", "entropy", "loss", "attn_rl", "distinct", "reading", "reading_cue",
-        "reading_spearman")})
-    faithful_s: float = 0.0
-
-    def add(self, stats: dict[str, Any]) -> None:
-        for k, v in stats.items():
-            if k in self.lists and not (isinstance(v, float) and math.isnan(v)):
-                self.lists[k].append(v)
-
-
 def _chunks(ctx: GRPOContext, groups: list[Group]) -> list[_Chunk]:
     """Split the groups into ``grad_accum`` chunks, each weighted by its share of the loss
     (``train.loss_shares``: the loss is the mean over the global batch)."""
@@ -558,7 +542,7 @@ def combine_advantages(base: Sequence[float], faith: Sequence[float], correct: S
     return adv + w_faith * centred.reshape(-1)
 
 
-def _log_scores(log: _StepLog, scores: _Scores) -> None:
+def _log_scores(log: grpo_stats.StepLog, scores: _Scores) -> None:
     log.lists["entropy"].append(scores.entropy)
     if scores.details is not None:
         d = scores.details
@@ -569,7 +553,7 @@ def _log_scores(log: _StepLog, scores: _Scores) -> None:
 
 
 def _log_reading(ctx: GRPOContext, chunk: _Chunk, view: faithful.CounterfactualView,
-                 logits: torch.Tensor, log: _StepLog) -> None:
+                 logits: torch.Tensor, log: grpo_stats.StepLog) -> None:
     """The reward-validity diagnostic (``fmr1lib.reading``): ``reading`` of each scored distinct
     trajectory, and per group the rank correlation of its faithful reward with ``reading``."""
     batch, p = chunk.batch, ctx.params
@@ -601,7 +585,7 @@ def _focus_anchor_loss(ctx: GRPOContext, batch: SequenceBatch,
 
 
 def _update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: int,
-            log: _StepLog) -> None:
+            log: grpo_stats.StepLog) -> None:
     """One chunk of one policy update, in phases: (first iteration: reference log-probs and
     the counterfactual view), the fused forward (log-probs and the attention rows the reward
     and the auxiliary loss read), (first iteration: score, advantages), policy loss, auxiliary
@@ -676,7 +660,7 @@ def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any]
     groups, refills = collect_groups(ctx, dataset, step)
     t_rollout = time.perf_counter() - t_start
     chunks = _chunks(ctx, groups)
-    log = _StepLog()
+    log = grpo_stats.StepLog()
     grad_norm = None
     for it in range(p.loss.num_iterations):
         for ci, chunk in enumerate(chunks):
@@ -684,90 +668,14 @@ def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any]
         grad_norm = ctx.state.clip_and_step(p.grad_clip)
     lr = ctx.scheduler.get_last_lr()[0]
     ctx.scheduler.step()
-    stats = _step_stats(ctx, groups, chunks, log)
+    stats = grpo_stats.step_stats(ctx, groups, chunks, log)
     stats.update(grad_norm=grad_norm, lr=lr, n_groups=len(groups), refill_rounds=refills,
                  rollout_s=t_rollout, faithful_s=log.faithful_s,
                  step_s=time.perf_counter() - t_start)
     if groups[0].extra is not None:
         extra = [r for g in groups for r in g.extra or []]
-        stats["extra_mean"], stats["extra_std"] = _mean(extra), _std(extra)
-    return stats, _samples(groups, chunks, p.n_show)
-
-
-# --------------------------------------------------------------------------------------
-# What a step logs
-# --------------------------------------------------------------------------------------
-
-
-def _std(x: Sequence[float]) -> float | None:
-    return float(np.std(x)) if len(x) else None
-
-
-def _mean(x: Sequence[float | None]) -> float | None:
-    vals = [v for v in x if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def _route_shares(texts: Sequence[str]) -> dict[str, float | None]:
-    """Share of the completions whose reasoning takes each route (``prompting.response_route``):
-    ``route_cue`` and ``route_evidence``; the rest have neither form.
-
-    >>> _route_shares(["<think>the corner patch is red</think><answer>red</answer>", "x"])
-    {'route_cue': 0.5, 'route_evidence': 0.0}
-    """
-    if not texts:
-        return {f"route_{r}": None for r in prompting.ROUTES[::-1]}
-    shares = prompting.route_shares(texts)
-    return {f"route_{r}": shares[r] for r in prompting.ROUTES[::-1]}
-
-
-def _step_stats(ctx: GRPOContext, groups: list[Group], chunks: list[_Chunk],
-                log: _StepLog) -> dict[str, Any]:
-    g_size = ctx.params.rollout.group_size
-    overall = [r for c in chunks for r in c.overall or []]
-    faith = [r for c in chunks for r in c.faithful or []]
-    acc_r = [r for g in groups for r in g.accuracy]
-    fmt_r = [r for g in groups for r in g.format]
-    faith_groups = [faith[i * g_size:(i + 1) * g_size] for i in range(len(groups))]
-    faith_correct = [[f for f, ok in zip(fg, g.correct, strict=True) if ok]
-                     for fg, g in zip(faith_groups, groups, strict=True)]
-    ls = log.lists
-    stats: dict[str, Any] = {
-        "reward_mean": _mean(overall), "reward_std": _std(overall),
-        "accuracy": _mean(acc_r), "accuracy_std": _std(acc_r),
-        "format": _mean(fmt_r), "format_std": _std(fmt_r),
-        "faithful_mean": _mean(faith), "faithful_std": _std(faith),
-        "faithful_group_std": _mean([_std(fg) for fg in faith_groups]),
-        "faithful_group_std_correct": _mean([_std(fc) for fc in faith_correct if len(fc) >= 2]),
-        "completion_len": _mean([len(t) for g in groups for t in g.tokens]),
-        **_route_shares([t for g in groups for t in g.texts]),
-        "vision_token_rate": _mean([0.0 if ok else 1.0 for g in groups for ok in g.ok]),
-        "concentration": _mean(ls["concentration"]), "s_t_mean": _mean(ls["s_t"]),
-        "region_share": _mean(ls["share"]),
-        "n_faithful_scored": len(ls["concentration"]), "n_faithful_distinct": len(ls["distinct"]),
-        **{k: _mean(ls[k]) for k in ("clip_frac", "clip_high_frac", "clip_low_frac",
-                                     "ratio_mean", "kl", "entropy")},
-        "loss": sum(ls["loss"]) / max(1, ctx.params.loss.num_iterations),
-        "attn_rl_loss": _mean(ls["attn_rl"]),
-        # The reward-validity diagnostic (fmr1lib.reading): mean reading of the scored distinct
-        # trajectories, the share of them that are cue-dependent, and the within-group rank
-        # correlation of the faithful reward with reading (mean over groups, and their number).
-        "reading": _mean(ls["reading"]), "reading_cue_share": _mean(ls["reading_cue"]),
-        "reward_reading_spearman": _mean(ls["reading_spearman"]),
-        "reward_reading_groups": len(ls["reading_spearman"]),
-        "reward_reading_positive": _mean([float(v > 0) for v in ls["reading_spearman"]]),
-    }
-    return stats
-
-
-def _samples(groups: list[Group], chunks: list[_Chunk], n_show: int) -> list[dict[str, Any]]:
-    """The first ``n_show`` completions with their rewards."""
-    overall = [r for c in chunks for r in c.overall or []]
-    faith = [r for c in chunks for r in c.faithful or []]
-    flat = [(g, k) for g in groups for k in range(len(g.tokens))][:n_show]
-    return [{"id": g.row.get("id", ""), "question": g.row["question"], "answer": g.row["answer"],
-             "completion": g.texts[k], "accuracy": g.accuracy[k], "format": g.format[k],
-             "faithful": faith[i], "overall": overall[i]} for i, (g, k) in enumerate(flat)]
+        stats["extra_mean"], stats["extra_std"] = grpo_stats.mean(extra), grpo_stats.std(extra)
+    return stats, grpo_stats.samples(groups, chunks, p.n_show)
 
 
 # --------------------------------------------------------------------------------------

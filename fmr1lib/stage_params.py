@@ -243,7 +243,7 @@ class AnchorParams(TrainParams, AdapterParams, BuildParams, ModelLoadParams, See
     train_split: Split = "train"
     """Split trained on (the cue-laden ``train`` in the headline)."""
     variants: list[StageVariant] = dataclasses.field(
-        default_factory=lambda: ["plain", "text_perception", "focus_anchor"])
+        default_factory=lambda: list(options(StageVariant)))
     """Variants trained from the same backbone with the same data and steps."""
     lambda_attn: float = 1.0
     """Weight of the attention loss (``focus_anchor`` only)."""

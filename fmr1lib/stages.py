@@ -54,8 +54,7 @@ from fmr1lib.choices import Stage, options
 
 logger = logging.getLogger(__name__)
 
-STAGES = options(Stage)
-"""Stages that train a model (the data stage builds the dataset)."""
+STAGES = options(Stage)  # the stages that train a model (the data stage builds the dataset)
 
 ROWS: dict[str, tuple[str, str | None]] = {
     "backbone": ("backbone", None),
@@ -750,11 +749,9 @@ def rl_stage(p: Any, variant: str, dsd: Any = None,
 
 
 def seed_params(ep: config.EvalParams, seed: int, n_prompts: int = 0) -> tuple[Any, Any, Any]:
-    """``(BackboneParams, AnchorParams, RLParams)`` of one seed, from the evaluation's params files.
-
-    The anchor and RL params get the seed; they point at ``ep``'s data, backbone and anchor
-    files, so every stage of a seed reads the files this evaluation names, and a seed's stage 2
-    starts from the same seed's stage 1.
+    """``(BackboneParams, AnchorParams, RLParams)`` of one seed, from the evaluation's params files:
+    the anchor and RL params get the seed and point at ``ep``'s data, backbone and anchor files,
+    so a seed's stages read the files this evaluation names, its stage 2 starting from its stage 1.
     """
     common = {"run_root": ep.run_root, "profile": ep.profile, "data_params_file": ep.data_params_file}
     bp = config.load_params(config.BackboneParams, repro.resolve_path(ep.backbone_params_file),
@@ -774,8 +771,7 @@ def row_params(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -
 
 def row_folder(ep: config.EvalParams, row: str, seed: int, n_prompts: int = 0) -> Path:
     """Run folder of ablation ``row`` for ``seed`` (its trained model is in ``<folder>/model``)."""
-    stage, variant = ROWS[row]
-    return run_folder(row_params(ep, row, seed, n_prompts), stage, variant, create=False)
+    return run_folder(row_params(ep, row, seed, n_prompts), *ROWS[row], create=False)
 
 
 def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
@@ -789,12 +785,11 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
         The folder of the trained model.
     """
     stage, variant = ROWS[row]
-    bp, ap, rp = seed_params(ep, seed, n_prompts)
-    params = {"backbone": bp, "anchor": ap, "rl": rp}[stage]
+    params = row_params(ep, row, seed, n_prompts)
     folder = run_folder(params, stage, variant, create=False)
     needed_for = f"the ablation row {row}, seed {seed}" + (f", {n_prompts} prompts" if n_prompts else "")
     if stage == "backbone":
-        _build_or_stop(_missing_backbone(ap), needed_for, True, None)
+        _build_or_stop(_missing_backbone(seed_params(ep, seed)[1]), needed_for, True, None)
         return folder / "model"
     start = start_variant(variant) if stage == "rl" else None
     if start is not None:  # the start point, same seed

@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                       "progress", "checkpoints", "owndata"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
-    "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo"),
+    "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo_stats", "grpo"),
     "L2.5 evaluation": ("evaluation", "benchmark", "validity"),
     "L3 stages": ("stages",),
     # L4 is empty: evaluation and benchmark sit at L2.5.
@@ -52,7 +52,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "batching": {"attention", "modeling", "prompting", "records"},
     "faithful": {"anchoring", "occlusion"},
     "reading": {"faithful"},
-    "grpo": {"anchoring", "faithful", "reading"},
+    "grpo": {"anchoring", "faithful", "grpo_stats", "reading"},
     "benchmark": {"evaluation"},
     "ablation": {"claims", "plotting"},
     "study_plots": {"plotting"},
