@@ -87,6 +87,23 @@ def _save_two(folder: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+def test_a_sharded_save_writes_the_gathered_weights_and_moves_the_engine_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    engine = tmp_path / ".deepspeed_0000001"
+    engine.mkdir()
+    (engine / "shard.bin").write_bytes(b"x")
+    gathered = {"weight": torch.full((2, 2), 3.0)}
+    ck = checkpoints.save_checkpoint(
+        tmp_path / "ck", 1, torch.nn.Linear(2, 2),
+        sharded=checkpoints.Sharded(weights=gathered, engine_dir=engine))
+    assert torch.equal(load_file(str(ck / "trainable.safetensors"))["weight"], gathered["weight"])
+    assert not engine.exists() and (ck / "deepspeed" / "shard.bin").read_bytes() == b"x"
+    assert checkpoints.read_checkpoint_meta(ck)["deepspeed"] == {"dir": "deepspeed",
+                                                                 "tag": checkpoints.ENGINE_TAG}
+    checkpoints.verify_checkpoint(ck)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
