@@ -246,6 +246,17 @@ def test_skip_mode_counts_bad_records_and_rows_are_written_as_they_come(bench_co
     assert "count-2" not in {r["id"] for r in rows}
 
 
+def test_evaluate_benchmark_reads_with_its_reading_options(bench_copy, monkeypatch):
+    calls = _fake_model(monkeypatch)
+    with pytest.raises(DataError, match="count-2"):
+        benchmark.evaluate_benchmark(_Model(), None, bench_copy)
+    reading = benchmark.Reading(image_root=bench_copy.parent, on_bad_record="skip")
+    result = benchmark.evaluate_benchmark(_Model(), None, bench_copy, reading, batch_size=3)
+    assert calls == [3, 3, 1]
+    assert (result["n_in_file"], result["n_skipped"]) == (7, 1)
+    assert result["image_root"] == str(bench_copy.parent)
+
+
 def test_a_crash_mid_run_keeps_the_rows_already_answered(tmp_path, monkeypatch):
     _fake_model(monkeypatch, fail_on_call=2)
     out = tmp_path / "result.json"
