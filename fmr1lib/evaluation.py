@@ -450,16 +450,18 @@ class Settings:
     n: int = 0
     """Evaluate the first ``n`` rows of a split (0: all)."""
     batch_size: int = 50
-    """Rows per batch."""
+    """Rows per batch; like ``batched``, not part of ``evaluate_model``'s cache key
+    (``_settings``)."""
+    batched: bool = True
+    """The three views of a batch in one generation call and one attention forward
+    (``_batch_outputs``); False: five passes apart."""
     max_new_tokens: int = 24
     """Greedy generation limit per answer."""
     layers: Any = "last_half"
     """Text layers whose attention is read (``attention.resolve_layers``)."""
     views: bool = True
-    """Also answer on the intervened views where the split carries them."""
-    batched: bool = True
-    """The three views of a batch in one generation call and one attention forward
-    (``_batch_outputs``); False: five passes apart."""
+    """Also answer on the intervened views where the split carries them
+    (``image_cf_evidence``, ``image_cf_control``)."""
     n_boot: int = 1000
     """Bootstrap replicates of ``summarise`` (``evaluate_model`` only)."""
 
