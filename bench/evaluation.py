@@ -54,8 +54,8 @@ def run(name: str, model: Any, processor: Any, px: int, n: int, repeats: int) ->
 
     def make(batched: bool) -> Any:
         def call() -> Any:
-            out[str(batched)] = evaluation.evaluate_split(model, processor, ds, batch_size=50,
-                                                          batched=batched)
+            out[str(batched)] = evaluation.evaluate_split(
+                model, processor, ds, evaluation.Settings(batch_size=50, batched=batched))
             return None
         return call
 

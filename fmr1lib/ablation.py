@@ -63,8 +63,10 @@ def evaluate_folder(p: Any, folder: str | Path, name: str, dsd: Any,
     """
     return evaluation.evaluate_saved(
         folder, model_params if model_params is not None else p, dsd, list(splits),
-        stages.eval_path(p, name), n=p.eval_n, batch_size=p.eval_batch_size,
-        max_new_tokens=p.max_new_tokens, layers=layers, n_boot=n_boot, name=name)
+        stages.eval_path(p, name),
+        evaluation.Settings(n=p.eval_n, batch_size=p.eval_batch_size,
+                            max_new_tokens=p.max_new_tokens, layers=layers, n_boot=n_boot),
+        name=name)
 
 
 def evaluate_run(ep: config.EvalParams, row: str, seed: int, dsd: Any, n_prompts: int = 0,

@@ -48,6 +48,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ import torch
 from PIL import Image
 
 from fmr1lib import evaluation, modeling, progress, prompting, records, repro, scoring
+from fmr1lib.choices import OnBadRecord
 from fmr1lib.records import ANSWER_TYPES, DataError
 
 logger = logging.getLogger(__name__)
@@ -449,12 +451,22 @@ def _with_source(result: dict[str, Any], path: str | os.PathLike[str],
             "n_in_file": n_in_file, "n_skipped": n_skipped, **result}
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How ``evaluate_benchmark`` reads the JSONL file and its images (``load_benchmark``)."""
+
+    image_root: str | os.PathLike[str] | None = None
+    """Folder the image paths are relative to (None: the file's folder)."""
+    on_bad_record: OnBadRecord = "error"
+    """``"error"`` raises on the first bad record; ``"skip"`` skips and counts it."""
+    allow_outside_root: bool = False
+    """Allow image paths outside ``image_root``."""
+
+
 def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
-                       image_root: str | os.PathLike[str] | None = None, batch_size: int = 16,
+                       reading: Reading | None = None, batch_size: int = 16,
                        max_new_tokens: int = 64, n: int = 0,
-                       out_path: str | os.PathLike[str] | None = None,
-                       on_bad_record: str = "error",
-                       allow_outside_root: bool = False) -> dict[str, Any]:
+                       out_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Load a benchmark file, answer it greedily and score the answers.
 
     Every image is decoded once before the first question is asked (a truncated one fails,
@@ -465,14 +477,12 @@ def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
         model: a Qwen2.5-VL with the ``<Focus>`` tokens (a saved backbone or trained stage).
         processor: its processor.
         path: the benchmark JSONL.
-        image_root: folder the image paths are relative to (default: ``path``'s folder).
+        reading: the image root and what to do with bad records (default: ``Reading()``).
         batch_size: records per ``generate`` call.
         max_new_tokens: generation limit per response.
         n: evaluate only the first ``n`` records (0: all).
         out_path: if given, the result is also written there as JSON (atomically), and the
             per-record rows are appended to ``partial_results_path(out_path)`` as they come.
-        on_bad_record: ``"error"`` or ``"skip"`` (``load_benchmark``).
-        allow_outside_root: allow image paths outside ``image_root`` (``load_benchmark``).
 
     Returns:
         ``file``, ``image_root``, ``n_in_file`` (valid records), ``n_skipped`` (bad records
@@ -481,13 +491,14 @@ def evaluate_benchmark(model: Any, processor: Any, path: str | os.PathLike[str],
     Raises:
         DataError: a malformed line or image (named by file, line, record and key).
     """
-    recs, skipped = read_benchmark(path, image_root, load_images=False, verify_images=True,
-                                   on_bad_record=on_bad_record,
-                                   allow_outside_root=allow_outside_root)
+    reading = reading or Reading()
+    recs, skipped = read_benchmark(path, reading.image_root, load_images=False,
+                                   verify_images=True, on_bad_record=reading.on_bad_record,
+                                   allow_outside_root=reading.allow_outside_root)
     partial = partial_results_path(out_path) if out_path is not None else None
     result = _with_source(
         evaluate_records(model, processor, recs, batch_size, max_new_tokens, n, partial),
-        path, image_root, len(recs), skipped)
+        path, reading.image_root, len(recs), skipped)
     if out_path is not None:
         repro.atomic_write_json(out_path, result)
     return result

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +86,30 @@ def set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@dataclass(frozen=True)
+class Sharded:
+    """What a sharded run saves in place of the main process's own model and optimiser."""
+
+    weights: dict[str, Any] | None = None
+    """The trainable tensors to save instead of the model's own (gathered from every
+    process's shard, full shapes)."""
+    optimizer_state: dict[str, Any] | None = None
+    """An optimiser state dict to save instead of ``optimizer.state_dict()`` (FSDP: gathered
+    to full tensors, parameters keyed by name)."""
+    engine_dir: str | Path | None = None
+    """A DeepSpeed engine checkpoint written by every process; it is moved into the checkpoint
+    as ``deepspeed/``."""
+
+
 def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = None,
                     scheduler: Any = None, extra: dict[str, Any] | None = None,
-                    keep: int = 2, weights: dict[str, Any] | None = None,
-                    optimizer_state: dict[str, Any] | None = None,
-                    engine_dir: str | Path | None = None) -> Path:
+                    keep: int = 2, sharded: Sharded | None = None) -> Path:
     """Write ``<folder>/step_<step>/`` atomically: trainable weights, optimizer, scheduler, RNG.
 
     Only parameters with ``requires_grad`` are saved (all of them for full fine-tuning,
     the adapters for LoRA): the frozen rest is rebuilt from the starting checkpoint.
-    Older checkpoints beyond the last ``keep`` are deleted.
-
-    Args:
-        weights: the trainable tensors to save instead of ``model``'s own (under sharding:
-            gathered from every process's shard, full shapes).
-        optimizer_state: an optimiser state dict to save instead of ``optimizer.state_dict()``
-            (FSDP: gathered to full tensors, parameters keyed by name).
-        engine_dir: a DeepSpeed engine checkpoint written by every process; it is moved into
-            the checkpoint as ``deepspeed/``.
+    Older checkpoints beyond the last ``keep`` are deleted. Under sharding, ``sharded`` holds
+    the gathered weights and optimiser state, or the DeepSpeed engine folder, to save instead.
 
     ``manifest.json``, written last, holds the size and SHA-256 of every other file
     (``verify_checkpoint``); every file and folder is fsynced before the rename. Temp folders
@@ -111,6 +118,8 @@ def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = 
     import torch
     from safetensors.torch import save_file
 
+    sharded = sharded or Sharded()
+    weights, optimizer_state = sharded.weights, sharded.optimizer_state
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     repro.clean_stale_temps(folder, f".{CHECKPOINT_PREFIX}")
@@ -132,8 +141,8 @@ def save_checkpoint(folder: str | Path, step: int, model: Any, optimizer: Any = 
                 opt_meta["key_by"] = "name"
             save_file(opt_t or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
             meta["optimizer"] = opt_meta
-        if engine_dir is not None:
-            os.replace(engine_dir, tmp / "deepspeed")
+        if sharded.engine_dir is not None:
+            os.replace(sharded.engine_dir, tmp / "deepspeed")
             meta["deepspeed"] = {"dir": "deepspeed", "tag": ENGINE_TAG}
         if scheduler is not None:
             meta["scheduler"] = scheduler.state_dict()

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -442,19 +443,41 @@ def _batch_outputs(model: Any, processor: Any, rows: list[dict[str, Any]], with_
     return texts, maps, mass, views
 
 
-@torch.no_grad()
-def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: int = 50,
-                   max_new_tokens: int = 24, layers: Any = "last_half", views: bool = True,
-                   desc: str = "evaluate", batched: bool = True) -> list[dict[str, Any]]:
-    """One record per example of the first ``n`` rows of ``ds`` (all if 0).
+@dataclass(frozen=True)
+class Settings:
+    """How ``evaluate_split`` and ``evaluate_model`` evaluate a model."""
 
-    Greedy answers on the original image and, when ``views`` and the split carries them
-    (``image_cf_evidence``, ``image_cf_control``), on both intervened views of the rows that
-    have them (``data.row_has_views``: evidence boxes and their controls); the Focus
+    n: int = 0
+    """Evaluate the first ``n`` rows of a split (0: all)."""
+    batch_size: int = 50
+    """Rows per batch; like ``batched``, not part of ``evaluate_model``'s cache key
+    (``_settings``)."""
+    batched: bool = True
+    """The three views of a batch in one generation call and one attention forward
+    (``_batch_outputs``); False: five passes apart."""
+    max_new_tokens: int = 24
+    """Greedy generation limit per answer."""
+    layers: Any = "last_half"
+    """Text layers whose attention is read (``attention.resolve_layers``)."""
+    views: bool = True
+    """Also answer on the intervened views where the split carries them
+    (``image_cf_evidence``, ``image_cf_control``)."""
+    n_boot: int = 1000
+    """Bootstrap replicates of ``summarise`` (``evaluate_model`` only)."""
+
+
+@torch.no_grad()
+def evaluate_split(model: Any, processor: Any, ds: Any, settings: Settings | None = None,
+                   desc: str = "evaluate") -> list[dict[str, Any]]:
+    """One record per example of the first ``settings.n`` rows of ``ds`` (all if 0).
+
+    Greedy answers on the original image and, when ``settings.views`` and the split carries
+    them (``image_cf_evidence``, ``image_cf_control``), on both intervened views of the rows
+    that have them (``data.row_has_views``: evidence boxes and their controls); the Focus
     attention (mass inside the evidence, pointing); the answer tokens' attention mass.
-    ``batched`` (default) generates the three views of a batch in one call and reads the Focus
-    and answer rows from one forward (``_batch_outputs``); False runs the five passes apart
-    (the same records to float tolerance; ``bench/evaluation.py`` times both).
+    ``settings.batched`` (default) generates the three views of a batch in one call and reads
+    the Focus and answer rows from one forward (``_batch_outputs``); False runs the five passes
+    apart (the same records to float tolerance; ``bench/evaluation.py`` times both).
 
     Returns:
         Records with ``id``, ``answer``, ``response``, ``pred``, ``correct``, ``well_formed``,
@@ -462,15 +485,18 @@ def evaluate_split(model: Any, processor: Any, ds: Any, n: int = 0, batch_size: 
         ``answer_mass`` and, with views, ``pred_evidence``, ``correct_evidence``,
         ``pred_control``, ``correct_control``.
     """
+    settings = settings or Settings()
     model.eval()
-    ds = _subset(ds, n)
-    has_views = views and {"image_cf_evidence", "image_cf_control"} <= set(ds.column_names)
+    ds = _subset(ds, settings.n)
+    has_views = settings.views and {"image_cf_evidence", "image_cf_control"} <= set(ds.column_names)
     out: list[dict[str, Any]] = []
-    for start in progress.bar(range(0, len(ds), batch_size), desc=desc, leave=False):
-        rows = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
+    step = settings.batch_size
+    for start in progress.bar(range(0, len(ds), step), desc=desc, leave=False):
+        rows = [ds[i] for i in range(start, min(len(ds), start + step))]
         with_views = [j for j, r in enumerate(rows) if has_views and data.row_has_views(r)]
-        texts, maps, ans_mass, view_texts = _batch_outputs(model, processor, rows, with_views,
-                                                           max_new_tokens, layers, batched)
+        texts, maps, ans_mass, view_texts = _batch_outputs(
+            model, processor, rows, with_views, settings.max_new_tokens, settings.layers,
+            settings.batched)
         view_preds = {view: {j: prompting.parse_answer(t)
                              for j, t in zip(with_views, vt, strict=True)}
                       for view, vt in view_texts.items() if with_views}
@@ -514,11 +540,12 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _settings(splits: Sequence[str], n: int = 0, max_new_tokens: int = 24, layers: Any = "last_half",
-              n_boot: int = 1000, views: bool = True, **_: Any) -> dict[str, Any]:
+def _settings(splits: Sequence[str], settings: Settings) -> dict[str, Any]:
     """What an evaluation result depends on besides the model (the cache key)."""
-    return {"splits": list(splits), "n": n, "decoding": "greedy", "max_new_tokens": max_new_tokens,
-            "layers": layers, "n_boot": n_boot, "views": views}
+    s = settings
+    return {"splits": list(splits), "n": s.n, "decoding": "greedy",
+            "max_new_tokens": s.max_new_tokens, "layers": s.layers, "n_boot": s.n_boot,
+            "views": s.views}
 
 
 def _read_cached(path: Path, fingerprint: str | None, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -535,9 +562,8 @@ def _read_cached(path: Path, fingerprint: str | None, settings: dict[str, Any]) 
 
 
 def evaluate_model(model: Any, processor: Any, dsd: Any, splits: Sequence[str], out_path: str | Path,
-                   n: int = 0, batch_size: int = 50, max_new_tokens: int = 24,
-                   layers: Any = "last_half", n_boot: int = 1000, views: bool = True,
-                   fingerprint: str | None = None, name: str = "") -> dict[str, Any]:
+                   settings: Settings | None = None, fingerprint: str | None = None,
+                   name: str = "") -> dict[str, Any]:
     """Evaluate one model on ``splits`` and write ``out_path`` (JSON), or reuse it.
 
     The JSON holds the settings (decoding, ``n``, layers, bootstrap, views), the model's
@@ -550,42 +576,45 @@ def evaluate_model(model: Any, processor: Any, dsd: Any, splits: Sequence[str], 
         "examples"}}}``.
     """
     out_path = Path(out_path)
-    settings = _settings(splits, n, max_new_tokens, layers, n_boot, views)
-    cached = _read_cached(out_path, fingerprint, settings)
+    settings = settings or Settings()
+    key = _settings(splits, settings)
+    cached = _read_cached(out_path, fingerprint, key)
     if cached is not None:
         return cached
-    result: dict[str, Any] = {"name": name, "fingerprint": fingerprint, "settings": settings,
+    result: dict[str, Any] = {"name": name, "fingerprint": fingerprint, "settings": key,
                               "splits": {}}
     for split in splits:
-        examples = evaluate_split(model, processor, dsd[split], n=n, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, layers=layers, views=views,
+        examples = evaluate_split(model, processor, dsd[split], settings,
                                   desc=f"{name or 'evaluate'} {split}")
         counts = coverage(examples)
         skipped = {k: v for k, v in counts.items() if k.startswith("without_") and v}
         if skipped:
             logger.info("%s %s: of %d examples, skipped by the metrics that need them: %s",
                         name or "evaluate", split, counts["examples"], skipped)
-        result["splits"][split] = {"summary": summarise(examples, n_boot=n_boot),
+        result["splits"][split] = {"summary": summarise(examples, n_boot=settings.n_boot),
                                    "counts": counts, "examples": examples}
     repro.atomic_write_json(out_path, result)
     return result
 
 
 def evaluate_saved(folder: str | Path, model_params: Any, dsd: Any, splits: Sequence[str],
-                   out_path: str | Path, **kwargs: Any) -> dict[str, Any]:
+                   out_path: str | Path, settings: Settings | None = None,
+                   name: str = "") -> dict[str, Any]:
     """:func:`evaluate_model` for a saved model folder; the model is loaded only on a cache miss.
 
     Args:
         folder: a folder written by ``modeling.save_backbone``.
         model_params: ``ModelParams`` (dtype, attention implementation) to load it with.
-        kwargs: the settings of :func:`evaluate_model` (``n``, ``batch_size``, ...).
+        settings, name: as for :func:`evaluate_model`.
     """
+    settings = settings or Settings()
     fingerprint = model_fingerprint(folder)
-    cached = _read_cached(Path(out_path), fingerprint, _settings(splits, **kwargs))
+    cached = _read_cached(Path(out_path), fingerprint, _settings(splits, settings))
     if cached is not None:
         return cached
     model, processor = modeling.load_saved_backbone(folder, model_params)
-    return evaluate_model(model, processor, dsd, splits, out_path, fingerprint=fingerprint, **kwargs)
+    return evaluate_model(model, processor, dsd, splits, out_path, settings,
+                          fingerprint=fingerprint, name=name)
 
 
 def format_ci(stat: dict[str, float], digits: int = 2) -> str:

@@ -316,10 +316,12 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
     inputs = {k: v.to(acc.device) for k, v in batch.inputs.items()}
     gen_model = acc.unwrap_model(ctx.model)
     with batching.eval_mode(gen_model):
+        decoding = modeling.Decoding(do_sample=True, temperature=p.rollout.temperature,
+                                     top_p=p.rollout.top_p, top_k=p.rollout.top_k,
+                                     num_return_sequences=p.rollout.group_size)
         completion_ids, texts = modeling.generate(
-            gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, do_sample=True,
-            temperature=p.rollout.temperature, top_p=p.rollout.top_p, top_k=p.rollout.top_k,
-            num_return_sequences=p.rollout.group_size, share_prefill=ctx.share_images)
+            gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, decoding=decoding,
+            share_prefill=ctx.share_images)
     tokens, ok = batching.completion_tokens(completion_ids.cpu(), ctx.token_ids["eos"],
                                             modeling.vision_token_ids(ctx.processor))
     g = p.rollout.group_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -519,36 +520,54 @@ def prefill_once(model: Any, inputs: dict[str, torch.Tensor],
     return rest
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How ``generate`` picks each token, and how many completions it returns per prompt."""
+
+    do_sample: bool = False
+    """Sample; False: greedy (the argmax)."""
+    temperature: float = 1.0
+    """Sampling draws from ``softmax(logits / temperature)``."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off)."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    min_new_tokens: int = 0
+    """End-of-sequence is not emitted before this many new tokens."""
+    num_return_sequences: int = 1
+    """Completions per prompt."""
+
+
 @torch.no_grad()
 def generate(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 24,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             num_return_sequences: int = 1, top_k: int = 0,
-             min_new_tokens: int = 0, share_prefill: bool = True) -> tuple[torch.Tensor, list[str]]:
+             decoding: Decoding | None = None,
+             share_prefill: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Generate completions with the vision tokens suppressed and every decoding setting explicit.
 
-    Nothing is inherited from the checkpoint's generation config (``decoding_kwargs``): sampling
+    ``decoding`` defaults to greedy, one completion per prompt. Nothing is inherited from the checkpoint's generation config (``decoding_kwargs``): sampling
     is ``softmax(logits / temperature)`` with nucleus ``top_p`` and, only if ``top_k`` > 0,
     top-k; greedy is the argmax. Decoding fields that have no neutral value (``min_p``, ...) are
     cleared on ``model.generation_config`` if set. With several returned sequences per prompt
     and ``share_prefill``, each prompt is prefilled once (``prefill_once``).
 
     Returns:
-        ``(completion_ids [B * num_return_sequences, T], texts)``; texts keep the tag tokens
-        (they are the format) and drop padding and ``<|im_end|>``.
+        ``(completion_ids [B * decoding.num_return_sequences, T], texts)``; texts keep the tag
+        tokens (they are the format) and drop padding and ``<|im_end|>``.
     """
     gc = model.generation_config
     for name in _UNSET_ONLY:
         if getattr(gc, name, None) is not None:
             logger.info("generation config: clearing %s=%r", name, getattr(gc, name))
             setattr(gc, name, None)
-    kw = decoding_kwargs(do_sample, temperature, top_p, top_k, min_new_tokens)
+    d = decoding or Decoding()
+    kw = decoding_kwargs(d.do_sample, d.temperature, d.top_p, d.top_k, d.min_new_tokens)
     kw.update(max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(processor))
-    shared = (prefill_once(model, inputs, num_return_sequences)
-              if share_prefill and num_return_sequences > 1 else None)
+    repeats = d.num_return_sequences
+    shared = prefill_once(model, inputs, repeats) if share_prefill and repeats > 1 else None
     if shared is not None:
         out = model.generate(**shared, **kw)
     else:
-        out = model.generate(**inputs, **kw, num_return_sequences=num_return_sequences)
+        out = model.generate(**inputs, **kw, num_return_sequences=repeats)
     completion = out[:, inputs["input_ids"].shape[1]:]
     return completion, decode_completions(processor, completion)
 

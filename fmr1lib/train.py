@@ -496,9 +496,10 @@ def _save(state: TrainState, step: int, extra: dict[str, Any]) -> None:
     optimizer_state = _full_optimizer_state(state) if uses_fsdp(acc) else None
     engine = _save_engine_state(state, step) if uses_deepspeed(acc) else None
     if acc.is_main_process:
+        sharded = checkpoints.Sharded(weights=weights, optimizer_state=optimizer_state,
+                                      engine_dir=engine)
         checkpoints.save_checkpoint(state.checkpoint_dir, step, model, None, state.scheduler,
-                              extra=extra, weights=weights, optimizer_state=optimizer_state,
-                              engine_dir=engine)
+                                    extra=extra, sharded=sharded)
     acc.wait_for_everyone()
 
 

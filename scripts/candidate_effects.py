@@ -54,9 +54,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             res = grpo.train_grpo(model, processor, dsd[p.train_split], p, Path(tmp),
                                   "faithful_plain")
-        recs = evaluation.evaluate_split(model, processor, dsd["test_ood"], n=ep.eval_n,
-                                         batch_size=ep.eval_batch_size, views=False,
-                                         desc=name[:20])
+        recs = evaluation.evaluate_split(
+            model, processor, dsd["test_ood"],
+            evaluation.Settings(n=ep.eval_n, batch_size=ep.eval_batch_size, views=False),
+            desc=name[:20])
         steps = res.metrics
         validity = claims.validity_summary([steps])
         out = {"candidate": name, "overrides": over,

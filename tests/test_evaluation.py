@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -152,14 +153,16 @@ def tiny_model():
 
 def test_evaluate_split_on_the_tiny_model(tiny_model, view_split):
     model, processor = tiny_model
-    ex = evaluation.evaluate_split(model, processor, view_split, batch_size=4, max_new_tokens=12)
+    ex = evaluation.evaluate_split(model, processor, view_split,
+                                   evaluation.Settings(batch_size=4, max_new_tokens=12))
     assert len(ex) == 6
     for e in ex:
         assert e["focus_mass"] is not None and 0.0 <= e["focus_mass"] <= 1.0
         assert {"pred_evidence", "correct_evidence", "pred_control", "correct_control"} <= set(e)
         assert e["answer_mass"] is None or 0.0 <= e["answer_mass"] <= 1.0
     # Without views, only the original image is answered.
-    plain = evaluation.evaluate_split(model, processor, view_split, n=2, views=False, max_new_tokens=12)
+    plain = evaluation.evaluate_split(model, processor, view_split,
+                                      evaluation.Settings(n=2, views=False, max_new_tokens=12))
     assert len(plain) == 2 and "pred_evidence" not in plain[0]
 
 
@@ -173,7 +176,8 @@ def test_a_model_blind_to_the_image_has_zero_gap(tiny_model, view_split):
     with torch.no_grad():  # every image embeds to the same (zero) vectors
         blind.model.visual.merger.mlp[2].weight.zero_()
         blind.model.visual.merger.mlp[2].bias.zero_()
-    ex = evaluation.evaluate_split(blind, processor, view_split, batch_size=6, max_new_tokens=12)
+    ex = evaluation.evaluate_split(blind, processor, view_split,
+                                   evaluation.Settings(batch_size=6, max_new_tokens=12))
     assert all(e["pred"] == e["pred_evidence"] == e["pred_control"] for e in ex)
     assert evaluation.summarise(ex, n_boot=100)["faithfulness_gap"]["mean"] == 0.0
 
@@ -195,22 +199,28 @@ def test_evaluate_model_caches_by_fingerprint_and_settings(tiny_model, view_spli
     real = evaluation.evaluate_split
 
     def counting(*a, **k):
-        calls.append(k.get("n"))
+        calls.append(a[3].n)
         return real(*a, **k)
 
     monkeypatch.setattr(evaluation, "evaluate_split", counting)
     dsd = {"test_ood": view_split}
     out = tmp_path / "eval.json"
-    kw = dict(n=2, max_new_tokens=8, n_boot=50)
-    first = evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, fingerprint="abc", **kw)
-    again = evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, fingerprint="abc", **kw)
+    settings = evaluation.Settings(n=2, max_new_tokens=8, n_boot=50)
+    first = evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, settings,
+                                      fingerprint="abc")
+    again = evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, settings,
+                                      fingerprint="abc")
     assert len(calls) == 1 and again == json.loads(out.read_text())
     assert again["splits"]["test_ood"]["summary"]["accuracy"]["n"] == 2
-    evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, fingerprint="other", **kw)
-    evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, fingerprint="other",
-                              **{**kw, "n": 3})
-    assert len(calls) == 3
-    assert first["settings"]["decoding"] == "greedy"
+    evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out, settings,
+                              fingerprint="other")
+    evaluation.evaluate_model(model, processor, dsd, ["test_ood"], out,
+                              dataclasses.replace(settings, n=3), fingerprint="other")
+    assert calls == [2, 2, 3]
+    # The cache key written before the settings were grouped, so older files are reused.
+    assert first["settings"] == {"splits": ["test_ood"], "n": 2, "decoding": "greedy",
+                                 "max_new_tokens": 8, "layers": "last_half", "n_boot": 50,
+                                 "views": True}
 
 
 def test_model_fingerprint_changes_with_the_weights(tmp_path):
@@ -228,11 +238,12 @@ def test_batched_evaluation_gives_the_records_of_separate_passes(tiny_model, vie
     real = evaluation.modeling.generate
     monkeypatch.setattr(evaluation.modeling, "generate",
                         lambda m, p, inputs, **k: calls.append(inputs["input_ids"].shape[0]) or real(m, p, inputs, **k))
-    batched = evaluation.evaluate_split(model, processor, view_split, batch_size=6, max_new_tokens=12)
+    settings = evaluation.Settings(batch_size=6, max_new_tokens=12)
+    batched = evaluation.evaluate_split(model, processor, view_split, settings)
     assert calls == [18]  # the original and both views of 6 rows in one generation call
     calls.clear()
-    apart = evaluation.evaluate_split(model, processor, view_split, batch_size=6, max_new_tokens=12,
-                                      batched=False)
+    apart = evaluation.evaluate_split(model, processor, view_split,
+                                      dataclasses.replace(settings, batched=False))
     assert calls == [6, 6, 6]
     assert len(batched) == len(apart) == 6
     for a, b in zip(batched, apart, strict=True):

@@ -87,6 +87,23 @@ def _save_two(folder: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+def test_a_sharded_save_writes_the_gathered_weights_and_moves_the_engine_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    engine = tmp_path / ".deepspeed_0000001"
+    engine.mkdir()
+    (engine / "shard.bin").write_bytes(b"x")
+    gathered = {"weight": torch.full((2, 2), 3.0)}
+    ck = checkpoints.save_checkpoint(
+        tmp_path / "ck", 1, torch.nn.Linear(2, 2),
+        sharded=checkpoints.Sharded(weights=gathered, engine_dir=engine))
+    assert torch.equal(load_file(str(ck / "trainable.safetensors"))["weight"], gathered["weight"])
+    assert not engine.exists() and (ck / "deepspeed" / "shard.bin").read_bytes() == b"x"
+    assert checkpoints.read_checkpoint_meta(ck)["deepspeed"] == {"dir": "deepspeed",
+                                                                 "tag": checkpoints.ENGINE_TAG}
+    checkpoints.verify_checkpoint(ck)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -227,6 +244,17 @@ def test_skip_mode_counts_bad_records_and_rows_are_written_as_they_come(bench_co
     rows = repro.read_jsonl(benchmark.partial_results_path(out))
     assert [r["id"] for r in rows] == [r["id"] for r in result["per_record"]]
     assert "count-2" not in {r["id"] for r in rows}
+
+
+def test_evaluate_benchmark_reads_with_its_reading_options(bench_copy, monkeypatch):
+    calls = _fake_model(monkeypatch)
+    with pytest.raises(DataError, match="count-2"):
+        benchmark.evaluate_benchmark(_Model(), None, bench_copy)
+    reading = benchmark.Reading(image_root=bench_copy.parent, on_bad_record="skip")
+    result = benchmark.evaluate_benchmark(_Model(), None, bench_copy, reading, batch_size=3)
+    assert calls == [3, 3, 1]
+    assert (result["n_in_file"], result["n_skipped"]) == (7, 1)
+    assert result["image_root"] == str(bench_copy.parent)
 
 
 def test_a_crash_mid_run_keeps_the_rows_already_answered(tmp_path, monkeypatch):

@@ -290,8 +290,9 @@ def test_stages_train_and_evaluate_on_jsonl(tmp_path, monkeypatch):
 
     # The evaluation: accuracy over every example; box-based metrics over the annotated ones.
     result = evaluation.evaluate_saved(folder / "model", rp, dsd, ["test_id", "test_ood"],
-                                       tmp_path / "eval.json", n=0, batch_size=8,
-                                       max_new_tokens=10, n_boot=50)
+                                       tmp_path / "eval.json",
+                                       evaluation.Settings(n=0, batch_size=8, max_new_tokens=10,
+                                                           n_boot=50))
     for split, n_boxes in (("test_id", 5), ("test_ood", 6)):
         counts = result["splits"][split]["counts"]
         assert counts == {"examples": 8, "with_evidence": n_boxes, "without_evidence": 8 - n_boxes,

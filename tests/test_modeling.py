@@ -585,7 +585,8 @@ def test_generate_suppresses_vision_tokens(model, processor, focus_image):
         assert ids.shape == (1, 6)
         assert not set(ids.flatten().tolist()) & set(vision)
         ids, texts = modeling.generate(
-            model, processor, enc, max_new_tokens=5, do_sample=True, num_return_sequences=3
+            model, processor, enc, max_new_tokens=5,
+            decoding=modeling.Decoding(do_sample=True, num_return_sequences=3),
         )
         assert ids.shape[0] == 3 and len(texts) == 3
         assert not set(ids.flatten().tolist()) & set(vision)
@@ -644,8 +645,9 @@ def test_sampling_ignores_checkpoint_top_k_and_penalty(model, processor, focus_i
     enc = encode(processor, focus_image)
     with checkpoint_decoding(model, top_k=1, repetition_penalty=1.05, temperature=0.1, top_p=0.001):
         torch.manual_seed(0)
-        ids, _ = modeling.generate(model, processor, enc, max_new_tokens=8, do_sample=True,
-                                   num_return_sequences=8)
+        ids, _ = modeling.generate(model, processor, enc, max_new_tokens=8,
+                                   decoding=modeling.Decoding(do_sample=True,
+                                                              num_return_sequences=8))
     assert len({tuple(r) for r in ids.tolist()}) >= 4
 
 

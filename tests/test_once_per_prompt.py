@@ -118,8 +118,9 @@ def test_prefill_once_gives_the_same_completions(tiny, rows, do_sample):
     out = {}
     for share in (True, False):
         torch.manual_seed(0)
-        out[share] = modeling.generate(model, processor, inputs, max_new_tokens=8, do_sample=do_sample,
-                                       num_return_sequences=g, share_prefill=share)[0]
+        decoding = modeling.Decoding(do_sample=do_sample, num_return_sequences=g)
+        out[share] = modeling.generate(model, processor, inputs, max_new_tokens=8, decoding=decoding,
+                                       share_prefill=share)[0]
     assert out[True].shape == (len(rows) * g, 8)
     assert torch.equal(out[True], out[False])
     if do_sample:
@@ -133,7 +134,8 @@ def test_prefill_runs_once_per_prompt(tiny, rows):
     hook = model.model.language_model.register_forward_hook(
         lambda m, a, kw, out: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
     try:
-        modeling.generate(model, processor, inputs, max_new_tokens=3, do_sample=True, num_return_sequences=4)
+        modeling.generate(model, processor, inputs, max_new_tokens=3,
+                          decoding=modeling.Decoding(do_sample=True, num_return_sequences=4))
     finally:
         hook.remove()
     n, s = inputs["input_ids"].shape

@@ -146,7 +146,8 @@ def _verdicts(monkeypatch) -> dict[str, list[bool]]:
     model = SimpleNamespace(eval=lambda: None)
     reward = rewards.accuracy_reward(responses, golds, types, choices)
     predicted = evaluation.predict_answers(model, None, rows, batch_size=7)
-    split = evaluation.evaluate_split(model, None, rows, batch_size=7, views=False)
+    split = evaluation.evaluate_split(model, None, rows,
+                                      evaluation.Settings(batch_size=7, views=False))
     bench = benchmark.score_predictions(rows, by_id)["per_record"]
     return {
         "reward": [r == 1.0 for r in reward],
