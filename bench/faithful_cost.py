@@ -28,6 +28,7 @@ captured attention rows and faithful rewards agree to float tolerance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
@@ -112,9 +113,10 @@ def agreement_check(model: Any, processor: Any, px: int) -> dict[str, float]:
             logp = batching.token_logprobs(logits, batch.completion_ids, batch.completion_mask)
             logp.sum().backward()
         distinct = [faithful.distinct_correct(g.tokens, g.correct) for g in groups]
-        view = faithful.counterfactual_view(policy, processor, batch, rows, distinct, "boxes",
-                                            layers=ctx.layers)
-        rew = faithful.faithful_rewards(view, batch, logits, cap.attentions, faithful.Scoring(form="raw"))
+        reward = dataclasses.replace(ctx.params.reward, faithful_form="raw",
+                                     concentration="top_kappa", faithful_std_floor=0.01)
+        view = faithful.counterfactual_view(policy, processor, batch, rows, distinct, reward)
+        rew = faithful.faithful_rewards(view, batch, logits, cap.attentions, reward).rewards
         grads = torch.cat([p.grad.flatten() for n, p in policy.named_parameters()
                            if p.grad is not None and "visual" in n])
         out[share] = (logp.detach(), cap.attentions.detach(), torch.tensor(rew), grads)

@@ -22,6 +22,7 @@ against ``exhaustive``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
@@ -58,11 +59,15 @@ def reward_correlation(model: Any, processor: Any, rows: list[dict[str, Any]],
     scored = [d if len(d) >= 1 else [] for d in distinct]
     rewards: dict[str, dict[str, list[float]]] = {}
     for how in occlusion.SEARCHES:
-        view = faithful.counterfactual_view(policy, processor, batch, rows, scored, "occlusion",
-                                            N_CELLS, layers=ctx.layers, search=how)
-        rewards[how] = {form: faithful.faithful_rewards(view, batch, logits, cap.attentions,
-                                                        faithful.Scoring(form=form))
-                        for form in ("raw", "group_tanh")}
+        reward = dataclasses.replace(ctx.params.reward, occlusion_cells=N_CELLS,
+                                     occlusion_search=how, concentration="top_kappa",
+                                     faithful_std_floor=0.01)
+        view = faithful.counterfactual_view(policy, processor, batch, rows, scored, reward,
+                                            "occlusion")
+        rewards[how] = {form: faithful.faithful_rewards(
+            view, batch, logits, cap.attentions,
+            dataclasses.replace(reward, faithful_form=form)).rewards
+            for form in ("raw", "group_tanh")}
     mask = [i for i, ok in enumerate(c for g in groups for c in g.correct) if ok]
     out = {}
     for how in occlusion.SEARCHES:

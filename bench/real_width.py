@@ -435,7 +435,7 @@ def grpo_phase(width: str, model: Any, processor: Any, rows: list[dict[str, Any]
     return {"variant": "faithful", **GRPO, "lora": p.lora, "lora_r": p.lora_r,
             "freeze_vision": p.freeze_vision, "gradient_checkpointing": p.gradient_checkpointing,
             "trainable_params": n_trainable, "reward_layers": attention.resolve_layers(
-                p.reward_layers, attention.num_text_layers(model)),
+                p.reward.reward_layers, attention.num_text_layers(model)),
             "accuracy_stand_in": not true_accuracy, "stats": row, "loss_finite": finite,
             "faithful_pass_ran": bool(stats.get("n_faithful_distinct")),
             "ok": finite}

@@ -75,7 +75,7 @@ def test_stage_params_change_only_the_seed():
     assert a2.seed == 2 and r2.seed == 2 and r2.n_prompts == 8
     d0, d2 = config.params_to_dict(a0), config.params_to_dict(a2)
     assert {k for k in d0 if d0[k] != d2[k]} == {"seed"}
-    assert ablation.prompts_seen(r0, 3000) == r0.steps * r0.prompts_per_step
+    assert ablation.prompts_seen(r0, 3000) == r0.steps * r0.rollout.prompts_per_step
     assert ablation.prompts_seen(r2, 3000) == 8
 
 

@@ -59,7 +59,7 @@ def test_default_source_is_focusshapes_and_the_study_params_load():
 
 
 @pytest.mark.parametrize(("values", "expected"), [
-    ({"source": "csv"}, "key 'source': 'csv'"),
+    ({"source": "csv"}, "key 'source': expected one of ['focusshapes', 'jsonl'], got 'csv'"),
     ({"on_bad_record": "drop"}, "key 'on_bad_record'"),
     ({"jsonl_files": dict(FILES)}, "key 'jsonl_files': set, but source is 'focusshapes'"),
     ({"image_root": "tests/data"}, "key 'image_root': set, but source is 'focusshapes'"),
