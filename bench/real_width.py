@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import math
 import os
@@ -467,7 +466,7 @@ def faithful_cost_phase(width: str, model: Any, processor: Any, rows: list[dict[
 
         def call() -> Any:
             ctx.variant, ctx.share_images = variant, share
-            ctx.params = dataclasses.replace(p, **({"occlusion_search": how} if how else {}))
+            ctx.params = config.replace_values(p, **({"occlusion_search": how} if how else {}))
             stats, _ = grpo.grpo_step(ctx, rows, step["n"])
             step["n"] += 1
             return stats

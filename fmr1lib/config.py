@@ -20,6 +20,7 @@ the rest of the package names them as ``config.RLParams`` and so on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -218,21 +219,28 @@ def sections(cls: type) -> dict[str, type]:
             if dataclasses.is_dataclass(hints[f.name])}
 
 
-def section_of(cls: type) -> dict[str, str | None]:
-    """Every key a parameter file of ``cls`` may set -> the section holding it (None: ``cls``
-    itself). Keys are flat: a section's fields are set by their own names, so no two places
-    of one stage may share a name (checked here)."""
-    out: dict[str, str | None] = {}
+@functools.cache
+def _keys(cls: type) -> dict[str, tuple[str | None, Any]]:
+    """Every key a parameter file of ``cls`` may set -> ``(section, type)``: the section holding
+    it (None: ``cls`` itself) and its declared type. Keys are flat: a section's fields are set by
+    their own names, so no two places of one stage may share a name (checked here)."""
+    out: dict[str, tuple[str | None, Any]] = {}
     parts = sections(cls)
-    owners = [(None, cls), *parts.items()]
-    for name, owner in owners:
+    for name, owner in [(None, cls), *parts.items()]:
+        hints = typing.get_type_hints(owner)
         for f in dataclasses.fields(owner):
             if name is None and f.name in parts:
                 continue
             if f.name in out:
                 raise TypeError(f"{cls.__name__}: key {f.name!r} is defined twice")
-            out[f.name] = name
+            out[f.name] = (name, hints[f.name])
     return out
+
+
+def section_of(cls: type) -> dict[str, str | None]:
+    """Every key a parameter file of ``cls`` may set -> the section holding it (None: ``cls``
+    itself)."""
+    return {key: section for key, (section, _) in _keys(cls).items()}
 
 
 def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
@@ -240,19 +248,18 @@ def _build(cls: type[T], values: Mapping[str, Any], origin: str) -> T:
     ``origin``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    where = section_of(cls)
-    unknown = sorted(set(values) - set(where))
+    keys = _keys(cls)
+    unknown = sorted(set(values) - set(keys))
     if unknown:
         raise ParamsError(
             f"{origin}: unknown key(s) {unknown} for {cls.__name__}; "
-            f"allowed keys: {sorted(where)}"
+            f"allowed keys: {sorted(keys)}"
         )
+    checked = {k: _check(v, keys[k][1], f"{origin}: key {k!r}") for k, v in values.items()}
+    top = {k: v for k, v in checked.items() if keys[k][0] is None}
     parts = sections(cls)
-    hints = {k: typing.get_type_hints(parts[sec] if sec else cls)[k] for k, sec in where.items()}
-    checked = {k: _check(v, hints[k], f"{origin}: key {k!r}") for k, v in values.items()}
-    top = {k: v for k, v in checked.items() if where[k] is None}
     for name, part in parts.items():
-        top[name] = part(**{k: v for k, v in checked.items() if where[k] == name})
+        top[name] = part(**{k: v for k, v in checked.items() if keys[k][0] == name})
     params = cls(**top)
     checks = [getattr(obj, n, None) for obj in (params, *(top[name] for name in parts))
               for n in ("validate_common", "validate")]

@@ -288,7 +288,8 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     state = train.setup_training(
         model, params, out_dir, acc,
-        micro_batch=params.rollout.prompts_per_step * params.rollout.group_size // max(1, params.grad_accum))
+        micro_batch=(params.rollout.prompts_per_step * params.rollout.group_size
+                     // max(1, params.grad_accum)))
     if ref_model is not None:
         ref_model = ref_model.to(acc.device)
     tok = processor.tokenizer
@@ -354,8 +355,8 @@ def _distinct_scored(ctx: GRPOContext, g: Group) -> list[list[int]]:
 
 
 def _group_rewards(ctx: GRPOContext, g: Group, faith: Sequence[float] | None = None) -> list[float]:
-    p = ctx.params
-    return rewards.combine_rewards(g.accuracy, g.format, faith, p.reward.w_acc, p.reward.w_fmt, p.reward.w_faith,
+    w = ctx.params.reward
+    return rewards.combine_rewards(g.accuracy, g.format, faith, w.w_acc, w.w_fmt, w.w_faith,
                                    extra=g.extra)["overall"]
 
 
@@ -403,8 +404,8 @@ def collect_groups(ctx: GRPOContext, dataset: Any, step: int) -> tuple[list[Grou
     n = min(len(dataset), p.n_prompts) if p.n_prompts > 0 else len(dataset)
 
     def draw(seed: int, k: int) -> list[Group]:
-        idx = batching.batch_indices(n, p.rollout.prompts_per_step, step, seed, acc.process_index,
-                                     acc.num_processes)
+        idx = batching.batch_indices(n, p.rollout.prompts_per_step, step, seed,
+                                     acc.process_index, acc.num_processes)
         return rollout(ctx, [dataset[i] for i in idx[:k]])
 
     with _process_sampling_rng(acc, p.seed, step):
@@ -462,7 +463,8 @@ def _reference_logprobs(ctx: GRPOContext, batch: SequenceBatch) -> torch.Tensor:
     t = batch.completion_ids.shape[1]
     if ctx.ref_model is not None:
         with batching.eval_mode(ctx.ref_model):
-            logits = completion_logits(ctx.ref_model, batch.inputs, t, ctx.params.rollout.temperature)
+            logits = completion_logits(ctx.ref_model, batch.inputs, t,
+                                       ctx.params.rollout.temperature)
     else:
         model = ctx.accelerator.unwrap_model(ctx.model)
         with batching.eval_mode(model), model.disable_adapter():
@@ -472,8 +474,6 @@ def _reference_logprobs(ctx: GRPOContext, batch: SequenceBatch) -> torch.Tensor:
 
 def _counterfactual(ctx: GRPOContext, chunk: _Chunk) -> faithful.CounterfactualView | None:
     """The chunk's counterfactual view ``I'`` (faithful variants; no gradient)."""
-    if not ctx.faithful:
-        return None
     return faithful.counterfactual_view(
         ctx.accelerator.unwrap_model(ctx.model), ctx.processor, chunk.batch,
         [g.row for g in chunk.groups], [_distinct_scored(ctx, g) for g in chunk.groups],
@@ -597,9 +597,10 @@ def _update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: 
     if first:
         if p.loss.beta > 0:
             chunk.logp_ref = _reference_logprobs(ctx, batch)
-        t0 = time.perf_counter()
-        view = _counterfactual(ctx, chunk)
-        log.faithful_s += time.perf_counter() - t0
+        if ctx.faithful:
+            t0 = time.perf_counter()
+            view = _counterfactual(ctx, chunk)
+            log.faithful_s += time.perf_counter() - t0
     capture = (first and view is not None) or p.loss.lambda_attn_rl > 0
     cap_ctx = (attention.AttentionCapture(model, batch.query_positions.to(acc.device),
                                           layers=ctx.layers)

@@ -13,7 +13,6 @@ show the direction each candidate pushes, with no interval (docs/design.md §6.6
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -48,7 +47,7 @@ def main() -> None:
     start = stages.ensure_trained(ep, "plain_sft", args.seed, dsd)
     results = []
     for name, over in CANDIDATES.items():
-        p = dataclasses.replace(rp, **over, resume=False, checkpoint_every=0)
+        p = config.replace_values(rp, **over, resume=False, checkpoint_every=0)
         repro.seed_everything(p.seed)
         model, processor = stages.load_model(start, p, "03_anchoring")
         with tempfile.TemporaryDirectory() as tmp:
