@@ -472,14 +472,14 @@ def missing_prerequisites(p: Any, stage: str, variant: str | None = None) -> lis
     return [(m.describe(), m.command) for m in _missing_runs(p, stage, variant)]
 
 
-def build_stage(run: Prerequisite, needed_for: str, dsd: Any = None) -> None:
-    """Train ``run`` (a missing backbone, stage-1 model or stage-2 run) because ``needed_for``
-    needs it: the one place where a run is trained on the way to another one. It prints one
-    line first, saying what it builds and why (``building the stage-0 backbone, needed for the
-    stage-1 plain model (not finished: no finished run in runs/tiny/backbone)``); what ``run``
-    itself starts from is built first the same way."""
-    print(f"building {_run_name(run.stage, run.variant)}, needed for {needed_for} "
-          f"({run.status.reason})", flush=True)
+def build_stage(run: Prerequisite, needed_for: str, dsd: Any = None, announce: bool = True) -> None:
+    """Train ``run`` (a missing backbone, stage-1 model or stage-2 run) for ``needed_for``: the
+    one place a run is trained on the way to another, what it starts from first. One line first
+    says what it builds and why (``building the stage-0 backbone, needed for the stage-1 plain
+    model (not finished: ...)``), unless the caller reports its runs (the ablation's rows)."""
+    if announce:
+        print(f"building {_run_name(run.stage, run.variant)}, needed for {needed_for} "
+              f"({run.status.reason})", flush=True)
     if run.stage == "backbone":
         backbone_stage(run.params, dsd)
     elif run.stage == "anchor":
@@ -779,7 +779,8 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
     """Train ``row`` for ``seed`` unless its run is finished for the inputs it would be made
     from now (``run_status``): a changed upstream params file, dataset or start model retrains it.
     The ablation asks for what it needs, so it builds: its start model first (the same seed's
-    stage-1 model, the backbone), each run it trains announced by ``build_stage``'s line.
+    stage-1 model; a missing backbone is announced by ``build_stage``'s line), then the row's
+    run, which the ablation's own report line names.
 
     Returns:
         The folder of the trained model.
@@ -794,7 +795,6 @@ def ensure_trained(ep: config.EvalParams, row: str, seed: int, dsd: Any,
     start = start_variant(variant) if stage == "rl" else None
     if start is not None:  # the start point, same seed
         ensure_trained(ep, next(r for r, sv in ROWS.items() if sv == ("anchor", start)), seed, dsd)
-    status = run_status(params, stage, variant)
-    if not status:
-        build_stage(Prerequisite(params, stage, variant, status), needed_for, dsd)
+    if not (status := run_status(params, stage, variant)):
+        build_stage(Prerequisite(params, stage, variant, status), needed_for, dsd, announce=False)
     return folder / "model"

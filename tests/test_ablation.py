@@ -79,7 +79,7 @@ def test_stage_params_change_only_the_seed():
     assert ablation.prompts_seen(r2, 3000) == 8
 
 
-def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, monkeypatch):
+def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, monkeypatch, capsys):
     anchor_file = tmp_path / "03_anchoring.yaml"
     anchor_file.write_text((repro.project_root() / "params/tiny/03_anchoring.yaml").read_text())
     ep = config.load_params(config.EvalParams, run_root=str(tmp_path),
@@ -99,6 +99,7 @@ def test_ensure_trained_reuses_complete_runs_and_retrains_stale_ones(tmp_path, m
     monkeypatch.setattr(stages, "anchor_stage", fake_anchor_stage)
     folder = stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert trained == [("focus_anchor", 1, True)] and folder.name == "model"  # the ablation asks
+    assert "building" not in capsys.readouterr().out  # its own rows: its report line names them
     stages.ensure_trained(ep, "anchoring", 1, dsd=None)
     assert len(trained) == 1  # complete and same params: reused
     # The params file's content changed (here: other steps): the run is stale and trains again.
