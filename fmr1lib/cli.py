@@ -704,11 +704,13 @@ ERRORS: tuple[tuple[str, str, int], ...] = (
     ("fmr1lib.runlock", "RunLockedError", 5),
     ("fmr1lib.checkpoints", "CheckpointError", 6),
     ("fmr1lib.train", "NonFiniteLossError", 7),
-    ("fmr1lib.records", "DataError", 8),
+    ("fmr1lib.records", "DataError", 2),
 )
 """``(module, error class, exit status)`` of every known failure: ``main`` prints it as one
-line ``<class>: <message>`` (the message names the file, key or step) with its own status, and
-no traceback unless ``--debug``. Anything else is a bug and keeps its traceback (status 1)."""
+line ``<class>: <message>`` (the message names the file, key, record or step) with its status, and
+no traceback unless ``--debug``. Bad input, a params file or a data record, is status 2 (the
+usual status of a command given input it cannot use); anything else is a bug and keeps its
+traceback (status 1)."""
 
 
 def _known_error(exc: BaseException) -> tuple[str, int] | None:
@@ -728,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success; for a known failure (``ERRORS``) its status: 2 a ``ParamsError`` (a bad
         file, flag or override), 3 a missing start model without ``--build-missing``, 4 a
         refused resume, 5 a run folder locked by another run, 6 no valid checkpoint, 7 a
-        non-finite loss, 8 bad data records.
+        non-finite loss; 2 also for bad data records (``DataError``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -305,7 +305,9 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
     try:
         for nb, v in values.items():
             header = (f"# Profile {name}: made by `python -m fmr1lib profile new` from profile "
-                      f"{base}; every *_params_file points inside this folder.\n")
+                      f"{base}; every *_params_file points inside this folder.\n"
+                      f"# Every parameter not named here comes from "
+                      f"{config.PARAMS_BY_NOTEBOOK[nb].__name__} in fmr1lib/config.py.\n")
             (tmp / f"{nb}.yaml").write_text(header + yaml.safe_dump(v, sort_keys=False),
                                             encoding="utf-8")
         tmp.rename(out)

@@ -7,9 +7,14 @@ every ``answer_type``, and some records without evidence boxes (unannotated). Th
 committed; rerunning the script rewrites them byte for byte. Usage::
 
     python scripts/make_jsonl_study.py [--out tests/data/jsonl_study]
+    python scripts/make_jsonl_study.py --out tests/data/jsonl_example --counts train=320 test_id=40 test_ood=40
 
 The study's data params (``tests/data/jsonl_study/01_data_construction.yaml``) point
 ``source: jsonl`` at the three files; ``tests/test_jsonl_data.py`` trains and evaluates on them.
+The second call writes the larger sample of the own-data example profile
+(``params/jsonl_example/``, made by ``python -m fmr1lib profile new``; ``make test`` runs the
+notebooks on it): 40 held-out records per split, enough boxed records for notebook 03 to test
+anchoring's held-out effect (the 40-record study has 11).
 """
 
 from __future__ import annotations
@@ -110,15 +115,27 @@ def make_record(split: str, index: int, image_dir: Path) -> dict:
     return rec
 
 
+def _counts(items: list[str]) -> dict[str, int]:
+    counts = dict(COUNTS)
+    for item in items:
+        split, sep, n = item.partition("=")
+        if not sep or split not in COUNTS or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--counts {item!r}: expected SPLIT=N with SPLIT one of {list(COUNTS)}")
+        counts[split] = int(n)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"
                                              / "jsonl_study"))
+    parser.add_argument("--counts", nargs="*", default=[], metavar="SPLIT=N",
+                        help=f"records per split (default {COUNTS})")
     args = parser.parse_args(argv)
     out = Path(args.out)
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    for split, n in COUNTS.items():
+    for split, n in _counts(args.counts).items():
         lines = [json.dumps(make_record(split, i, image_dir)) for i in range(n)]
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return 0

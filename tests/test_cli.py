@@ -53,7 +53,7 @@ def test_set_overrides_are_applied_and_validated(at_root, capsys):
 def test_profile_flag_lists_the_profiles(at_root, capsys):
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "--help"])
-    assert "one of qwen2_5_vl_3b, qwen2_5_vl_7b, study, tiny" in " ".join(capsys.readouterr().out.split())
+    assert "one of jsonl_example, qwen2_5_vl_3b, qwen2_5_vl_7b, study, tiny" in " ".join(capsys.readouterr().out.split())
     assert cli.main(["reproduce", "--profile", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no profile 'nope'" in err and "'tiny'" in err

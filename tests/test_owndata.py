@@ -187,7 +187,7 @@ def test_profile_new_validates_every_record_before_writing(tmp_path, capsys):
     status = cli.main(["profile", "new", "mine", "--params-root", str(tmp_path / "params"),
                        "--jsonl", f"train={STUDY / 'train.jsonl'}",
                        f"test_id={STUDY / 'test_id.jsonl'}", f"test_ood={bad}"])
-    assert status == 8
+    assert status == 2  # bad input: a params file or a data record
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("DataError:") and "bad.jsonl" in err[0]
     assert sorted(p.name for p in (tmp_path / "params").iterdir()) == ["tiny"]
@@ -233,3 +233,19 @@ def test_ablation_dry_run_lists_the_runs_it_would_train(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  would train ")]
     assert [ln.split()[2] for ln in lines] == ["backbone", "plain_sft", "anchoring"], lines
     assert all(str(tmp_path) in ln for ln in lines)
+
+
+def test_the_example_profile_is_what_profile_new_writes(tmp_path, capsys):
+    # params/jsonl_example/ (the own-data profile `make test` runs notebooks 01-05 on) is the
+    # command's output for tests/data/jsonl_example/, byte for byte: rerunning the command from
+    # the README gives the same files.
+    example = ROOT / "tests" / "data" / "jsonl_example"
+    shutil.copytree(ROOT / "params" / "tiny", tmp_path / "params" / "tiny")
+    assert cli.main(["profile", "new", "jsonl_example", "--from", "tiny", "--params-root",
+                     str(tmp_path / "params"), "--jsonl",
+                     *(f"{s}={example / f'{s}.jsonl'}" for s in SPLITS)]) == 0
+    made = tmp_path / "params" / "jsonl_example"
+    committed = ROOT / "params" / "jsonl_example"
+    assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for f in made.iterdir():  # pointers name the temporary params root where the repo has its own
+        assert f.read_text().replace(f"{tmp_path}/", "") == (committed / f.name).read_text(), f.name
