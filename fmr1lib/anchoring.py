@@ -114,34 +114,6 @@ def batch_attention_loss(dists: list[torch.Tensor], targets: list[torch.Tensor |
     return torch.stack(losses).mean(), float(np.mean(masses))
 
 
-
-def _global_means(acc: Any, ce: torch.Tensor, n_tok: int, attn: torch.Tensor | None, n_tgt: int,
-                  mass: float) -> tuple[float, float, float, float, float]:
-    """Batch-wide means over all processes, and the factors that make DDP reproduce them.
-
-    DDP averages the processes' gradients, so a process whose loss is the mean over its own
-    ``n_tok`` response tokens is reweighted by ``world * n_tok / N_tok``: the objective is then
-    the CE over every response token of the global batch (and the attention loss over every
-    sample with a target), as in one process with that batch.
-
-    Returns:
-        ``(ce_weight, attn_weight, ce, attn, mass)``: loss factors for this process, and the
-        global means for logging (NaN where no process had a term).
-    """
-    attn_v = float(attn.detach()) if attn is not None else 0.0
-    mass_v = 0.0 if math.isnan(mass) else mass
-    local = torch.tensor([float(ce.detach()) * n_tok, float(n_tok), attn_v * n_tgt, float(n_tgt),
-                          mass_v * n_tgt, float(n_tgt if not math.isnan(mass) else 0)],
-                         dtype=torch.float64, device=acc.device)
-    tot = acc.reduce(local, "sum").cpu().tolist()
-    world = acc.num_processes
-    ce_w = world * n_tok / tot[1] if tot[1] else 1.0
-    attn_w = world * n_tgt / tot[3] if tot[3] else 1.0
-    nan = float("nan")
-    return (ce_w, attn_w, tot[0] / tot[1] if tot[1] else nan, tot[2] / tot[3] if tot[3] else nan,
-            tot[4] / tot[5] if tot[5] else nan)
-
-
 # --------------------------------------------------------------------------------------
 # The supervised step
 # --------------------------------------------------------------------------------------
@@ -195,14 +167,16 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
     idx = batching.batch_indices(len(dataset), params.batch_size, step, params.seed,
                                  acc.process_index, acc.num_processes)
     rows = [dataset[i] for i in idx]
-    micro = np.array_split(np.arange(len(rows)), params.grad_accum)
-    ce_sum, attn_sum, mass_sum, n_mass = 0.0, 0.0, 0.0, 0
-    grad_norm = None
-    for mb in micro:
-        batch = batching.encode_batch([rows[i] for i in mb], processor, variant,
-                                      smooth_sigma=cfg["smooth_sigma"],
-                                      reasoning=params.reasoning,
-                                      cue_route_share=params.cue_route_share)
+    batches = [batching.encode_batch([rows[i] for i in mb], processor, variant,
+                                     smooth_sigma=cfg["smooth_sigma"], reasoning=params.reasoning,
+                                     cue_route_share=params.cue_route_share)
+               for mb in np.array_split(np.arange(len(rows)), params.grad_accum)]
+    # The CE is the mean over every response token of the global batch, the attention loss
+    # over every sample with a target: each micro-batch's means are weighted by its share.
+    ce_w = train.loss_shares(acc, [int((b.labels[:, 1:] != -100).sum()) for b in batches])
+    attn_w = train.loss_shares(acc, [sum(q is not None for q in b.targets) for b in batches])
+    logged = torch.zeros(3, dtype=torch.float64)  # weighted CE, attention loss, Focus mass
+    for i, batch in enumerate(batches):
         inputs = {k: v.to(acc.device) for k, v in batch.inputs.items()}
         labels = batch.labels.to(acc.device)
         # With gradient checkpointing the backward recomputes the captured layers, so it
@@ -210,39 +184,36 @@ def supervised_step(state: train.TrainState, step: int, *, processor: Any, datas
         cap_ctx = (attention.AttentionCapture(model, batch.focus_pos[:, None].to(acc.device),
                                               layers=layers, heads=cfg["head_select"])
                    if capture else contextlib.nullcontext())
-        with acc.accumulate(model), cap_ctx as cap:
+        with train.micro_batch(acc, model, last=i == len(batches) - 1), cap_ctx as cap:
             out = model(**inputs, labels=labels)
-            attn_l, mass = None, float("nan")
+            loss = out.loss * ce_w[i]
+            logged[0] += float(out.loss.detach()) * ce_w[i]
             if capture:
                 dists = focus_distributions(cap.attentions, batch, image_token_id)
                 attn_l, mass = batch_attention_loss(dists, batch.targets, cfg["attn_loss"],
                                                    batch.supports)
-            ce_v = float(out.loss.detach())
-            attn_v = float(attn_l.detach()) if attn_l is not None else None
-            ce_w = attn_w = 1.0
-            if acc.num_processes > 1:
-                n_tok = int((labels[:, 1:] != -100).sum())
-                n_tgt = sum(q is not None for q in batch.targets) if attn_l is not None else 0
-                ce_w, attn_w, ce_v, attn_v, mass = _global_means(acc, out.loss, n_tok, attn_l,
-                                                                 n_tgt, mass)
-            loss = out.loss * ce_w if ce_w != 1.0 else out.loss
-            if anchoring and attn_l is not None:
-                loss = loss + cfg["lambda_attn"] * attn_w * attn_l
+                if attn_l is not None:
+                    logged[1] += float(attn_l.detach()) * attn_w[i]
+                    if anchoring:
+                        loss = loss + cfg["lambda_attn"] * attn_w[i] * attn_l
+                if not math.isnan(mass):
+                    logged[2] += mass * attn_w[i]
             state.backward(loss)
-            norm = state.clip_and_step(params.grad_clip)
-            grad_norm = norm if norm is not None else grad_norm
-            if acc.sync_gradients:
-                state.scheduler.step()
-        ce_sum += ce_v
-        if attn_v is not None and not math.isnan(attn_v):
-            attn_sum += attn_v
-        if not math.isnan(mass):
-            mass_sum, n_mass = mass_sum + mass, n_mass + 1
-    if not (log_now and acc.is_main_process):
+    grad_norm = state.clip_and_step(params.grad_clip)
+    state.scheduler.step()
+    if not log_now:
         return None, {}
-    return {"ce": ce_sum / len(micro), "lr": state.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm, "focus_mass": mass_sum / n_mass if n_mass else None,
-            "attn_loss": attn_sum / len(micro) if anchoring else None}, {}
+    # The weights make each process's sum its share of the global mean (loss_shares).
+    scale = getattr(acc, "gradient_accumulation_steps", 1)
+    if acc.num_processes > 1:
+        logged = acc.reduce(logged.to(acc.device), "mean").cpu()
+    ce, attn, mass = (float(v) / scale for v in logged)
+    has_targets = any(w > 0 for w in attn_w)
+    if not acc.is_main_process:
+        return None, {}
+    return {"ce": ce, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "focus_mass": mass if has_targets else None,
+            "attn_loss": attn if anchoring and has_targets else None}, {}
 
 
 def train_supervised(model: Any, processor: Any, dataset: Any, params: Any, out_dir: str | Path,

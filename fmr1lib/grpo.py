@@ -605,10 +605,9 @@ def _update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: 
     cap_ctx = (attention.AttentionCapture(model, batch.query_positions.to(acc.device),
                                           layers=ctx.layers)
                if capture else contextlib.nullcontext())
-    sync = contextlib.nullcontext() if last else acc.no_sync(model)
     # With gradient checkpointing the backward recomputes the captured layers, so it runs
     # inside the capture block.
-    with sync, cap_ctx as cap:
+    with train.micro_batch(acc, model, last), cap_ctx as cap:
         logits = completion_logits(model, batch.inputs, batch.completion_ids.shape[1],
                                    p.rollout.temperature)
         logp = token_logprobs(logits, batch.completion_ids, batch.completion_mask)

@@ -29,12 +29,13 @@ log name (e.g. ``samples``) to rows for ``<name>.jsonl``. The stage's own module
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,17 +325,37 @@ class TrainState:
 
 def loss_shares(acc: Any, counts: Sequence[float]) -> list[float]:
     """The weight of each micro-batch's mean loss that makes their sum, over the micro-batches
-    and the processes, the mean over every unit (token or sequence) of the global batch.
+    and the processes, the mean over every unit (token, sequence or target) of the global batch.
 
     ``counts``: the units of this process's micro-batches. DDP averages the processes'
-    gradients, so each weight is ``count / (N / world)`` with ``N`` the units of all processes;
-    on one process ``count / N``.
+    gradients, so each weight is ``count / (N / world)`` with ``N`` the units of all processes
+    (on one process ``count / N``). Accelerate divides every loss by its
+    ``gradient_accumulation_steps`` in ``backward`` (DeepSpeed's engine does the same), so the
+    weights carry that factor back: the stages set it to ``grad_accum`` for DeepSpeed's sake.
+
+    >>> from types import SimpleNamespace
+    >>> loss_shares(SimpleNamespace(num_processes=1, gradient_accumulation_steps=1), [3, 1])
+    [0.75, 0.25]
     """
     total = max(1, sum(counts))
     if acc.num_processes > 1:
         n_all = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
         total = max(1.0, float(n_all) / acc.num_processes)
-    return [c / total for c in counts]
+    scale = getattr(acc, "gradient_accumulation_steps", 1)
+    return [c / total * scale for c in counts]
+
+
+@contextlib.contextmanager
+def micro_batch(acc: Any, model: Any, last: bool) -> Iterator[None]:
+    """The context of one micro-batch's forward and backward: the processes' gradients are
+    averaged only after the last micro-batch of an optimiser step (``no_sync`` before it).
+
+    The accumulation of both stages, in three lines: weight each micro-batch's mean loss by
+    :func:`loss_shares`, run its backward inside ``micro_batch(..., last=i == n - 1)``, then one
+    ``TrainState.clip_and_step`` and one schedule step per optimiser step.
+    """
+    with contextlib.nullcontext() if last else acc.no_sync(model):
+        yield
 
 
 @dataclass(frozen=True)

@@ -250,3 +250,46 @@ def test_batch_supports_are_the_unsmoothed_boxes(tiny, rows):
     dists = [torch.full((len(q),), 1.0 / len(q))[None] for q in smooth.targets]
     _, mass = anchoring.batch_attention_loss(dists, smooth.targets, "kl", smooth.supports)
     assert mass == pytest.approx(float(np.mean([float(s.sum()) / len(s) for s in smooth.supports])))
+
+
+@pytest.mark.parametrize("variant", ["plain", "focus_anchor"])
+def test_grad_accum_gives_the_gradient_of_the_global_means(tiny, rows, variant):
+    """``grad_accum`` micro-batches give the gradient of the CE over every response token of
+    the batch and of the attention loss over every sample with a target, whatever their number
+    (the one accumulation of both stages: ``train.loss_shares`` + ``train.micro_batch``, one
+    optimiser step). Averaging the micro-batches' own means, as before, weighted the tokens of a
+    short micro-batch more than those of a long one."""
+    _, model0, processor = tiny
+    # Answers of 1-4 words: responses of different lengths, so the micro-batches' own means differ.
+    train_rows = [{**rows[0][i], "answer": " ".join([rows[0][i]["answer"]] * (i + 1))}
+                  for i in range(4)]
+    got = {}
+    for accum in (1, 2, 4):
+        p = config.load_params(config.AnchorParams, {
+            "steps": 1, "batch_size": 4, "grad_accum": accum, "log_every": 1,
+            "checkpoint_every": 0, "lr_warmup_steps": 0, "lambda_attn": 2.0})
+        model = copy.deepcopy(model0)
+        acc = fmr1_train.make_accelerator(p, gradient_accumulation_steps=accum)
+        assert acc.gradient_accumulation_steps == accum
+        state = fmr1_train.setup_training(model, p, None, acc, micro_batch=4 // accum)
+        grads, step = [], state.clip_and_step
+
+        def clip_and_step(grad_clip, state=state, grads=grads, step=step):
+            grads.append(torch.cat([q.grad.flatten() for q in state.trainable if q.grad is not None]))
+            return step(grad_clip)
+
+        state.clip_and_step = clip_and_step
+        cfg = anchoring.anchoring_settings(p, variant)
+        layers = attention.resolve_layers(cfg["anchor_layers"], attention.num_text_layers(model))
+        stats, _ = anchoring.supervised_step(state, 0, processor=processor, dataset=train_rows,
+                                             params=p, variant=variant, settings=cfg,
+                                             layers=layers)
+        assert len(grads) == 1, "one optimiser step per step"
+        got[accum] = (grads[0], stats)
+    lengths = batching.encode_batch(train_rows, processor, variant).labels.ne(-100).sum(-1)
+    assert len(set(lengths.tolist())) == 4, lengths
+    for accum in (2, 4):
+        torch.testing.assert_close(got[accum][0], got[1][0], rtol=1e-4, atol=1e-7)
+        for key in ("ce", "attn_loss", "focus_mass"):
+            if got[1][1][key] is not None:
+                assert got[accum][1][key] == pytest.approx(got[1][1][key], rel=1e-5), key
