@@ -601,7 +601,8 @@ def _cmd_profile_new(args: argparse.Namespace) -> int:
         jsonl["warmup"] = args.warmup
     out, notes = owndata.new_profile(
         args.name, args.base, jsonl, root=project_root(), params_root=args.params_root,
-        image_root=args.image_root, allow_outside_root=args.allow_outside_root)
+        image_root=args.image_root, allow_outside_root=args.allow_outside_root,
+        sets=[*(owndata.QUICK if args.quick else ()), *args.set])
     for note in notes:
         print(f"note: {note}")
     shown = out.relative_to(project_root()) if out.is_relative_to(project_root()) else out
@@ -692,6 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder the image paths are relative to (default: each file's folder)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="allow image paths that leave the image root (a symlinked image folder)")
+    p.add_argument("--quick", action="store_true",
+                   help="a first look, a few minutes on a CPU: " + "; ".join(owndata.QUICK))
+    p.add_argument("--set", action="append", default=[], metavar="[NOTEBOOK:]KEY=VALUE",
+                   help="write a setting (YAML value) into the notebook's file, or without "
+                        "NOTEBOOK: into every file that has KEY; after --quick; repeatable")
     p.add_argument("--params-root", default=None, help="folder of the profiles (default params/)")
     p.set_defaults(func=_cmd_profile_new)
     return parser

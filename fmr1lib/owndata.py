@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +217,50 @@ def _notebook_files(profile_dir: Path) -> dict[str, Path]:
             if (profile_dir / f"{nb}.yaml").is_file()}
 
 
+QUICK = ("03_anchoring:variants=[plain, focus_anchor]", "03_anchoring:steps=60",
+         "04_counterfactual_rl:variants=[grpo, faithful]", "04_counterfactual_rl:steps=12",
+         "05_evaluation:rows=[backbone, plain_sft, anchoring, anchoring_grpo, faithful_mr1]")
+"""``profile new --quick``: the settings of a first look at new data, a few minutes on a CPU
+(two stage-1 variants of 60 steps, two stage-2 variants of 12 steps, the ablation rows they
+make). The own-data example ``params/jsonl_example/`` is made with it."""
+
+
+def parse_sets(items: Sequence[str], notebooks: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """``profile new --set [NOTEBOOK:]KEY=VALUE`` items as ``(notebook, key, value)``, one per
+    file they set: without ``NOTEBOOK:`` every file whose params have ``KEY``. ``VALUE`` is YAML.
+
+    Raises:
+        config.ParamsError: a malformed item, an unknown notebook, a key no file (or not the
+            named file) has, or ``profile`` / a ``*_params_file`` pointer (the command sets those).
+
+    >>> parse_sets(["03_anchoring:steps=50", "seed=3"], ["02_backbone", "03_anchoring"])
+    [('03_anchoring', 'steps', 50), ('02_backbone', 'seed', 3), ('03_anchoring', 'seed', 3)]
+    """
+    out = []
+    for item in items:
+        head, eq, raw = item.partition("=")
+        nb, colon, key = head.rpartition(":")
+        where = f"profile new --set {item!r}"
+        if not eq or not key:
+            raise config.ParamsError(f"{where}: give [NOTEBOOK:]KEY=VALUE")
+        if key == "profile" or key in POINTER_KEYS:
+            raise config.ParamsError(f"{where}: the command sets {key!r} itself")
+        if colon and nb not in notebooks:
+            raise config.ParamsError(f"{where}: no notebook {nb!r}; one of {list(notebooks)}")
+        have = [n for n in ([nb] if colon else notebooks)
+                if key in config.section_of(config.PARAMS_BY_NOTEBOOK[n])]
+        if not have:
+            raise config.ParamsError(f"{where}: key {key!r} is not a parameter of "
+                                     f"{nb if colon else 'any notebook'}")
+        value = yaml.safe_load(raw)
+        out += [(n, key, value) for n in have]
+    return out
+
+
 def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
                 params_root: Path | None = None, image_root: str | None = None,
-                allow_outside_root: bool = False) -> tuple[Path, list[str]]:
+                allow_outside_root: bool = False,
+                sets: Sequence[str] = ()) -> tuple[Path, list[str]]:
     """Write ``<params_root>/<name>/``: every notebook file of ``<params_root>/<base>/``, with
     ``profile`` and every ``*_params_file`` pointing inside the new folder, and a data file
     over the JSONL files ``jsonl`` (``{split: path}``).
@@ -233,13 +274,16 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
         root: the project root (relative records paths and ``*_params_file`` values are
             relative to it).
         params_root: the folder holding the profiles (default ``root / "params"``).
+        sets: ``[NOTEBOOK:]KEY=VALUE`` settings written into the files (``parse_sets``;
+            ``QUICK`` for ``--quick``), after the base's values.
 
     Returns:
         ``(the new folder, the notes printed about it)``.
 
     Raises:
         config.ParamsError: the profile exists, the base has no files, a split is missing or
-            unknown, or a file written does not load.
+            unknown, a ``sets`` item is bad (``parse_sets``), or a file written does not load
+            (nothing is left written).
         records.DataError: a bad record (nothing written).
     """
     from fmr1lib import records
@@ -262,6 +306,7 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
     if bad:
         raise config.ParamsError(f"profile new --jsonl: split(s) {bad} unknown or missing; "
                                  f"give {list(config.DataParams.JSONL_SPLITS)} (warmup optional)")
+    chosen = parse_sets(sets, list(files))  # before any record is read
     rel = {split: _project_path(path, root) for split, path in jsonl.items()}
     img_root = _project_path(image_root, root) if image_root else None
     items = []
@@ -298,6 +343,8 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
             notes.append("no warmup file: stage 0 builds the backbone without its warm-up "
                          "(warmup: false in 02_backbone.yaml)")
         values[nb] = v
+    for nb, key, value in chosen:
+        values[nb][key] = value
     notes += _size_grid(values, items, name)
 
     params_root.mkdir(parents=True, exist_ok=True)
@@ -308,6 +355,9 @@ def new_profile(name: str, base: str, jsonl: dict[str, str], *, root: Path,
                       f"{base}; every *_params_file points inside this folder.\n"
                       f"# Every parameter not named here comes from "
                       f"{config.PARAMS_BY_NOTEBOOK[nb].__name__} in fmr1lib/config.py.\n")
+            own = list(dict.fromkeys(key for n, key, _ in chosen if n == nb))
+            if own:
+                header += f"# Set by the command (--set / --quick): {', '.join(own)}.\n"
             (tmp / f"{nb}.yaml").write_text(header + yaml.safe_dump(v, sort_keys=False),
                                             encoding="utf-8")
         tmp.rename(out)

@@ -14,3 +14,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if hasattr(item, "output_timeout"):  # nbval's cell items
             item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S
+
+
+OWN_DATA_PROFILE = "jsonl_example"
+"""The own-data example profile (``params/jsonl_example/``) the notebooks also run on."""
+
+
+@pytest.fixture(scope="session")
+def own_data_notebook():
+    """``run(notebook)``: the notebook executed on ``OWN_DATA_PROFILE`` as ``make reproduce``
+    executes it (``cli.run_notebook``, no progress lines), once per session: the executed-notebook
+    checks and the own-data tests read the same run."""
+    from fmr1lib import cli
+
+    done: dict[str, object] = {}
+
+    def run(notebook: str):
+        if notebook not in done:
+            done[notebook] = cli.run_notebook(notebook, OWN_DATA_PROFILE, progress=False)
+        return done[notebook]
+
+    return run

@@ -1,8 +1,9 @@
 """What a reader of an executed notebook sees: every figure inline, no log noise.
 
 * ``test_headless_notebook_reads_as_a_narrative`` executes notebook 01 as ``make reproduce``
-  does (``cli.run_notebook``: papermill, ``MPLBACKEND=Agg`` from ``make test``) and reads the
-  executed file: one ``image/png`` output per ``plotting.fig_*`` or ``study_plots.fig_*`` call,
+  does (``cli.run_notebook``: papermill, ``MPLBACKEND=Agg`` from ``make test``), on the own-data
+  example profile (the run ``test_own_data_notebooks.py`` counts too), and reads the executed
+  file: one ``image/png`` output per ``plotting.fig_*`` or ``study_plots.fig_*`` call,
   no stderr output, no progress bar (frozen or not), no stray ``Out`` value, and the HTML page
   written beside it with every figure embedded.
 * ``test_every_figure_displays_in_an_interactive_kernel`` runs a kernel as JupyterLab does (no
@@ -50,12 +51,8 @@ def output_text(out: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    from fmr1lib import cli
-
-    out_dir = tmp_path_factory.mktemp("executed")
-    path = cli.run_notebook(HEADLESS_NOTEBOOK, "tiny", out_dir=out_dir, progress=False)
-    return path
+def executed(own_data_notebook):
+    return own_data_notebook(HEADLESS_NOTEBOOK)
 
 
 def test_headless_notebook_reads_as_a_narrative(executed):

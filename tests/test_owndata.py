@@ -237,15 +237,40 @@ def test_ablation_dry_run_lists_the_runs_it_would_train(tmp_path, capsys):
 
 def test_the_example_profile_is_what_profile_new_writes(tmp_path, capsys):
     # params/jsonl_example/ (the own-data profile `make test` runs notebooks 01-05 on) is the
-    # command's output for tests/data/jsonl_example/, byte for byte: rerunning the command from
-    # the README gives the same files.
+    # command's output (--quick) for tests/data/jsonl_example/, byte for byte: rerunning the
+    # command from the README gives the same files.
     example = ROOT / "tests" / "data" / "jsonl_example"
     shutil.copytree(ROOT / "params" / "tiny", tmp_path / "params" / "tiny")
-    assert cli.main(["profile", "new", "jsonl_example", "--from", "tiny", "--params-root",
-                     str(tmp_path / "params"), "--jsonl",
+    assert cli.main(["profile", "new", "jsonl_example", "--from", "tiny", "--quick",
+                     "--params-root", str(tmp_path / "params"), "--jsonl",
                      *(f"{s}={example / f'{s}.jsonl'}" for s in SPLITS)]) == 0
     made = tmp_path / "params" / "jsonl_example"
     committed = ROOT / "params" / "jsonl_example"
     assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in committed.iterdir())
     for f in made.iterdir():  # pointers name the temporary params root where the repo has its own
         assert f.read_text().replace(f"{tmp_path}/", "") == (committed / f.name).read_text(), f.name
+
+
+def test_profile_new_set_writes_settings_and_refuses_bad_ones_before_any_work(tmp_path, capsys):
+    shutil.copytree(ROOT / "params" / "tiny", tmp_path / "params" / "tiny")
+    assert _profile_new(tmp_path, "--quick", "--set", "03_anchoring:steps=7", "--set",
+                        "seed=3") == 0
+    folder = tmp_path / "params" / "mine"
+    ap = config.load_params(config.AnchorParams, folder / "03_anchoring.yaml")
+    assert (ap.steps, ap.variants, ap.seed) == (7, ["plain", "focus_anchor"], 3)  # --set after --quick
+    rp = config.load_params(config.RLParams, folder / "04_counterfactual_rl.yaml")
+    assert (rp.steps, rp.variants, rp.seed) == (12, ["grpo", "faithful"], 3)
+    assert "# Set by the command (--set / --quick): variants, steps, seed." in \
+        (folder / "03_anchoring.yaml").read_text()
+    capsys.readouterr()
+    for bad, says in (("stepz=3", "not a parameter of any notebook"),
+                      ("03_anchoring:group_size=4", "not a parameter of 03_anchoring"),
+                      ("07_x:steps=3", "no notebook '07_x'"),
+                      ("data_params_file=x.yaml", "sets 'data_params_file' itself"),
+                      ("steps", "give [NOTEBOOK:]KEY=VALUE"),
+                      ("03_anchoring:variants=[plain, nope]", "variants")):
+        shutil.rmtree(folder, ignore_errors=True)
+        assert _profile_new(tmp_path, "--set", bad) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ParamsError:") and says in err[0], (bad, err)
+        assert not folder.exists(), bad  # nothing is left written
