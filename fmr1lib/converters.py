@@ -285,8 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on a ``DataError`` or a file that cannot be read (the message goes to
-        stderr, no traceback).
+        0 on success; 2 on a ``DataError`` or a file that cannot be read (bad input, the status
+        ``python -m fmr1lib`` gives it too; the message goes to stderr, no traceback).
     """
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -300,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             counts = check_jsonl(args.file, args.image_root, **kw)
     except DataError as exc:
         sys.stderr.write(f"DataError: {exc}\n")
-        return 1
+        return 2
     except OSError as exc:  # a missing or unreadable input file
         sys.stderr.write(f"error: {exc.strerror or exc}: {exc.filename or ''}\n")
-        return 1
+        return 2
     # The counts are the command's result, so they go to stdout for scripts to parse.
     sys.stdout.write(json.dumps(counts) + "\n")
     return 0

@@ -380,7 +380,7 @@ def test_outside_paths_load_when_explicitly_allowed(escape_root, monkeypatch, ca
     assert benchmark.main(["--model", "unused", "--file", str(bench),
                            "--allow-absolute-images"]) == 0
     assert converters.main(["check", str(path), "--allow-outside-root"]) == 0
-    assert converters.main(["check", str(path)]) == 1
+    assert converters.main(["check", str(path)]) == 2
     assert "outside the image root" in capsys.readouterr().err
 
 
@@ -393,7 +393,7 @@ def test_empty_records_file_is_an_error_in_loader_and_check(tmp_path, capsys):
     with pytest.raises(DataError, match="no records in the file") as err:
         records.load_jsonl(path)
     assert err.value.path == str(path)
-    assert converters.main(["check", str(path)]) == 1
+    assert converters.main(["check", str(path)]) == 2
     assert capsys.readouterr().err == f"DataError: {path}: no records in the file\n"
     with pytest.raises(DataError, match="no records"):
         benchmark.load_benchmark(path)
@@ -405,7 +405,7 @@ def test_empty_records_file_is_an_error_in_loader_and_check(tmp_path, capsys):
 
 def test_records_check_on_a_missing_file_is_a_clean_error(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
-    assert converters.main(["check", str(missing)]) == 1
+    assert converters.main(["check", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
 
