@@ -12,7 +12,6 @@ import numpy as np
 
 from fmr1lib import prompting
 
-
 IS_KEYS = ("sampler_logp_gap", "sampler_logp_gap_max", "is_ratio_mean", "is_ratio_min",
            "is_ratio_max", "is_capped_frac")
 """The sampler-mismatch statistics (``rollouts.importance_weights``), logged only by a sampler that

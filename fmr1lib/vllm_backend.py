@@ -12,8 +12,10 @@ makes an environment that has it; README "Rollouts by an inference engine"). The
 * samples with every decoding setting explicit (``sampling_params``): ``softmax(logits / T)``,
   ``top_p``, ``top_k`` (0: off), no penalties, nothing from the checkpoint's generation config
   (``generation_config="vllm"``), vision tokens suppressed by a logit bias of -100, ``G``
-  completions per prompt from one seed drawn from torch's RNG (so a resumed run, whose RNG is
-  restored, draws the same seeds), and returns the log-probability of each sampled token
+  completions per prompt drawn from this process's torch RNG (the engine runs in this process
+  and its requests carry no seed of their own, so a resumed run, whose RNG is restored, samples
+  as the uninterrupted one; the engine's own seeding at start-up is undone by building it under
+  ``torch.random.fork_rng``), and returns the log-probability of each sampled token
   under the distribution it sampled from (``logprobs_mode="processed_logprobs"``: temperature,
   logit bias, ``top_p`` / ``top_k`` applied);
 * gets the policy's weights once per optimiser step, before the next rollout (``sync``):
@@ -53,6 +55,11 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 """Set (unless already set) before vLLM is imported: the engine runs in this process."""
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 """Also set on a machine without a GPU: a 1 GiB KV cache, no pinning of OpenMP threads to cores."""
+PROMPT_ALLOWANCE = 4096
+"""Prompt tokens the engine's sequences allow beside ``max_new_tokens`` (an image of 3.2 MP is 4096
+image tokens; the GPU profiles' 448 px images are 256). vLLM reserves KV cache for at least one
+sequence of its ``max_model_len``, which would otherwise be the model's 128 k positions (7.3 GB for
+Qwen2.5-VL-7B in bf16)."""
 VISION_BIAS = -100.0
 """Logit bias of the vision tokens: vLLM's largest negative bias, a probability of about e^-100."""
 
@@ -83,35 +90,38 @@ class EngineSettings:
     """How the engine is built (the sampling settings come with each rollout)."""
 
     seed: int = 0
-    """The engine's seed (each request brings its own as well)."""
+    """The engine's seed (its start-up seeding; sampling draws from torch's RNG)."""
     gpu_memory_utilization: float = 0.3
     """The GPU memory share the engine may take (``RolloutParams.vllm_gpu_memory_utilization``)."""
     max_model_len: int | None = None
-    """Longest prompt + completion (None: the model's own limit)."""
+    """Longest prompt + completion, at most the model's own limit (None: that limit)."""
 
     @classmethod
     def of(cls, params: Any) -> EngineSettings:
         """The settings of a stage's ``RLParams``."""
         return cls(seed=params.seed,
-                   gpu_memory_utilization=params.rollout.vllm_gpu_memory_utilization)
+                   gpu_memory_utilization=params.rollout.vllm_gpu_memory_utilization,
+                   max_model_len=params.max_new_tokens + PROMPT_ALLOWANCE)
 
 
-def sampling_params(rollout: Any, max_new_tokens: int, seed: int, processor: Any) -> Any:
+def sampling_params(rollout: Any, max_new_tokens: int, processor: Any) -> Any:
     """vLLM ``SamplingParams`` for ``G`` completions of one prompt, every setting that decides
     which token is emitted given explicitly (``modeling.decoding_kwargs`` is the ``hf`` twin).
 
     Args:
         rollout: ``RolloutParams`` (group size, temperature, top_p, top_k).
         max_new_tokens: the most tokens per completion.
-        seed: the request's seed; completion ``j`` of the group samples with ``seed + j``.
         processor: the policy's processor (stop and vision token ids).
+
+    No per-request ``seed``: the draws come from torch's RNG. (A seeded request also fails on
+    vLLM's CPU build once a prefill is split over steps: "CPU Generator does not use offset".)
     """
     vllm = _import_vllm()
     tok = processor.tokenizer
     return vllm.SamplingParams(
         n=rollout.group_size, temperature=float(rollout.temperature), top_p=float(rollout.top_p),
         top_k=int(rollout.top_k), min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-        repetition_penalty=1.0, max_tokens=int(max_new_tokens), min_tokens=0, seed=int(seed),
+        repetition_penalty=1.0, max_tokens=int(max_new_tokens), min_tokens=0, seed=None,
         stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")], ignore_eos=False,
         logprobs=0, logit_bias={int(i): VISION_BIAS for i in modeling.vision_token_ids(processor)},
         skip_special_tokens=False, detokenize=False)
@@ -173,14 +183,19 @@ class VLLMSampler:
         write_engine_folder(model, self.processor, self.folder)
         dtype = next(model.parameters()).dtype
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.tied = bool(getattr(base.config.get_text_config(), "tie_word_embeddings", False))
+        text_cfg = base.config.get_text_config()
+        self.tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
         s = self.settings
-        self.llm = vllm.LLM(
-            model=str(self.folder), dtype=str(dtype).removeprefix("torch."), seed=s.seed,
-            max_model_len=s.max_model_len, enforce_eager=on_cpu(),
-            gpu_memory_utilization=s.gpu_memory_utilization,
-            limit_mm_per_prompt={"image": 1, "video": 0}, generation_config="vllm",
-            logprobs_mode="processed_logprobs", trust_remote_code=False)
+        limit = getattr(text_cfg, "max_position_embeddings", None)
+        max_len = min(v for v in (s.max_model_len, limit) if v) if s.max_model_len or limit else None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # vLLM seeds torch's RNG at start-up
+            self.llm = vllm.LLM(
+                model=str(self.folder), dtype=str(dtype).removeprefix("torch."), seed=s.seed,
+                max_model_len=max_len, enforce_eager=on_cpu(),
+                gpu_memory_utilization=s.gpu_memory_utilization,
+                limit_mm_per_prompt={"image": 1, "video": 0}, generation_config="vllm",
+                logprobs_mode="processed_logprobs", trust_remote_code=False)
         self.stale = False
         logger.info("vLLM engine built in %.1f s from %s", time.perf_counter() - t0, self.folder)
 
@@ -205,9 +220,8 @@ class VLLMSampler:
             self.build(model)
         elif self.stale:
             self.sync(model)
-        seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
         requests = [engine_request(self.processor, r) for r in rows]
-        params = [sampling_params(rollout, max_new_tokens, s, self.processor) for s in seeds]
+        params = sampling_params(rollout, max_new_tokens, self.processor)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return to_samples(outputs, self.processor, rollout.group_size)
 
@@ -216,8 +230,15 @@ class VLLMSampler:
         self.stale = True
 
     def close(self) -> None:
-        """Shut the engine down and remove its folder."""
-        self.llm = None
+        """Shut the engine down (another can then start in this process) and remove its folder."""
+        if self.llm is not None:
+            import gc
+
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            self.llm = None
+            gc.collect()
+            cleanup_dist_env_and_memory()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None

@@ -255,3 +255,15 @@ def test_the_hf_sampler_logs_no_sampler_statistics():
     log = grpo_stats.StepLog()
     assert all(log.lists[k] == [] for k in grpo_stats.IS_KEYS)
     assert rollouts.Samples([[1]], torch.zeros(1, 1, dtype=torch.long), [""]).logprobs is None
+
+
+def test_the_backend_is_set_from_the_command_line():
+    from fmr1lib import cli
+
+    sets = cli.parse_sets(["rollout_backend=vllm", "temperature=0.7", "is_cap=2"], config.RLParams)
+    assert sets == {"rollout_backend": "vllm", "temperature": 0.7, "is_cap": 2}
+    p = cli.load_stage_params(config.RLParams, "params/tiny/04_counterfactual_rl.yaml",
+                              ["rollout_backend=vllm", "is_correction=sequence_mask"])
+    assert p.rollout.rollout_backend == "vllm" and p.loss.is_correction == "sequence_mask"
+    with pytest.raises(config.ParamsError, match="unknown key 'rollout'"):
+        cli.parse_sets(["rollout=1"], config.RLParams)
