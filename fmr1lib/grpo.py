@@ -11,7 +11,8 @@ with ``r_t = pi(y_t | .) / pi_old(y_t | .)``, asymmetric clipping (DAPO clip-hig
 ``agg`` the token mean over the batch or the per-sequence mean.
 
 The file reads top to bottom: the pure math (``group_advantages``, ``clipped_policy_loss``),
-rollouts (``rollout``, ``collect_groups`` with dynamic sampling), then ``grpo_step``, which is
+rollouts (``rollout``, ``collect_groups`` with dynamic sampling; the sampler that
+``rollout_backend`` names, ``make_sampler``: ``fmr1lib.rollouts``), then ``grpo_step``, which is
 one rollout and update, and ``train_grpo``, which runs it in the training skeleton
 (``train.fit``). The faithful reward's attention rows come from the same training forward that
 gives the log-probabilities, captured by ``attention.AttentionCapture``: the only extra pass is

@@ -267,3 +267,12 @@ def test_the_backend_is_set_from_the_command_line():
     assert p.rollout.rollout_backend == "vllm" and p.loss.is_correction == "sequence_mask"
     with pytest.raises(config.ParamsError, match="unknown key 'rollout'"):
         cli.parse_sets(["rollout=1"], config.RLParams)
+
+
+@pytest.mark.parametrize("module", ["rollouts", "grpo_stats", "params_common"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"fmr1lib.{module}"))
+    assert result.failed == 0 and result.attempted > 0
