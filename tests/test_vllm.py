@@ -135,7 +135,9 @@ def test_a_sync_equals_a_fresh_load(engine, tiny, rows, backbone_params):
     assert float(((synced.logprobs[:, :want.shape[1]] - want) * mask).abs().max()) < 1e-5
     engine.close()
     fresh = vllm_backend.VLLMSampler(processor, vllm_backend.EngineSettings(seed=0))
+    rng = torch.get_rng_state()
     fresh.build(b_model)
+    assert torch.equal(torch.get_rng_state(), rng)  # the engine's start-up seeding is undone
     torch.manual_seed(3)
     again = fresh.sample(b_model, rows, rollout, max_new_tokens=16)
     fresh.close()
