@@ -742,7 +742,8 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
     within-group std of the faithful reward (overall and among correct trajectories, to show
     it carries signal beyond the correctness gate), accuracy, format rate, completion length,
     clip fractions, KL, entropy, the mean concentration and mean ``s_t`` of the scored
-    (correct) trajectories, lr and timings; every ``log_every`` steps ``n_show`` sample
+    (correct) trajectories, lr and timings (with a sampler that returns log-probs, ``vllm``, also
+    the log-prob gap and importance ratios: ``grpo_stats.IS_KEYS``); every ``log_every`` steps ``n_show`` sample
     completions go to ``out_dir/samples.jsonl``. Checkpoints (weights, optimiser, schedule,
     RNG) every ``checkpoint_every`` steps; ``params.resume`` continues from the latest, and
     because the RNG is restored, sampling continues as in an uninterrupted run.

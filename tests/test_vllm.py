@@ -166,6 +166,51 @@ def test_engine_and_hf_rollout_times(engine, tiny, rows):
               f"(hf / vllm {times['hf', p, g, n] / times['vllm', p, g, n]:.2f})")
 
 
+def _low_ids(vocab_size):
+    def reward(completions, completion_ids, rows):
+        return [sum(t < vocab_size // 2 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    return reward
+
+
+def test_a_resumed_run_samples_as_the_uninterrupted_one(engine, tiny, rows, backbone_params,
+                                                       tmp_path):
+    """Stopped after 2 of 4 steps and resumed (a new engine, built from the checkpoint's weights,
+    torch's RNG restored): the same samples, metrics and weights as 4 steps in one go."""
+    from fmr1lib import grpo, train
+
+    engine.close()  # one engine at a time in this process
+    model, processor = tiny
+    p = config.load_params(config.RLParams, {
+        "steps": 4, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12, "lr": 1e-2,
+        "lr_warmup_steps": 0, "log_every": 1, "checkpoint_every": 2,
+        "rollout_backend": "vllm", "is_correction": "token_truncate"})
+    hooks = train.Hooks(extra_reward=_low_ids(len(processor.tokenizer)))
+    finals = {}
+    for name, stops in (("full", [None]), ("split", [2, None])):
+        for stop in stops:
+            m, _ = modeling.build_tiny_backbone(backbone_params)
+            repro.seed_everything(0)
+            run_p = config.replace_values(p, resume=stop is None and name == "split")
+            res = grpo.train_grpo(m, processor, rows, run_p, tmp_path / name, "grpo",
+                                  hooks=dataclasses.replace(hooks, stop_after=stop))
+        finals[name] = (m, res)
+    (full_m, full), (split_m, resumed) = finals["full"], finals["split"]
+    assert resumed.steps == 4 and len(resumed.metrics) == 4
+
+    def comparable(rows_):
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and "time" not in k}
+                for r in rows_]
+
+    assert comparable(full.metrics) == comparable(resumed.metrics)
+    assert (repro.read_jsonl(tmp_path / "full" / "samples.jsonl")
+            == repro.read_jsonl(tmp_path / "split" / "samples.jsonl"))
+    for (n, a), (_, b) in zip(full_m.named_parameters(), split_m.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert all(r["sampler_logp_gap"] is not None for r in full.metrics)
+    engine.build(model)
+
+
 def _chain(root: Path) -> Path:
     """A shrunk tiny profile (tests/test_provenance.py's): 16 examples, 2 steps of stages 0-1."""
     folder = root / "params" / "tiny"
