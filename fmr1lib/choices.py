@@ -92,6 +92,13 @@ Reading = Literal["logprob", "kl"]
 answer tokens' log-probability lost when it is removed, or the policy's KL at those tokens."""
 OcclusionSearch = Literal["exhaustive", "coarse_to_fine", "gradient", "budgeted"]
 """How the occlusion region is found (``fmr1lib.occlusion``)."""
+RolloutBackend = Literal["hf", "vllm"]
+"""Who samples stage 2's rollouts (``fmr1lib.rollouts``): Hugging Face ``generate`` on the policy
+itself, or a vLLM engine whose weights are synced from the policy once per optimiser step."""
+ISCorrection = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+"""The importance-sampling correction for a sampler that is not the trained policy
+(``rollouts.importance_weights``): off, or the ratio ``pi_train / pi_sampler`` per token or per
+sequence, capped (``truncate``) or dropped above the cap (``mask``)."""
 
 # --- evaluation ---------------------------------------------------------------------------
 

@@ -357,8 +357,9 @@ def reproduce_estimate(names: list[str], times: dict[str, Any], where: Path) -> 
 def parse_sets(items: list[str] | None, cls: type, where: str = "--set") -> dict[str, Any]:
     """``--set KEY=VALUE`` items as overrides of ``cls``: each KEY a field, given once, each
     VALUE parsed as YAML (``steps=50`` an int, ``variants=[plain]`` a list); ParamsError naming
-    the item otherwise. Types and ranges are checked when the overrides are applied."""
-    fields = [f.name for f in dataclasses.fields(cls)]
+    the item otherwise. Types and ranges are checked when the overrides are applied. A stage's
+    section keys are flat, as in a parameter file (``--set temperature=0.7``)."""
+    fields = list(config.section_of(cls))
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")

@@ -34,6 +34,7 @@ import yaml
 
 from fmr1lib import repro
 from fmr1lib.params_common import (
+    ADDED_AT,
     PARAMS_ROOT,
     PROFILE_NAME,
     TRACKERS,
@@ -44,6 +45,7 @@ from fmr1lib.params_common import (
     check_profile_name,
     check_ranges,
     check_variants,
+    without_added_defaults,
 )
 from fmr1lib.stage_params import (
     ABLATION_ROW_LABELS,
@@ -58,10 +60,10 @@ from fmr1lib.stage_params import (
     RolloutParams,
 )
 
-__all__ = ["ABLATION_ROW_LABELS", "ABLATION_ROWS", "PARAMS_ROOT", "PROFILE_NAME", "TRACKERS",
+__all__ = ["ADDED_AT", "ABLATION_ROW_LABELS", "ABLATION_ROWS", "PARAMS_ROOT", "PROFILE_NAME", "TRACKERS",
            "AnchorParams", "BackboneParams", "BuildParams", "DataParams", "EvalParams", "ModelParams",
            "ParamsError", "PolicyLossParams", "RLParams", "RewardParams", "RolloutParams",
-           "check_profile_name", "check_variants"]
+           "check_profile_name", "check_variants", "without_added_defaults"]
 
 T = TypeVar("T")
 

@@ -11,7 +11,8 @@ with ``r_t = pi(y_t | .) / pi_old(y_t | .)``, asymmetric clipping (DAPO clip-hig
 ``agg`` the token mean over the batch or the per-sequence mean.
 
 The file reads top to bottom: the pure math (``group_advantages``, ``clipped_policy_loss``),
-rollouts (``rollout``, ``collect_groups`` with dynamic sampling), then ``grpo_step``, which is
+rollouts (``rollout``, ``collect_groups`` with dynamic sampling; the sampler that
+``rollout_backend`` names, ``make_sampler``: ``fmr1lib.rollouts``), then ``grpo_step``, which is
 one rollout and update, and ``train_grpo``, which runs it in the training skeleton
 (``train.fit``). The faithful reward's attention rows come from the same training forward that
 gives the log-probabilities, captured by ``attention.AttentionCapture``: the only extra pass is
@@ -47,6 +48,7 @@ from fmr1lib import (
     modeling,
     reading,
     rewards,
+    rollouts,
     train,
 )
 from fmr1lib.batching import SequenceBatch, completion_logits, token_logprobs
@@ -135,7 +137,8 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> to
 
 def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, settings: PolicyLossParams | None = None,
-                        logp_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        logp_ref: torch.Tensor | None = None,
+                        is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO / PPO clipped surrogate with asymmetric clipping and an optional k3 KL term.
 
     Per valid token: ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + beta * k3`` with
@@ -151,6 +154,10 @@ def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantag
             valid tokens / their number; ``seq_mean``: mean over each sequence's valid tokens,
             then over sequences) and ``beta`` (the KL term's weight).
         logp_ref: ``[N, T]`` log-probs under the reference policy (needed when ``beta > 0``).
+        is_weights: ``[N, T]`` or ``[N, 1]`` importance-sampling weights of a sampler that is
+            not the policy (``rollouts.importance_weights``): the policy term of each token is
+            multiplied by its weight before aggregation, the KL term is not (TRL's placement).
+            None: no correction.
 
     Returns:
         ``(loss, stats)``; stats: ``clip_frac`` (valid tokens whose clipped term is the active
@@ -173,6 +180,8 @@ def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantag
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(per_token.dtype)
     pg_loss = _aggregate(per_token, mask, loss_agg)
     loss = pg_loss
     kl_value = float("nan")
@@ -212,6 +221,9 @@ class Group:
     accuracy: list[float]
     format: list[float]
     extra: list[float] | None = None
+    sampler_logprobs: list[list[float]] | None = None
+    """Per completion the sampler's log-prob of each kept token (None: the policy sampled,
+    ``rollouts.HFSampler``)."""
 
     @property
     def correct(self) -> list[bool]:
@@ -239,6 +251,9 @@ class GRPOContext:
     """Each prompt once: its prefill runs once for the G rollouts (``modeling.prefill_once``) and
     its image is stored once in the step's sequences (the vision tower runs once per prompt, not
     once per sample); False repeats both per sample (the benchmark's baseline)."""
+    sampler: Any = None
+    """Who samples the rollouts (``make_sampler``: ``rollouts.HFSampler`` or
+    ``vllm_backend.VLLMSampler``)."""
 
     model = property(lambda self: self.state.model)
     optimizer = property(lambda self: self.state.optimizer)
@@ -296,9 +311,24 @@ def setup_grpo(model: Any, processor: Any, params: Any, variant: str, accelerato
     ids = {"eos": tok.convert_tokens_to_ids("<|im_end|>"),
            "image": tok.convert_tokens_to_ids("<|image_pad|>")}
     layers = attention.resolve_layers(params.reward.reward_layers, attention.num_text_layers(model))
-    return GRPOContext(state=state, processor=processor, params=params, variant=variant,
-                       layers=layers, ref_model=ref_model, extra_reward=extra_reward,
-                       token_ids=ids)
+    ctx = GRPOContext(state=state, processor=processor, params=params, variant=variant,
+                      layers=layers, ref_model=ref_model, extra_reward=extra_reward,
+                      token_ids=ids)
+    ctx.sampler = make_sampler(ctx)
+    return ctx
+
+
+def make_sampler(ctx: GRPOContext) -> Any:
+    """The sampler ``params.rollout.rollout_backend`` names (``fmr1lib.rollouts``)."""
+    rollout, acc = ctx.params.rollout, ctx.accelerator
+    if rollout.rollout_backend == "hf":
+        return rollouts.HFSampler(ctx.processor, acc.device)
+    if acc.num_processes > 1:
+        raise NotImplementedError("rollout_backend 'vllm' runs in one process; launch stage 2 "
+                                  "without accelerate's multi-process launcher, or use 'hf'")
+    from fmr1lib import vllm_backend
+
+    return vllm_backend.VLLMSampler(ctx.processor, vllm_backend.EngineSettings.of(ctx.params))
 
 
 def rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
@@ -312,19 +342,13 @@ def rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
 
 
 def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
-    p, acc = ctx.params, ctx.accelerator
-    batch = batching.encode_batch(rows, ctx.processor, "plain", with_response=False)
-    inputs = {k: v.to(acc.device) for k, v in batch.inputs.items()}
-    gen_model = acc.unwrap_model(ctx.model)
-    with batching.eval_mode(gen_model):
-        decoding = modeling.Decoding(do_sample=True, temperature=p.rollout.temperature,
-                                     top_p=p.rollout.top_p, top_k=p.rollout.top_k,
-                                     num_return_sequences=p.rollout.group_size)
-        completion_ids, texts = modeling.generate(
-            gen_model, ctx.processor, inputs, max_new_tokens=p.max_new_tokens, decoding=decoding,
-            share_prefill=ctx.share_images)
-    tokens, ok = batching.completion_tokens(completion_ids.cpu(), ctx.token_ids["eos"],
+    p = ctx.params
+    out = ctx.sampler.sample(ctx.accelerator.unwrap_model(ctx.model), rows, p.rollout,
+                             p.max_new_tokens, share_prefill=ctx.share_images)
+    texts = out.texts
+    tokens, ok = batching.completion_tokens(out.completion_ids, ctx.token_ids["eos"],
                                             modeling.vision_token_ids(ctx.processor))
+    sampler_logp = rollouts.cut_logprobs(out.logprobs, tokens)
     g = p.rollout.group_size
     groups = []
     for i, row in enumerate(rows):
@@ -341,7 +365,8 @@ def _rollout(ctx: GRPOContext, rows: Sequence[dict[str, Any]]) -> list[Group]:
                 ctx.extra_reward(completions=x_i, completion_ids=t_i, rows=[row] * g), ok_i,
                 strict=True)]
         groups.append(Group(row=row, tokens=t_i, texts=x_i, ok=ok_i, accuracy=a, format=f,
-                            extra=extra))
+                            extra=extra,
+                            sampler_logprobs=sampler_logp[sl] if sampler_logp is not None else None))
     return groups
 
 
@@ -438,6 +463,8 @@ class _Chunk:
     logp_ref: torch.Tensor | None = None
     faithful: list[float] | None = None
     overall: list[float] | None = None
+    logp_sampler: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
 
 def _chunks(ctx: GRPOContext, groups: list[Group]) -> list[_Chunk]:
@@ -455,7 +482,12 @@ def _chunks(ctx: GRPOContext, groups: list[Group]) -> list[_Chunk]:
         gs = [groups[i] for i in part]
         batch = batching.build_sequences([g.row for g in gs], [g.tokens for g in gs], ctx.processor,
                                          share_images=ctx.share_images)
-        out.append(_Chunk(groups=gs, batch=batch.to(ctx.accelerator.device), weight=w))
+        chunk = _Chunk(groups=gs, batch=batch.to(ctx.accelerator.device), weight=w)
+        if gs[0].sampler_logprobs is not None:
+            chunk.logp_sampler = rollouts.pad_logprobs(
+                [lp for g in gs for lp in g.sampler_logprobs or []],
+                batch.completion_ids.shape[1]).to(ctx.accelerator.device)
+        out.append(chunk)
     return out
 
 
@@ -621,8 +653,14 @@ def _update(ctx: GRPOContext, chunk: _Chunk, first: bool, last: bool, n_groups: 
             chunk.faithful, chunk.overall = scores.faithful, scores.overall
             chunk.advantages = _advantages(ctx, chunk, scores)
             chunk.logp_old = logp.detach()
+            if chunk.logp_sampler is not None:
+                chunk.is_weights, is_stats = rollouts.importance_weights(
+                    chunk.logp_old, chunk.logp_sampler, batch.completion_mask,
+                    p.loss.is_correction, p.loss.is_cap)
+                log.add(is_stats)
         loss, st = clipped_policy_loss(logp, chunk.logp_old, chunk.advantages,
-                                       batch.completion_mask, p.loss, chunk.logp_ref)
+                                       batch.completion_mask, p.loss, chunk.logp_ref,
+                                       chunk.is_weights)
         log.add(st)
         # The policy term is weighted by the chunk's share of tokens (or sequences), the
         # anchoring term by its share of prompts, so chunking leaves both means unchanged.
@@ -668,6 +706,7 @@ def grpo_step(ctx: GRPOContext, dataset: Any, step: int) -> tuple[dict[str, Any]
         for ci, chunk in enumerate(chunks):
             _update(ctx, chunk, it == 0, ci == len(chunks) - 1, len(groups), log)
         grad_norm = ctx.state.clip_and_step(p.grad_clip)
+        ctx.sampler.weights_updated()
     lr = ctx.scheduler.get_last_lr()[0]
     ctx.scheduler.step()
     stats = grpo_stats.step_stats(ctx, groups, chunks, log)
@@ -702,7 +741,8 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
     within-group std of the faithful reward (overall and among correct trajectories, to show
     it carries signal beyond the correctness gate), accuracy, format rate, completion length,
     clip fractions, KL, entropy, the mean concentration and mean ``s_t`` of the scored
-    (correct) trajectories, lr and timings; every ``log_every`` steps ``n_show`` sample
+    (correct) trajectories, lr and timings (with a sampler that returns log-probs, ``vllm``, also
+    the log-prob gap and importance ratios: ``grpo_stats.IS_KEYS``); every ``log_every`` steps ``n_show`` sample
     completions go to ``out_dir/samples.jsonl``. Checkpoints (weights, optimiser, schedule,
     RNG) every ``checkpoint_every`` steps; ``params.resume`` continues from the latest, and
     because the RNG is restored, sampling continues as in an uninterrupted run.
@@ -730,4 +770,7 @@ def train_grpo(model: Any, processor: Any, dataset: Any, params: Any, out_dir: s
                       checkpoint_extra={"variant": variant},
                       postfix=lambda s: {"reward": f"{s['reward_mean']:.3f}",
                                          "acc": f"{s['accuracy']:.2f}"})
-    return train.fit(ctx.state, params, out_dir, step_fn, loop, hooks)
+    try:
+        return train.fit(ctx.state, params, out_dir, step_fn, loop, hooks)
+    finally:
+        ctx.sampler.close()

@@ -12,6 +12,11 @@ import numpy as np
 
 from fmr1lib import prompting
 
+IS_KEYS = ("sampler_logp_gap", "sampler_logp_gap_max", "is_ratio_mean", "is_ratio_min",
+           "is_ratio_max", "is_capped_frac")
+"""The sampler-mismatch statistics (``rollouts.importance_weights``), logged only by a sampler that
+returns its log-probs (``rollout_backend: vllm``)."""
+
 
 @dataclass
 class StepLog:
@@ -20,7 +25,7 @@ class StepLog:
     lists: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in (
         "concentration", "s_t", "share", "clip_frac", "clip_low_frac", "clip_high_frac",
         "ratio_mean", "kl", "entropy", "loss", "attn_rl", "distinct", "reading", "reading_cue",
-        "reading_spearman")})
+        "reading_spearman", *IS_KEYS)})
     faithful_s: float = 0.0
 
     def add(self, stats: dict[str, Any]) -> None:
@@ -90,7 +95,22 @@ def step_stats(ctx: Any, groups: Sequence[Any], chunks: Sequence[Any], log: Step
         "reward_reading_groups": len(ls["reading_spearman"]),
         "reward_reading_positive": mean([float(v > 0) for v in ls["reading_spearman"]]),
     }
+    if ls["sampler_logp_gap"]:
+        stats.update(sampler_stats(ls))
     return stats
+
+
+def sampler_stats(lists: dict[str, list[float]]) -> dict[str, float]:
+    """The step's sampler-mismatch metrics from its chunks' ``IS_KEYS`` lists: the largest of the
+    maxima, the smallest of the minima, the mean of the rest.
+
+    >>> sampler_stats({"sampler_logp_gap": [0.1, 0.3], "sampler_logp_gap_max": [0.5, 0.9],
+    ...                "is_ratio_mean": [1.0, 1.2], "is_ratio_min": [0.9, 0.8],
+    ...                "is_ratio_max": [1.1, 1.5], "is_capped_frac": [0.0, 0.5]})["is_ratio_max"]
+    1.5
+    """
+    pick = {"sampler_logp_gap_max": max, "is_ratio_max": max, "is_ratio_min": min}
+    return {k: float(pick.get(k, np.mean)(lists[k])) for k in IS_KEYS if lists[k]}
 
 
 def samples(groups: Sequence[Any], chunks: Sequence[Any], n_show: int) -> list[dict[str, Any]]:

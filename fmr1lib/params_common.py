@@ -122,6 +122,27 @@ def check_ranges(params: Any) -> None:
             raise ValueError(f"key {key!r}: {value!r} is not in {bracket}{low:g}, {high:g}] ({why})")
 
 
+ADDED_AT: dict[str, Any] = {
+    "allow_outside_root": False,
+    "rollout_backend": "hf", "vllm_gpu_memory_utilization": 0.3,
+    "is_correction": "none", "is_cap": 3.0,
+}
+"""Keys added after results were stamped and runs were made, with the value those results and
+runs were made with (each key's default). At that value a key is left out of the results' stamp
+(``stages.params_hash``) and of a run's fingerprint (``train.trajectory_params``,
+``stages.content_hash``), so adding a key keeps every earlier stamp, run folder and checkpoint
+valid; set to anything else, it enters both."""
+
+
+def without_added_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (flat, ``repro.params_dict``) less the ``ADDED_AT`` keys at their value.
+
+    >>> without_added_defaults({"lr": 0.1, "rollout_backend": "hf", "is_cap": 2.0})
+    {'lr': 0.1, 'is_cap': 2.0}
+    """
+    return {k: v for k, v in values.items() if k not in ADDED_AT or v != ADDED_AT[k]}
+
+
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 """A profile is a plain folder name under ``params/`` (no separators, no ``..``)."""
 

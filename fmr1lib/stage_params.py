@@ -22,6 +22,7 @@ from fmr1lib.choices import (
     FaithfulAdvantage,
     FaithfulForm,
     Intervention,
+    ISCorrection,
     LayerSelection,
     LossAgg,
     LrSchedule,
@@ -29,6 +30,7 @@ from fmr1lib.choices import (
     OnBadRecord,
     OodCue,
     RLVariant,
+    RolloutBackend,
     Split,
     StageVariant,
     TestSplit,
@@ -295,6 +297,15 @@ class RolloutParams:
     """Drop groups whose rewards are all equal and refill from the data."""
     max_refill: int = 3
     """Refill rounds per step when dynamic sampling."""
+    rollout_backend: RolloutBackend = "hf"
+    """Who samples the rollouts (``fmr1lib.rollouts``): ``hf`` (``generate`` on the policy) or
+    ``vllm`` (a vLLM engine built from the start model, its weights synced from the policy once
+    per optimiser step; needs the optional vLLM install, README). The sampler's own log-probs
+    then enter the importance-sampling correction (``is_correction``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """``vllm``: the share of the GPU's memory the engine may take (weights and KV cache), the rest
+    staying with training (colocation); unused on CPU, where ``VLLM_CPU_KVCACHE_SPACE`` sizes
+    the cache."""
 
     def validate(self) -> None:
         """Value checks."""
@@ -306,6 +317,9 @@ class RolloutParams:
             raise ValueError(f"key 'top_p': {self.top_p} is not in (0, 1]")
         if not self.temperature > 0:
             raise ValueError(f"key 'temperature': must be > 0, got {self.temperature}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"key 'vllm_gpu_memory_utilization': "
+                             f"{self.vllm_gpu_memory_utilization} is not in (0, 1]")
 
 
 @dataclasses.dataclass
@@ -326,11 +340,20 @@ class PolicyLossParams:
     """KL penalty to the reference policy (0: no reference pass)."""
     lambda_attn_rl: float = 0.0
     """Auxiliary anchoring loss during RL (ablation; 0 = off)."""
+    is_correction: ISCorrection = "none"
+    """Importance-sampling correction of the policy term for a sampler that is not the trained
+    policy (``rollout_backend: vllm``; ``rollouts.importance_weights``): each token's term is
+    multiplied by ``pi_old / pi_sampler`` of its token (``token_*``) or of its whole sequence
+    (``sequence_*``), capped at ``is_cap`` (``*_truncate``) or set to 0 above it (``*_mask``).
+    The sampler's log-prob gap and ratios are logged whichever is chosen."""
+    is_cap: float = 3.0
+    """The cap of the importance-sampling ratio (``is_correction``)."""
 
     def validate(self) -> None:
         """Value checks."""
         check_at_least(self, 1, "num_iterations")
         check_at_least(self, 0, "beta", "lambda_attn_rl", "clip_high")
+        check_at_least(self, 1, "is_cap")
         if not 0 <= self.clip_low < 1:
             raise ValueError(f"key 'clip_low': {self.clip_low} is not in [0, 1) (the ratio's lower "
                              f"clip is 1 - clip_low)")
@@ -464,6 +487,11 @@ class RLParams(OptimParams, AdapterParams, ModelLoadParams, SeedParams, CommonPa
         self.validate_optim()
         check_distinct("variants", self.variants)
         check_at_least(self, 0, "n_prompts", "n_show")
+        if self.loss.is_correction != "none" and self.rollout.rollout_backend == "hf":
+            raise ValueError(f"key 'is_correction': {self.loss.is_correction!r} corrects for a "
+                             f"sampler that is not the policy, but rollout_backend is 'hf' (the "
+                             f"policy samples itself); set rollout_backend: vllm or "
+                             f"is_correction: none")
 
 
 ABLATION_ROWS = options(AblationRow)

@@ -160,7 +160,7 @@ UNFINISHED = "<not finished>"
 """The fingerprint ``run_inputs`` gives a start model whose own run is not finished now."""
 
 
-STAMP_OMITS_AT = {"allow_outside_root": False}
+STAMP_OMITS_AT = config.ADDED_AT
 """Keys added after results were stamped, left out of ``params_hash`` at these values (what the
 earlier results were made with), so a new key at its default keeps their stamps valid."""
 
@@ -168,8 +168,7 @@ earlier results were made with), so a new key at its default keeps their stamps 
 def params_hash(params: Any) -> str:
     """SHA-256 of the resolved params (class and every field, canonical JSON, less
     ``STAMP_OMITS_AT``): the results files' stamp (``ablation.study_params_hash``)."""
-    values = {k: v for k, v in config.params_to_dict(params).items()
-              if k not in STAMP_OMITS_AT or v != STAMP_OMITS_AT[k]}
+    values = config.without_added_defaults(config.params_to_dict(params))
     blob = json.dumps({"class": type(params).__name__, "params": values},
                       sort_keys=True, default=str)
     return repro.sha256_text(blob)

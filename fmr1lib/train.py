@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fmr1lib import attention, checkpoints, progress, repro
+from fmr1lib import attention, checkpoints, params_common, progress, repro
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ RESUMABLE_KEYS = frozenset({
     "run_root", "profile", "figures_dir",  # where outputs go (the run folder moved or renamed)
     "variants",  # which variants a stage function trains; each run folder is one variant
     "allow_outside_root",  # whether image paths may leave the image root, not what they hold
+    "vllm_gpu_memory_utilization",  # the rollout engine's memory share, not what it samples
 })
 """Parameters that may differ between a checkpoint and the run resuming it, together with
 every ``eval_*`` key (evaluation settings; no training step reads them). Every other
@@ -75,10 +76,12 @@ parameter (``lr``, ``steps``, ``batch_size``, ``grad_accum``, ``seed``, the sche
 
 
 def trajectory_params(params: Any) -> dict[str, Any]:
-    """The parameters a checkpoint must share with the run that resumes it, JSON-normalised."""
+    """The parameters a checkpoint must share with the run that resumes it, JSON-normalised
+    (keys added later are left out at the value earlier runs had: ``params_common.ADDED_AT``)."""
     import json
 
-    values = {k: v for k, v in repro.params_dict(params).items()
+    values = {k: v for k, v in params_common.without_added_defaults(
+                  repro.params_dict(params)).items()
               if k not in RESUMABLE_KEYS and not k.startswith("eval_")}
     return json.loads(json.dumps(values, default=str))
 

@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "L-1 vocabulary": ("choices",),
     "L0 primitives": ("config", "params_common", "stage_params", "repro", "records", "converters", "counterfactual", "prompting",
                       "scoring", "rewards", "data", "modeling", "attention", "batching", "runlock",
-                      "progress", "checkpoints", "owndata"),
+                      "progress", "checkpoints", "owndata", "rollouts", "vllm_backend"),
     # The training skeleton is infrastructure: the method modules hand it their step functions.
     "L1 train": ("train",),
     "L2 method": ("anchoring", "occlusion", "faithful", "reading", "grpo_stats", "grpo"),
@@ -50,6 +50,8 @@ SAME_LAYER: dict[str, set[str]] = {
     "scoring": {"prompting", "records"},
     "rewards": {"prompting", "scoring"},
     "batching": {"attention", "modeling", "prompting", "records"},
+    "rollouts": {"batching", "modeling"},
+    "vllm_backend": {"modeling", "prompting", "rollouts"},
     "faithful": {"anchoring", "occlusion"},
     "reading": {"faithful"},
     "grpo": {"anchoring", "faithful", "grpo_stats", "reading"},
